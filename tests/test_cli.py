@@ -1,0 +1,101 @@
+"""The entry points as a user meets them: flags, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "4",
+        "--eval_iters", "1", "--no-progress", "--wandb_mode", "disabled", "--num_threads", "1"]
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    e.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_corpora(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "binary.bin").write_bytes(bytes(range(256)) * 20)
+    (d / "short.txt").write_text("only a few characters")
+    return d
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--data", "{bad}/missing.txt"], ["missing.txt", "no such file"]),
+        (["--data", "{bad}/empty.txt"], ["empty.txt", "empty"]),
+        (["--data", "{bad}/binary.bin"], ["binary.bin"]),
+        (["--data", "{bad}/short.txt"], ["short.txt", "too short"]),
+        (["--model_size", "huge"], ["model_size", "huge"]),
+        (["--learning_rate", "-0.1"], ["learning_rate", "-0.1"]),
+        (["--batch_size", "0"], ["batch_size", "0"]),
+        (["--batch_size", "many"], ["batch_size", "many"]),
+        (["--bf16", "--device", "cpu"], ["bf16"]),
+        (["--epochs", "-1"], ["epochs"]),
+        (["--not_a_flag", "1"], ["--not_a_flag"]),
+        (["--resume", "--output_dir", "{bad}/never"], ["resume", "never"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, needles, bad_corpora, tmp_path):
+    args = [a.replace("{bad}", str(bad_corpora)) for a in args]
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    p = run("-m", "tune_gpt.train", *args, "--max_steps", "2")
+    assert_one_line_error(p, *needles)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
+    out = tmp_path / "run"
+    p = run("-m", "tune_gpt.train", "--data", str(corpus_file), "--model_size", "tiny", *TINY,
+            "--epochs", "5", "--max_steps", "12", "--eval_interval", "6", "--batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "2e-3", "--wandb_project", "p",
+            "--wandb_run_name", "r", "--wandb_entity", "e", "--seed", "3", "--output_dir", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "val loss" in p.stderr and (out / "model.pt").is_file() and (out / "logs").is_dir()
+    g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the qu", "--max_new_tokens", "30")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("the qu") and len(g.stdout.splitlines()[0]) >= 6
+
+
+def test_generate_refuses_a_missing_checkpoint(tmp_path):
+    assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(tmp_path / "nope")), "nope")
+
+
+def test_import_is_light():
+    code = ("import sys, tune_gpt; heavy = [m for m in ('torch', 'ray', 'wandb', 'tensorboard', 'matplotlib', "
+            "'pandas', 'optuna') if m in sys.modules]; print(heavy)")
+    p = run("-c", code)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_use_chinese_trains_offline_and_samples_chinese(tmp_path):
+    out = tmp_path / "zh"
+    p = run("-m", "tune_gpt.train", "--use_chinese", *TINY, "--n_embd", "32", "--max_steps", "30",
+            "--eval_interval", "30", "--sample_tokens", "60", "--output_dir", str(out),
+            env={"WANDB_MODE": "offline", "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    sample = (out / "sample.txt").read_text(encoding="utf-8")
+    han = sum("\u4e00" <= ch <= "\u9fff" for ch in sample)
+    assert han >= 20, sample

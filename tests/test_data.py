@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tune_gpt.data import UNK, BatchSampler, CharTokenizer, load_corpus, read_text
+from tune_gpt.errors import DataError
+
+
+def test_tokenizer_round_trip_and_unknown_characters():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.decode(tok.encode("hello")) == "hello"
+    ids = tok.encode("hex!")
+    assert ids[2] == tok.unk_id and ids[3] == tok.unk_id
+    assert tok.decode(ids) == "he" + UNK + UNK
+    assert tok.unknown_chars("hex!") == {"x", "!"}
+    assert CharTokenizer.from_dict(tok.to_dict()).chars == tok.chars
+    arr = tok.encode_array("hello x")
+    assert arr.tolist() == tok.encode("hello x")
+
+
+def test_chinese_is_one_token_per_character():
+    tok = CharTokenizer.from_text("中文字符，你好")
+    assert len(tok.encode("你好中文")) == 4
+    assert tok.decode(tok.encode("你好")) == "你好"
+
+
+def test_ids_widen_to_uint32_for_large_vocabularies():
+    small = CharTokenizer.from_text("abc")
+    assert small.dtype == np.uint16
+    big = CharTokenizer([chr(0x4E00 + i) for i in range(70_000)])
+    assert big.dtype == np.uint32
+    assert big.encode_array(chr(0x4E00 + 69_999)).tolist() == [big.stoi[chr(0x4E00 + 69_999)]]
+
+
+def test_split_is_last_tenth_and_cache_is_reused(tmp_path, corpus_file):
+    c1 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    text = corpus_file.read_text()
+    n = len(text)
+    assert len(c1.train) == int(n * 0.9) and len(c1.val) == n - int(n * 0.9)
+    assert c1.tokenizer.decode(c1.val[:50]) == text[int(n * 0.9) : int(n * 0.9) + 50]
+    (entry,) = (tmp_path / "tokens").iterdir()
+    assert entry.name.startswith(hashlib.sha256(text.encode()).hexdigest()[:24])
+    mtime = (entry / "train.bin").stat().st_mtime_ns
+    c2 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    assert (entry / "train.bin").stat().st_mtime_ns == mtime  # read from the cache, not rewritten
+    assert np.array_equal(c1.train, c2.train) and c2.tokenizer.chars == c1.tokenizer.chars
+
+
+def test_directory_and_glob_corpora(tmp_path):
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha " * 50)
+    (d / "sub" / "b.txt").write_text("beta " * 50)
+    name, text, sources = read_text(str(d))
+    assert "alpha" in text and "beta" in text and len(sources) == 2
+    _, text2, sources2 = read_text(str(d / "**" / "*.txt"))
+    assert sources2 == sources and text2 == text
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.write_text(""), "empty"),
+        (lambda p: p.write_bytes(b"\x00\x01\x02binary" * 10), "binary"),
+        (lambda p: p.write_bytes(b"caf\xe9 latin-1 text " * 10), "UTF-8"),
+    ],
+)
+def test_bad_corpora_raise_naming_the_file(tmp_path, make, needle):
+    p = tmp_path / "corpus.txt"
+    make(p)
+    with pytest.raises(DataError, match=needle) as exc:
+        load_corpus(str(p), cache_dir=tmp_path / "cache")
+    assert str(p) in str(exc.value)
+
+
+def test_too_short_corpus_names_block_size(tmp_path):
+    p = tmp_path / "short.txt"
+    p.write_text("tiny corpus, far too short for a context of 64")
+    c = load_corpus(str(p), cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="block_size"):
+        c.check_context(64, source=str(p))
+
+
+def test_builtin_english_corpus_is_python_docs(tmp_path):
+    c = load_corpus(None, cache_dir=tmp_path)
+    assert c.name == "python-docs" and c.n_chars > 400_000
+    assert "def" in c.tokenizer.decode(c.train[:20000])
+
+
+@pytest.mark.slow
+def test_builtin_chinese_corpus_strips_pos_tags(tmp_path):
+    c = load_corpus(None, use_chinese=True, cache_dir=tmp_path)
+    head = c.tokenizer.decode(c.train[:2000])
+    assert "/n" not in head and "/v" not in head
+    han = sum("\u4e00" <= ch <= "\u9fff" for ch in head)
+    assert han > 1000 and c.vocab_size > 3000
+
+
+def test_url_is_fetched_once_with_its_sha256(tmp_path):
+    body = ("to be or not to be, that is the question\n" * 200).encode()
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hamlet.txt"
+        c1 = load_corpus(url, cache_dir=tmp_path)
+        c2 = load_corpus(url, cache_dir=tmp_path)
+    finally:
+        server.shutdown()
+    assert len(hits) == 1
+    assert c1.n_chars == c2.n_chars == len(body)
+    (meta,) = (tmp_path / "downloads").glob("*.json")
+    assert json.loads(meta.read_text())["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_batches_are_shifted_windows_and_seeded():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a = BatchSampler(tokens, 4, 8, seed=3)
+    x, y = a.next()
+    assert x.shape == (4, 8) and y.shape == (4, 8)
+    assert (y[:, :-1] == x[:, 1:]).all() and (y[:, 0] == x[:, 0] + 1).all()
+    b = BatchSampler(tokens, 4, 8, seed=3)
+    assert (b.next()[0] == x).all()
+    state = a.state()
+    nxt = a.next()[0]
+    a.set_state(state)
+    assert (a.next()[0] == nxt).all()

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+
+from tune_gpt.config import TrainConfig
+from tune_gpt.tracking import default_reporters, resolve_wandb_mode
+from tune_gpt.train import train
+from wandb_offline import offline_runs
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return acc
+
+
+def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", wandb_run_name="unit", wandb_entity=None)
+    res = train(cfg, default_reporters(cfg))
+    out = tmp_path / "out"
+
+    acc = _scalars(out / "logs")
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/bpc", "lr", "tokens_per_s", "cpu/percent", "rss_gb"} <= tags
+    val = acc.Scalars("val/loss")
+    assert [e.step for e in val] == [10, 20, 30, 40]
+    assert val[-1].value == pytest.approx(res.final_val_loss, rel=1e-6)
+    assert [e.step for e in acc.Scalars("train/loss")][:3] == [5, 10, 10]  # logged every 5, plus eval
+    assert "sample" in " ".join(acc.Tags()["tensors"])
+
+    (run,) = offline_runs(out)
+    assert run.project == "tune-gpt-tests" and run.name == "unit"
+    assert set(run.tags) == {"tiny", "single-gpu"} and run.job_type == "train"
+    assert run.config["learning_rate"] == pytest.approx(3e-3) and run.config["batch_size"] == 8
+    assert run.config["model.n_layer"] == 2 and run.config["n_params"] > 0
+    assert not any(k.startswith("wandb.") for k in run.config)
+    assert {"train/loss", "val/loss", "val/bpc", "lr", "tokens_per_s", "epoch", "step"} <= run.history_keys
+    vals = [row["val/loss"] for row in run.history if "val/loss" in row]
+    assert vals[-1] == pytest.approx(res.final_val_loss, rel=1e-6)
+    assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
+
+
+def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_wandb_mode() == "disabled"
+    assert resolve_wandb_mode("offline") == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai login user password " + "y" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_wandb_mode() == "online"
+
+
+def test_without_wandb_installed_it_warns_and_keeps_tensorboard(tiny_cfg, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *a, **kw):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = tiny_cfg(max_steps=10)
+    with pytest.warns(UserWarning, match="wandb is not installed"):
+        train(cfg, default_reporters(cfg))
+    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "out" / "wandb").exists()

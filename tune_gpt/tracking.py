@@ -1,0 +1,392 @@
+"""Reporters: where a run's metrics go. `train()` knows only the `Reporter` interface.
+
+- `ConsoleReporter`: a progress bar with ETA and one line per evaluation.
+- `TensorBoardReporter`: events in ``<output_dir>/logs``.
+- `WandbReporter`: one W&B run (single runs and the replay); offline when no key.
+- `TuneReporter` (in `tune_gpt.search`): `ray.tune.report` once per evaluation.
+
+Metric names are the same everywhere (see DESIGN.md): ``train/loss``, ``val/loss``,
+``val/bpc``, ``lr``, ``tokens_per_s``, ``mfu``, ``gpu/mem_gb``, ``gpu/util``,
+``cpu/percent``, ``rss_gb``, ``step``, ``tokens``, ``epoch``.
+Heavy imports (tensorboard, wandb, tqdm, pynvml) happen inside the reporters.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tune_gpt.config import TrainConfig
+    from tune_gpt.train import TrainResult
+
+
+class Reporter:
+    """Receives a run's events. Every method is optional (no-op by default)."""
+
+    def start(self, cfg: "TrainConfig", info: dict[str, Any]) -> None:
+        """Called once before the first step; `info` holds model/corpus facts."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Training metrics every `log_interval` steps."""
+
+    def evaluate(self, step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        """Evaluation metrics; `checkpoint_dir` holds ``ckpt.pt`` when one was saved."""
+
+    def sample(self, text: str) -> None:
+        """The text generated at the end of the run."""
+
+    def finish(self, result: "TrainResult") -> None:
+        """Called once at the end, whatever the status."""
+
+    def resume_checkpoint(self) -> Path | None:
+        """A directory holding ``ckpt.pt`` to resume from, if the reporter knows one."""
+        return None
+
+
+class MultiReporter(Reporter):
+    """Fans every event out to several reporters."""
+
+    def __init__(self, reporters: Iterable[Reporter]) -> None:
+        self.reporters = [r for r in reporters if r is not None]
+
+    def start(self, cfg, info):
+        for r in self.reporters:
+            r.start(cfg, info)
+
+    def log(self, step, metrics):
+        for r in self.reporters:
+            r.log(step, metrics)
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        for r in self.reporters:
+            r.evaluate(step, metrics, checkpoint_dir)
+
+    def sample(self, text):
+        for r in self.reporters:
+            r.sample(text)
+
+    def finish(self, result):
+        for r in self.reporters:
+            r.finish(result)
+
+    def resume_checkpoint(self):
+        for r in self.reporters:
+            found = r.resume_checkpoint()
+            if found is not None:
+                return found
+        return None
+
+
+# ------------------------------------------------------------------- console
+
+
+class ConsoleReporter(Reporter):
+    """A tqdm progress bar (with ETA) and a line per evaluation, on stderr."""
+
+    def __init__(self, progress: bool = True, stream: Any = None) -> None:
+        self.progress = progress
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.last_step = 0
+
+    def start(self, cfg, info):
+        self._print(
+            f"model {cfg.model_size}: {info['n_params'] / 1e6:.2f}M parameters, "
+            f"{info['total_steps']} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
+            f"corpus {info['corpus']}"
+        )
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=info["total_steps"], initial=info.get("start_step", 0), desc="train",
+                unit="step", file=self.stream, dynamic_ncols=True, mininterval=0.5,
+            )
+            self.last_step = info.get("start_step", 0)
+
+    def log(self, step, metrics):
+        if self.bar is not None:
+            self.bar.update(step - self.last_step)
+            self.last_step = step
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+        else:
+            self._print(f"step {step}: train loss {metrics['train/loss']:.4f}, lr {metrics['lr']:.2e}")
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        if self.bar is not None:
+            self.bar.update(step - self.last_step)
+            self.last_step = step
+        self._print(
+            f"step {step}: train loss {metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
+            f"val bpc {metrics['val/bpc']:.3f}, {metrics['tokens_per_s']:,.0f} tokens/s"
+        )
+
+    def sample(self, text):
+        self._print("sample:\n" + text)
+
+    def finish(self, result):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._print(
+            f"{result.status}: {result.steps} steps, best val loss "
+            f"{_fmt(result.best_val_loss)}, {result.tokens_per_s:,.0f} tokens/s, {result.wall_s:.1f} s"
+        )
+
+    def _print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=self.stream)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+# --------------------------------------------------------------- tensorboard
+
+
+class TensorBoardReporter(Reporter):
+    """Scalars (and the sample as text) in `log_dir`, for ``tensorboard --logdir``."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def start(self, cfg, info):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer.add_text("config", _markdown_table(cfg.to_flat()), 0)
+
+    def _scalars(self, step, metrics):
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                self.writer.add_scalar(k, v, step)
+
+    def log(self, step, metrics):
+        self._scalars(step, metrics)
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        self._scalars(step, metrics)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def sample(self, text):
+        if self.writer is not None:
+            self.writer.add_text("sample", "```\n" + text + "\n```", 0)
+
+    def finish(self, result):
+        if self.writer is not None:
+            self.writer.add_text("status", result.status, result.steps)
+            self.writer.close()
+            self.writer = None
+
+
+def _markdown_table(d: dict[str, Any]) -> str:
+    return "| key | value |\n|---|---|\n" + "\n".join(f"| {k} | {v!r} |" for k, v in d.items())
+
+
+# ----------------------------------------------------------------------- W&B
+
+
+def wandb_api_key_present() -> bool:
+    """True when W&B would find an API key (environment or ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    host = host.split(":")[0]
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
+        return rc.authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(requested: str | None = None) -> str:
+    """online / offline / disabled: explicit request, then WANDB_MODE, then 'is there a key'."""
+    if requested:
+        return requested
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled", "dryrun", "run"):
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    return "online" if wandb_api_key_present() else "offline"
+
+
+def wandb_available() -> bool:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class WandbReporter(Reporter):
+    """One W&B run: config, history, the sample, and (optionally) the model."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        job_type: str = "train",
+        tags: list[str] | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.job_type = job_type
+        self.extra_tags = tags or []
+        self.extra_config = extra_config or {}
+        self.run = None
+        self.mode = "disabled"
+        self.log_model = False
+
+    def start(self, cfg, info):
+        if not cfg.wandb.enabled:
+            return
+        if not wandb_available():
+            warnings.warn("wandb is not installed: logging to TensorBoard only (pip install wandb)")
+            return
+        import wandb
+
+        self.mode = resolve_wandb_mode(cfg.wandb.mode)
+        if self.mode == "disabled":
+            return
+        self.log_model = cfg.wandb.log_model
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in cfg.to_flat().items() if not k.startswith("wandb.")}
+        config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"]})
+        config.update(self.extra_config)
+        tags = [cfg.model_size, "single-gpu", *self.extra_tags]
+        self.run = wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.wandb.run_name,
+            group=cfg.wandb.group,
+            job_type=self.job_type,
+            tags=list(dict.fromkeys(tags)),
+            config=config,
+            dir=str(self.output_dir),
+            mode=self.mode,
+            reinit="create_new",
+            settings=wandb.Settings(init_timeout=60, console="off", x_disable_stats=False),
+        )
+        if self.mode == "offline":
+            print(
+                f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "
+                f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*",
+                file=sys.stderr,
+            )
+
+    def log(self, step, metrics):
+        if self.run is not None:
+            self.run.log(_numeric(metrics), step=step)
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        if self.run is not None:
+            self.run.log(_numeric(metrics), step=step)
+
+    def sample(self, text):
+        if self.run is not None:
+            import wandb
+
+            self.run.summary["sample"] = text
+            self.run.log({"sample": wandb.Html("<pre>" + _html_escape(text) + "</pre>")})
+
+    def finish(self, result):
+        if self.run is None:
+            return
+        import wandb
+
+        for k in ("status", "best_val_loss", "final_val_loss", "steps", "tokens", "wall_s", "tokens_per_s"):
+            v = getattr(result, k)
+            if v is not None:
+                self.run.summary[k] = v
+        if self.log_model and result.model_path:
+            art = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"val_loss": result.final_val_loss})
+            art.add_file(result.model_path)
+            self.run.log_artifact(art)
+        self.run.finish(exit_code=0 if result.status == "finished" else 1)
+        self.run = None
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _html_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ------------------------------------------------------------ system metrics
+
+
+class SystemMetrics:
+    """GPU memory and utilisation, CPU %, RSS: cheap enough to read at every log."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self._proc = None
+        self._nvml = None
+        try:
+            import psutil
+
+            self._proc = psutil.Process()
+            self._proc.cpu_percent(None)  # first call primes the counter
+        except ImportError:  # pragma: no cover - psutil comes with ray
+            pass
+        if self.device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            except Exception:  # no NVML (ROCm, or driver without it): utilisation is left out
+                self._nvml = None
+
+    def read(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self._proc is not None:
+            out["cpu/percent"] = self._proc.cpu_percent(None)
+            out["rss_gb"] = self._proc.memory_info().rss / 1e9
+        if self.device.type == "cuda":
+            cuda = self.torch.cuda
+            out["gpu/mem_gb"] = cuda.memory_allocated(self.device) / 1e9
+            out["gpu/mem_reserved_gb"] = cuda.memory_reserved(self.device) / 1e9
+            out["gpu/max_mem_gb"] = cuda.max_memory_allocated(self.device) / 1e9
+            if self._nvml is not None:
+                pynvml, handle = self._nvml
+                try:
+                    out["gpu/util"] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                except Exception:
+                    pass
+        return out
+
+
+def default_reporters(cfg: "TrainConfig", *, job_type: str = "train", tags: list[str] | None = None,
+                      extra_config: dict[str, Any] | None = None) -> MultiReporter:
+    """Console + TensorBoard (<output_dir>/logs) + W&B, as a single run wants them."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    reps: list[Reporter] = [ConsoleReporter(progress=cfg.progress)]
+    if cfg.tensorboard:
+        reps.append(TensorBoardReporter(out / "logs"))
+    if cfg.wandb.enabled:
+        reps.append(WandbReporter(out, job_type=job_type, tags=tags, extra_config=extra_config))
+    return MultiReporter(reps)

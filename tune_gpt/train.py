@@ -1,0 +1,446 @@
+"""`train(cfg, reporter)`: the one training function behind single runs, trials and replays.
+
+Also ``python -m tune_gpt.train`` with the flags users of ``train_single_gpu.py``
+already type (``--model_size tiny --use_chinese --epochs 5 --batch_size 16
+--gradient_accumulation_steps 4 --bf16 --wandb_project ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tune_gpt.config import TrainConfig
+from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
+from tune_gpt.errors import ConfigError, TuneGPTError
+from tune_gpt.model import GPT, GPTConfig
+from tune_gpt.tracking import Reporter, SystemMetrics
+
+CKPT_NAME = "ckpt.pt"
+MODEL_NAME = "model.pt"
+EVAL_BATCH_SIZE = 12  # sequences per evaluation batch, whatever the run's batch size
+EVAL_SEED = 20240601  # eval windows do not depend on the run's seed: every trial is scored on the same text
+
+# Dense bf16 peak FLOP/s of common accelerators, for MFU. Matched by substring of the device name.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12, "MI300": 1307e12, "MI250": 362e12,
+}
+
+
+class Diverged(TuneGPTError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | diverged
+    steps: int
+    tokens: int
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    final_val_bpc: float | None = None
+    best_val_bpc: float | None = None
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    tokens_per_s: float = 0.0
+    output_dir: str | None = None
+    checkpoint_path: str | None = None
+    model_path: str | None = None
+    sample: str | None = None
+    message: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------- devices
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device to run on; raises ConfigError when the request cannot work here."""
+    dev = cfg.device
+    if dev == "auto":
+        if torch.cuda.is_available():
+            dev = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            dev = "mps"
+        else:
+            dev = "cpu"
+    device = torch.device(dev)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} requested but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {cfg.device!r} does not exist ({torch.cuda.device_count()} GPUs visible)")
+    if cfg.precision == "bf16":
+        if device.type != "cuda":
+            raise ConfigError(f"bf16: needs a CUDA GPU with bf16 support; this run is on {device.type}")
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"fp16: needs a CUDA GPU; this run is on {device.type}")
+    return device
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None  # no meaningful MFU figure on CPU
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak if precision in ("bf16", "fp16") else peak / 2  # tf32 ~ half of bf16
+    return None
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: a crafted pickle is refused, not run."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CKPT_NAME if (p / CKPT_NAME).is_file() else p / MODEL_NAME
+    if not p.is_file():
+        raise ConfigError(f"checkpoint: {path} not found")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError for crafted files, RuntimeError for torn ones
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"checkpoint: {p} cannot be loaded safely ({first})") from None
+
+
+def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> tuple[GPT, CharTokenizer]:
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, CharTokenizer.from_dict(state["tokenizer"])
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    keys = np.frombuffer(st["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
+    random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# --------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int, warmup: int) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr at the last step (nanoGPT's shape)."""
+    peak, floor = cfg.learning_rate, cfg.final_min_lr
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if step >= total:
+        return floor
+    ratio = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)
+
+
+# ------------------------------------------------------------------- train
+
+
+def train(
+    cfg: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    corpus: Corpus | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Train a GPT as `cfg` says; report to `reporter`; return what happened.
+
+    `corpus` skips loading (the search tokenizes once and ships it to trials).
+    `resume_from` (a directory holding ``ckpt.pt``) continues a run exactly; with
+    ``cfg.resume`` the run resumes from ``<output_dir>/checkpoint`` when it exists.
+    Raises `TuneGPTError` subclasses for bad input; returns status ``diverged``
+    when the loss turns NaN or infinite.
+    """
+    t_start = time.perf_counter()
+    reporter = reporter or Reporter()
+    device = resolve_device(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if cfg.gpu_memory_fraction:
+            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
+    if corpus is None:
+        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+    out_dir = Path(cfg.output_dir).expanduser().resolve()
+    ckpt_dir = out_dir / "checkpoint"
+
+    # --- model and optimizer (seeded: the same seed gives the same run on CPU)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    m = cfg.model
+    model_args = dict(
+        vocab_size=corpus.vocab_size, block_size=m.block_size, n_layer=m.n_layer, n_head=m.n_head,
+        n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
+    )
+    model = GPT(GPTConfig(**model_args)).to(device)
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(
+        model.optim_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+        **({"fused": True} if fused else {}),
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=(cfg.precision == "fp16" and device.type == "cuda"))
+    autocast = (
+        torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])
+        if cfg.precision != "fp32" else contextlib.nullcontext()
+    )
+
+    total = cfg.total_steps(len(corpus.train))
+    warmup = cfg.warmup_for(total)
+    sampler = BatchSampler(corpus.train, cfg.batch_size, m.block_size, seed=cfg.seed + 1, device=device)
+    eval_batches = _fixed_eval_batches(corpus, cfg, device)
+
+    # --- resume
+    step, tokens, best_val, history = 0, 0, None, []
+    train_s_before = 0.0
+    src = Path(resume_from) if resume_from else reporter.resume_checkpoint()
+    if src is None and cfg.resume and (ckpt_dir / CKPT_NAME).is_file():
+        src = ckpt_dir
+    if src is not None:
+        state = load_checkpoint(src, map_location=device)
+        if state["model_args"] != model_args:
+            raise ConfigError(f"resume: checkpoint {src} has model {state['model_args']}, this run wants {model_args}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        sampler.set_state(state["sampler"])
+        _set_rng_state(state["rng"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+        best_val = state.get("best_val_loss")
+        history = list(state.get("history", []))
+        train_s_before = float(state.get("train_s", 0.0))
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+
+    flops_per_token = raw_model.flops_per_token()
+    peak = peak_flops(device, cfg.precision)
+    sysm = SystemMetrics(device)
+    info = {
+        "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
+        "corpus": corpus.describe(), "total_steps": total, "warmup_steps": warmup, "device": str(device),
+        "start_step": step,
+    }
+    reporter.start(cfg, info)
+
+    result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history)
+    train_tokens = len(corpus.train)
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    train_s = 0.0
+    check_every = 1 if device.type == "cpu" else cfg.log_interval
+    model.train()
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.gradient_accumulation_steps):
+                x, y = sampler.next()
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.gradient_accumulation_steps
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += cfg.tokens_per_step
+            loss_count += 1
+            last = step == total
+            do_eval = step % cfg.eval_interval == 0 or last
+            do_log = step % cfg.log_interval == 0
+            if do_log or do_eval or step % check_every == 0:
+                mean_loss = loss_sum.item() / loss_count  # syncs the device: only at these points
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_s += time.perf_counter() - t0
+                if not math.isfinite(mean_loss):
+                    raise Diverged(f"loss became {mean_loss} at step {step} (lr {lr:.3g})")
+                if do_log:
+                    tps = _rate(tokens, train_s + train_s_before)
+                    metrics = {
+                        "train/loss": mean_loss, "lr": lr, "step": step, "tokens": tokens,
+                        "epoch": tokens / train_tokens, "tokens_per_s": tps, **sysm.read(),
+                    }
+                    if peak:
+                        metrics["mfu"] = flops_per_token * tps / peak
+                    reporter.log(step, metrics)
+                    loss_sum.zero_()
+                    loss_count = 0
+            else:
+                train_s += time.perf_counter() - t0
+            if do_eval:
+                losses = _evaluate(model, eval_batches, autocast)
+                if not math.isfinite(losses["val"]):
+                    raise Diverged(f"val loss became {losses['val']} at step {step} (lr {lr:.3g})")
+                bpc = losses["val"] / math.log(2) / corpus.chars_per_token
+                tps = _rate(tokens, train_s + train_s_before)
+                best_val = losses["val"] if best_val is None else min(best_val, losses["val"])
+                metrics = {
+                    "train/loss": losses["train"], "val/loss": losses["val"], "val/bpc": bpc,
+                    "best/val_loss": best_val, "lr": lr, "step": step, "tokens": tokens,
+                    "epoch": tokens / train_tokens, "tokens_per_s": tps, **sysm.read(),
+                }
+                if peak:
+                    metrics["mfu"] = flops_per_token * tps / peak
+                history.append({k: metrics[k] for k in ("step", "train/loss", "val/loss", "val/bpc", "lr")})
+                saved = None
+                if cfg.checkpoint:
+                    save_checkpoint(ckpt_dir / CKPT_NAME, {
+                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "sampler": sampler.state(), "rng": _rng_state(),
+                        "step": step, "tokens": tokens, "best_val_loss": best_val, "history": history,
+                        "train_s": train_s + train_s_before, "model_args": model_args,
+                        "tokenizer": corpus.tokenizer.to_dict(), "config": cfg.to_flat(),
+                    })
+                    saved = ckpt_dir
+                result.steps, result.tokens = step, tokens
+                result.final_val_loss, result.final_val_bpc = losses["val"], bpc
+                result.best_val_loss = best_val
+                result.best_val_bpc = best_val / math.log(2) / corpus.chars_per_token
+                reporter.evaluate(step, metrics, saved)
+        result.status = "finished"
+    except Diverged as exc:
+        result.status = "diverged"
+        result.message = str(exc)
+    result.steps, result.tokens = step, tokens
+    result.train_s = train_s + train_s_before
+    result.tokens_per_s = _rate(tokens, result.train_s)
+
+    if result.status == "finished":
+        if cfg.sample_tokens > 0:
+            result.sample = sample_text(raw_model, corpus.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, device)
+            reporter.sample(result.sample)
+        if cfg.checkpoint:
+            model_path = out_dir / MODEL_NAME
+            save_checkpoint(model_path, {
+                "model": raw_model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
+                "config": cfg.to_flat(), "val_loss": result.final_val_loss, "step": step,
+            })
+            result.model_path = str(model_path)
+            result.checkpoint_path = str(ckpt_dir / CKPT_NAME)
+            if result.sample is not None:
+                (out_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
+    result.wall_s = time.perf_counter() - t_start
+    reporter.finish(result)
+    return result
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def _fixed_eval_batches(corpus: Corpus, cfg: TrainConfig, device: torch.device) -> dict[str, list]:
+    """The same windows at every evaluation (and in every trial, whatever its seed or batch size)."""
+    out = {}
+    for i, (split, data) in enumerate((("train", corpus.train), ("val", corpus.val))):
+        s = BatchSampler(data, EVAL_BATCH_SIZE, cfg.model.block_size, seed=EVAL_SEED + i, device=device)
+        out[split] = [s.next() for _ in range(cfg.eval_iters)]
+    return out
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, batches: dict[str, list], autocast: Any) -> dict[str, float]:
+    model.eval()
+    out = {}
+    for split, items in batches.items():
+        total = torch.zeros((), device=items[0][0].device)
+        for x, y in items:
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        out[split] = total.item() / len(items)
+    model.train()
+    return out
+
+
+def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, device: Any,
+                temperature: float = 0.8, top_k: int | None = 200) -> str:
+    """Generate `n` characters after `prompt` (unseen prompt characters become UNK)."""
+    ids = tok.encode(prompt or "\n") or [tok.unk_id]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    y = model.generate(x, n, temperature=temperature, top_k=top_k, generator=gen)
+    if was_training:
+        model.train()
+    return tok.decode(y[0].tolist())
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tune_gpt.cli import build_train_parser, config_from_args, run_main
+
+    def _run() -> int:
+        parser = build_train_parser()
+        args = parser.parse_args(argv)
+        cfg = config_from_args(args)
+        resolve_device(cfg)  # fail before anything is written
+        if cfg.resume:
+            out = Path(cfg.output_dir).expanduser()
+            if not (out / "checkpoint" / CKPT_NAME).is_file():
+                raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
+        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+        from tune_gpt.tracking import default_reporters
+
+        result = train(cfg, default_reporters(cfg), corpus=corpus)
+        print(f"output: {result.output_dir}", file=sys.stderr)
+        return 0 if result.status == "finished" else 3
+
+    return run_main(_run, prog="tune_gpt.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

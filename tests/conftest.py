@@ -57,3 +57,45 @@ def tiny_cfg(corpus_file, tmp_path):
         return TrainConfig.from_flat(tiny_flat(data=str(corpus_file), **overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: 2 CPUs, and 1 *logical* GPU so that
+    fractional-GPU trials can be scheduled on a CPU-only machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def write_space(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+TINY_SPACE = """
+name: tiny
+method: optuna
+num_samples: {n}
+scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
+fixed:
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+  max_steps: {steps}
+  eval_interval: {every}
+  eval_iters: 2
+  sample_tokens: 20
+space:
+  learning_rate: {{loguniform: [1.0e-3, 2.0e-2]}}
+  batch_size: {{choice: [4, 8]}}
+"""
+
+
+def tiny_space(tmp_path: Path, n: int = 4, steps: int = 20, every: int = 5) -> Path:
+    return write_space(tmp_path / "tiny.yaml", TINY_SPACE.format(n=n, steps=steps, every=every))

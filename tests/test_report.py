@@ -1,0 +1,518 @@
+"""tune_gpt.report on hand-written experiment folders (fast) and one real Ray run (slow)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fake_experiment import (RAY_TRACEBACK, STANDARD, FakeTrial, lr_dominant_experiment, make_experiment,
+                             standard_experiment, trial_id)
+from tune_gpt import report
+from tune_gpt.errors import DataError
+
+pd = pytest.importorskip("pandas")
+
+IMG = '<img src="data:image/png;base64,'
+
+
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory) -> Path:
+    return standard_experiment(tmp_path_factory.mktemp("exp"))
+
+
+@pytest.fixture(scope="module")
+def df(standard):
+    return report.load_results(standard)
+
+
+def by_id(df, i: int):
+    return df.set_index("trial_id").loc[trial_id(i)]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "tune_gpt.report", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+# ----------------------------------------------------------------- reading
+
+
+def test_import_does_not_load_heavy_modules():
+    code = ("import sys, tune_gpt.report; "
+            "print([m for m in ('pandas', 'matplotlib', 'optuna', 'ray', 'torch') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_statuses(df):
+    expected = {0: "finished", 1: "finished", 2: "finished", 3: "finished", 4: "early-stopped",
+                5: "diverged", 6: "errored", 7: "oom", 8: "running"}
+    got = {i: by_id(df, i)["status"] for i in expected}
+    assert got == expected
+    assert len(df) == 9  # the pending trial has no folder yet
+    assert df.attrs["pending"] == 1
+
+
+def test_error_lines(df):
+    # Ray's error.txt: the exception line, not the traceback, not the second line of the message
+    assert by_id(df, 6)["error"] == "RuntimeError: boom in trial: bad shape"
+    assert by_id(df, 5)["error"] == "loss became nan at step 20 (lr too high?)"
+    assert "CUDA out of memory" in by_id(df, 7)["error"]
+    assert (df[df["status"].isin(["finished", "early-stopped", "running"])]["error"] == "").all()
+
+
+def test_metrics(df):
+    t3 = by_id(df, 3)  # losses 2.4, 1.75, 1.78
+    assert t3["best_val_loss"] == pytest.approx(1.75)
+    assert t3["final_val_loss"] == pytest.approx(1.78)
+    assert t3["best_val_bpc"] == pytest.approx(1.75 / math.log(2))
+    assert (t3["steps"], t3["total_steps"], t3["tokens"], t3["wall_s"]) == (30, 30, 30 * 32 * 32, 6.0)
+    assert t3["tokens_per_s"] == pytest.approx(32000.0)
+    t4 = by_id(df, 4)
+    assert (t4["steps"], t4["total_steps"]) == (10, 30)
+    t5 = by_id(df, 5)  # diverged: final inf, best before divergence
+    assert math.isinf(t5["final_val_loss"]) and t5["best_val_loss"] == pytest.approx(2.7)
+    assert math.isnan(by_id(df, 6)["best_val_loss"])
+
+
+def test_ranks(df):
+    ranks = {i: by_id(df, i)["rank"] for i in range(9)}
+    assert {i: r for i, r in ranks.items() if not pd.isna(r)} == {0: 1, 1: 2, 3: 3, 2: 4, 8: 5, 4: 6}
+    # failed trials are not ranked, even with a loss (t5 2.7, t7 2.8 would beat t4's 2.9)
+    assert all(pd.isna(ranks[i]) for i in (5, 6, 7))
+    assert list(df["trial_id"][:3]) == [trial_id(0), trial_id(1), trial_id(3)]  # sorted best first
+
+
+def test_config_columns(df):
+    cols = set(df.columns)
+    assert {"learning_rate", "batch_size", "n_layer", "model_size", "seed", "max_steps"} <= cols
+    assert not {c for c in cols if c.startswith("wandb") or c.startswith("model.")}
+    assert not cols & {"output_dir", "progress", "checkpoint", "tensorboard", "cache_dir", "num_threads", "device"}
+    assert df.attrs["searched"] == ["learning_rate", "batch_size", "n_layer"]
+    assert df.attrs["space"]["n_layer"] == {"type": "choice", "values": [2, 4, 6]}
+    assert all(Path(p).is_dir() for p in df["trial_dir"])
+
+
+def test_load_curves(standard):
+    c = report.load_curves(standard)
+    assert list(c.columns[:5]) == ["trial_id", "training_iteration", "step", "val/loss", "train/loss"]
+    assert len(c) == sum(len(t.val_losses) for t in STANDARD)
+    t0 = c[c["trial_id"] == trial_id(0)]
+    assert list(t0["step"]) == [10, 20, 30] and list(t0["val/loss"]) == [2.5, 2.0, 1.6]
+
+
+def test_load_curves_keeps_latest_of_a_re_reported_step(tmp_path):
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0, 1.8, 1.6])])
+    rj = next(exp.glob("trainable_*/result.json"))
+    lines = rj.read_text().splitlines()
+    again = json.loads(lines[1])
+    again["val/loss"] = 1.7  # restored from checkpoint_000001 and evaluated step 20 again
+    rj.write_text("\n".join(lines[:2] + [json.dumps(again)] + lines[2:]) + "\n")
+    c = report.load_curves(exp)
+    assert list(c["step"]) == [10, 20, 30]
+    assert c.set_index("step").loc[20, "val/loss"] == 1.7
+
+
+def test_error_line_of_real_ray_text():
+    text = RAY_TRACEBACK.format(error="ValueError: bad value\nmore detail")
+    assert report.error_line(text) == "ValueError: bad value"
+    assert report.error_line("Failure # 1 (occurred at x)\nray.exceptions.RayTaskError(OSError): disk full\n") == \
+        "ray.exceptions.RayTaskError(OSError): disk full"
+    assert report.error_line("\x1b[36msomething odd happened\x1b[39m") == "something odd happened"
+
+
+def test_status_file_beats_error_txt_after_a_retry(tmp_path):
+    # A trial that failed once (error.txt) and finished after Ray retried it.
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0, 1.6])])
+    d = next(exp.glob("trainable_*"))
+    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
+    assert report.load_results(exp)["status"].tolist() == ["finished"]
+
+
+def test_errored_status_file_message_is_used(tmp_path):
+    # search.py writes {"status": "errored", "message": ...} and Ray writes error.txt.
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "errored", [], error="KeyError: 'x'", status_file=True)])
+    row = report.load_results(exp).iloc[0]
+    assert (row["status"], row["error"]) == ("errored", "KeyError: 'x'")
+
+
+def test_scheduler_stopped_trial_with_running_status_file(tmp_path):
+    # Ray stops a trial by SystemExit inside tune.report: a `finally` may leave {"status": "running"}.
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "early-stopped", [2.0])])
+    (next(exp.glob("trainable_*")) / "tune_gpt_status.json").write_text('{"status": "running"}')
+    assert report.load_results(exp)["status"].tolist() == ["early-stopped"]
+
+
+def test_oom_without_status_file_is_oom(tmp_path):
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "oom", [], status_file=False,
+                                               error="torch.OutOfMemoryError: CUDA out of memory.")])
+    row = report.load_results(exp).iloc[0]
+    assert row["status"] == "oom" and row["error"].startswith("torch.OutOfMemoryError")
+
+
+def test_without_state_or_info_degrades(tmp_path):
+    exp = standard_experiment(tmp_path, info=False, state=False)
+    d = report.load_results(exp)
+    st = d.set_index("trial_id")["status"]
+    # status files and error.txt still decide; without Ray's state an unfinished trial reads as running
+    assert st[trial_id(0)] == "finished" and st[trial_id(6)] == "errored" and st[trial_id(5)] == "diverged"
+    assert st[trial_id(4)] == "running" and st[trial_id(8)] == "running"
+    assert d.attrs["mode"] == "min" and d.attrs["space"] == {}
+    assert set(d.attrs["searched"]) == {"learning_rate", "batch_size", "n_layer"}
+    assert report.lr_is_continuous(d) is True  # 9 distinct learning rates
+    assert by_id(d, 0)["rank"] == 1
+
+
+def test_mode_max_ranks_highest_first(tmp_path):
+    trials = [FakeTrial(1e-3, 8, "finished", [1.0]), FakeTrial(2e-3, 8, "finished", [3.0])]
+    exp = make_experiment(tmp_path, trials, metric="val/loss", mode="max")
+    d = report.load_results(exp)
+    assert d.attrs["rank_by"] == "best_val_loss" and d.iloc[0]["trial_id"] == trial_id(1)
+    assert d.iloc[0]["best_val_loss"] == 3.0 and d.iloc[0]["rank"] == 1
+
+
+def test_moved_folder(standard, tmp_path):
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(standard, tmp_path / "copy")
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "copy"), str(moved))
+    d = report.load_results(moved)
+    original = report.load_results(standard)
+    assert d["status"].tolist() == original["status"].tolist()
+    assert d["rank"].tolist() == original["rank"].tolist()
+    assert all(Path(p).parent == moved.resolve() for p in d["trial_dir"])
+    out = report.write_report(moved)
+    assert out == moved / "report"
+    assert f"python -m tune_gpt.replay {moved}" in (out / "report.md").read_text()
+
+
+def test_path_errors(tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope"))):
+        report.load_results(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no trials"):
+        report.load_results(tmp_path / "empty")
+    storage = tmp_path / "storage"
+    make_experiment(storage, [FakeTrial(1e-3, 8, "finished", [2.0])], name="one")
+    assert report.find_experiment(storage) == storage / "one"  # a storage folder with one experiment
+    make_experiment(storage, [FakeTrial(1e-3, 8, "finished", [2.0])], name="two")
+    with pytest.raises(DataError, match="2 experiments .*one, two"):
+        report.load_results(storage)
+    trial = next((storage / "one").glob("trainable_*"))
+    with pytest.raises(DataError, match="one trial's folder"):
+        report.load_results(trial)
+
+
+# ----------------------------------------------------------------- comparisons
+
+
+def test_pivot_values_by_hand(df):
+    p = report.lr_batch_pivot(df)
+    bins = ["3e-4..1e-3", "1e-3..3e-3", "3e-3..1e-2"]
+    assert list(p["best"].columns) == bins and list(p.index) == [8, 16, 32]
+    assert p.attrs["binned"] is True
+    best = p["best"]
+    # bs 8:  t2 5e-4 -> 1.80; t8 1e-3 (running) -> 2.2; t5 8e-3 diverged: left out
+    # bs 16: t0 2e-3 -> 1.60 and t1 1.5e-3 -> 1.70 share a cell; t6 errored: left out
+    # bs 32: t4 4e-4 -> 2.9; t7 3e-3 oom: left out; t3 6e-3 -> 1.75
+    assert best.loc[8, bins[0]] == pytest.approx(1.80) and best.loc[8, bins[1]] == pytest.approx(2.2)
+    assert math.isnan(best.loc[8, bins[2]])
+    assert best.loc[16, bins[1]] == pytest.approx(1.60) and math.isnan(best.loc[16, bins[0]])
+    assert best.loc[32, bins[0]] == pytest.approx(2.9) and best.loc[32, bins[2]] == pytest.approx(1.75)
+    assert p["mean"].loc[16, bins[1]] == pytest.approx(1.65)
+    assert p["std"].loc[16, bins[1]] == pytest.approx(math.sqrt(((1.6 - 1.65) ** 2 + (1.7 - 1.65) ** 2) / 1))
+    assert p["count"].loc[16, bins[1]] == 2 and p["count"].loc[16, bins[0]] == 0
+    assert int(p["count"].to_numpy().sum()) == 6
+
+
+def test_lr_bins():
+    assert report.lr_bin_label(2e-3) == "1e-3..3e-3"
+    assert report.lr_bin_label(1e-3) == "1e-3..3e-3"  # lower edge included
+    assert report.lr_bin_label(3e-3) == "1e-3..3e-3"  # 3e-3 < 10**-2.5 = 3.16e-3
+    assert report.lr_bin_label(3.2e-3) == "3e-3..1e-2"
+    assert report.lr_bin_label(9.99e-5) == "3e-5..1e-4"
+    assert report.lr_bin_label(0.5) == "3e-1..1e0"
+
+
+def test_pivot_keeps_discrete_learning_rates(tmp_path):
+    space = {"learning_rate": {"type": "choice", "values": [1e-3, 3e-3]}, "batch_size": {"type": "grid", "values": [8, 16]}}
+    trials = [FakeTrial(lr, bs, "finished", [v]) for (lr, bs), v in
+              zip([(1e-3, 8), (3e-3, 8), (1e-3, 16), (3e-3, 16)], [2.0, 1.9, 1.8, 1.7])]
+    d = report.load_results(make_experiment(tmp_path, trials, space=space))
+    p = report.lr_batch_pivot(d)
+    assert p.attrs["binned"] is False
+    assert list(p["best"].columns) == [1e-3, 3e-3]
+    assert p["best"].loc[16, 3e-3] == pytest.approx(1.7) and p["best"].loc[8, 1e-3] == pytest.approx(2.0)
+
+
+def test_best_lr_per_batch(df):
+    b = report.best_lr_per_batch(df)
+    assert list(b.index) == [8, 16, 32]
+    assert b["learning_rate"].tolist() == [5e-4, 2e-3, 6e-3]
+    assert b["best_val_loss"].tolist() == pytest.approx([1.80, 1.60, 1.75])
+    assert b["trial_id"].tolist() == [trial_id(2), trial_id(0), trial_id(3)]
+    assert b["trials"].tolist() == [2, 2, 2]  # ranked trials only: t5, t6, t7 left out
+
+
+def small_df(rows: list[tuple[float, int, float]], space: dict, status: str = "finished"):
+    d = pd.DataFrame([{"trial_id": f"t{i}", "status": status, "learning_rate": lr, "batch_size": bs,
+                       "best_val_loss": v, "error": ""} for i, (lr, bs, v) in enumerate(rows)])
+    d.attrs.update({"rank_by": "best_val_loss", "mode": "min", "space": space, "searched": list(space)})
+    return d
+
+
+LOG_SPACE = {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+             "batch_size": {"type": "choice", "values": [8, 16, 32]}}
+
+
+def test_edge_warnings():
+    # log range [1e-4, 1e-2]: 10% of it is below 1e-4 * 10**0.2 = 1.58e-4
+    low = report.warnings_for(small_df([(1.5e-4, 16, 1.0), (1e-3, 16, 2.0), (3e-3, 16, 3.0)], LOG_SPACE))
+    assert len(low) == 1 and "learning_rate=0.00015" in low[0] and "lowest 10%" in low[0] and "log range" in low[0]
+    assert not report.warnings_for(small_df([(1.7e-4, 16, 1.0), (1e-3, 16, 2.0), (3e-3, 16, 3.0)], LOG_SPACE))
+    high = report.warnings_for(small_df([(9e-3, 32, 1.0), (1e-3, 16, 2.0), (3e-3, 8, 3.0)], LOG_SPACE))
+    assert any("highest 10%" in w and "learning_rate" in w for w in high)
+    assert any("batch_size=32, the largest value searched" in w for w in high)
+    smallest = report.warnings_for(small_df([(1e-3, 8, 1.0), (1e-3, 16, 2.0), (3e-3, 32, 3.0)], LOG_SPACE))
+    assert smallest == [w for w in smallest if "batch_size=8, the smallest value searched" in w] and smallest
+    linear = {"learning_rate": {"type": "uniform", "low": 0.0, "high": 1.0}}
+    assert "lowest 10%" in report.warnings_for(small_df([(0.05, 8, 1.0), (0.5, 8, 2.0), (0.7, 8, 3.0)], linear))[0]
+    assert not report.warnings_for(small_df([(0.15, 8, 1.0), (0.5, 8, 2.0), (0.7, 8, 3.0)], linear))
+
+
+def test_too_few_and_failed_warnings(df):
+    few = report.warnings_for(small_df([(1e-3, 16, 1.0), (2e-3, 16, 2.0)], LOG_SPACE))
+    assert any("only 2 trial(s) finished" in w for w in few)
+    ws = report.warnings_for(df)
+    assert ws[0] == "best trial has n_layer=6, the largest value searched (6); try larger values"
+    joined = "\n".join(ws)
+    assert f"1 trial(s) errored: {trial_id(6)}: RuntimeError: boom in trial: bad shape" in joined
+    assert f"1 trial(s) diverged (loss became NaN/inf): {trial_id(5)}" in joined
+    assert "ran out of memory" in joined and "still running" in joined and "not started" in joined
+    assert "too few" not in joined  # 5 finished or early-stopped trials
+
+
+def test_importance_finds_the_dominant_parameter(tmp_path):
+    d = report.load_results(lr_dominant_experiment(tmp_path))
+    imp = report.importance(d)
+    assert set(imp.index) == {"learning_rate", "batch_size", "n_layer"}
+    assert imp.index[0] == "learning_rate" and imp["learning_rate"] > 0.6
+    assert imp.sum() == pytest.approx(1.0)
+    assert imp.attrs["evaluator"].startswith("optuna") and imp.attrs["trials"] == 16
+
+
+def test_importance_falls_back_without_optuna_evaluators(tmp_path, monkeypatch):
+    import optuna
+
+    def broken(*a, **k):
+        raise ImportError("Tried to import 'sklearn' but failed")
+
+    monkeypatch.setattr(optuna.importance, "FanovaImportanceEvaluator", broken)
+    monkeypatch.setattr(optuna.importance, "PedAnovaImportanceEvaluator", broken)
+    imp = report.importance(report.load_results(lr_dominant_experiment(tmp_path)))
+    assert imp.attrs["evaluator"] == "variance share"
+    assert imp.index[0] == "learning_rate" and imp["learning_rate"] > 0.6
+
+
+def test_importance_needs_four_finished_trials(df):
+    few = df[df["status"] != "early-stopped"].copy()  # 4 finished -> enough
+    few.attrs = dict(df.attrs)
+    assert not report.importance(few).empty
+    three = df[df["trial_id"].isin([trial_id(i) for i in (0, 1, 2, 4, 5, 6)])].copy()
+    three.attrs = dict(df.attrs)
+    three.loc[three["trial_id"] == trial_id(4), "status"] = "running"
+    with pytest.warns(UserWarning, match="at least 4 finished trials"):
+        assert report.importance(three).empty
+
+
+def test_markdown_table_escapes_and_formats():
+    t = pd.DataFrame({"a|b": ["x|y"], "best_val_loss": [1.23456], "steps": [30.0], "lr": [0.000316]})
+    assert report.markdown_table(t).splitlines() == [
+        "| a\\|b | best_val_loss | steps | lr |", "|---|---|---|---|", "| x\\|y | 1.2346 | 30 | 0.000316 |"]
+
+
+# ----------------------------------------------------------------- report files
+
+
+def test_write_report_files(standard, tmp_path):
+    out = report.write_report(standard, tmp_path / "rep")
+    assert out == tmp_path / "rep"
+    for name in ("trials.csv", "report.md", "report.html", "heatmap.png", "lr_scatter.png", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "report.html").read_text()
+    images = re.findall(re.escape(IMG) + r'([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3
+    for b64 in images:
+        assert base64.b64decode(b64).startswith(b"\x89PNG\r\n\x1a\n")
+    for alt in report.PLOTS:
+        assert f'alt="{alt}"' in page
+    for i, status in ((5, "diverged"), (6, "errored"), (7, "oom")):
+        row = by_id(report.load_results(standard), i)
+        assert f"<code>{trial_id(i)}</code> <span class=\"status-{status}\">{status}</span>: {html.escape(row['error'])}" in page
+    assert "RuntimeError: boom in trial: bad shape" in page
+    assert "python -m tune_gpt.replay" in page and "data-images-ok" not in page.split("<script>")[0]
+    md = (out / "report.md").read_text()
+    assert f"python -m tune_gpt.replay {standard}" in md
+    assert "- best trial has n_layer=6" in md and "| 16 |  | 1.6000 |  |" in md
+    assert f"| {trial_id(6)} | errored | 0.009 | 16 |  | RuntimeError: boom in trial: bad shape |" in md
+    assert "## Parameter importance" in md and "| learning_rate |" in md
+    csv = pd.read_csv(out / "trials.csv")
+    assert len(csv) == 9 and csv["trial_dir"].str.startswith("trainable_").all()
+    assert csv.loc[0, "trial_id"] == trial_id(0) and csv.loc[0, "rank"] == 1
+
+
+def test_write_report_default_folder(tmp_path):
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0, 1.5])])
+    assert report.write_report(exp) == exp / "report"
+    assert report.load_results(exp)["trial_id"].tolist() == [trial_id(0)]  # report/ is not a trial
+
+
+@pytest.mark.parametrize("case", ["single", "batch_fixed", "none_finished"])
+def test_write_report_edge_cases(case, tmp_path):
+    if case == "single":
+        exp = make_experiment(tmp_path, [FakeTrial(1e-3, 16, "finished", [2.0, 1.5])], space=LOG_SPACE)
+        n_images = 1  # the curves; one point needs neither a heatmap nor a scatter
+        notes = ["no heatmap: only one batch_size tried; only one learning_rate tried",
+                 "no learning-rate plot: only one learning_rate tried", "only 1 trial(s) finished",
+                 "python -m tune_gpt.replay"]
+    elif case == "batch_fixed":
+        trials = [FakeTrial(lr, 16, "finished", [v + 0.5, v]) for lr, v in ((3e-4, 2.0), (1e-3, 1.7), (3e-3, 1.9))]
+        exp = make_experiment(tmp_path, trials, space={"learning_rate": LOG_SPACE["learning_rate"]})
+        n_images, notes = 2, ["no heatmap: batch_size not searched", 'alt="lr_scatter"', 'alt="curves"']
+    else:
+        trials = [FakeTrial(1e-3, 8, "errored", [], error="RuntimeError: a"),
+                  FakeTrial(2e-3, 16, "errored", [], error="RuntimeError: b")]
+        exp = make_experiment(tmp_path, trials, space=LOG_SPACE)
+        n_images = 0
+        notes = ["nothing to replay", "RuntimeError: a", "RuntimeError: b", "only 0 trial(s) finished",
+                 "no curves plot: no trial has a best_val_loss yet", "needs at least 4 finished trials"]
+    out = report.write_report(exp)
+    page = (out / "report.html").read_text()
+    assert page.count(IMG) == n_images
+    for note in notes:
+        assert note in page, note
+    assert len(list(out.glob("*.png"))) == n_images
+
+
+def test_cli_missing_path_is_one_line(tmp_path):
+    p = run_cli(str(tmp_path / "missing"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr
+    assert lines[0].startswith("tune_gpt.report: error:") and str(tmp_path / "missing") in lines[0]
+    usage = run_cli()
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+
+
+def test_cli_writes_report(standard, tmp_path):
+    p = run_cli(str(standard), "--out", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    assert str(tmp_path / "r") in p.stdout
+    assert (tmp_path / "r" / "report.html").is_file()
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_report_html_renders_in_chromium(standard, tmp_path):
+    from PIL import Image
+
+    out = report.write_report(standard, tmp_path / "rep")
+    url = (out / "report.html").resolve().as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run"]
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + [f"--user-data-dir={tmp_path / 'ud1'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                            url], capture_output=True, timeout=120, check=False)
+    assert shot.is_file()
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 2400)
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
+    dom = subprocess.run(flags + [f"--user-data-dir={tmp_path / 'ud2'}", "--virtual-time-budget=5000", "--dump-dom",
+                                  url], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, dom[:500]
+    assert 'data-images-ok="3"' in body.group(0) and 'data-images-total="3"' in body.group(0)
+
+
+# ----------------------------------------------------------------- a real Ray experiment
+
+
+def _ray_trainable(config):
+    import tempfile
+
+    from ray import tune
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    lr, bs = config["learning_rate"], config["batch_size"]
+    if bs == 32 and lr > 3e-3:
+        raise RuntimeError("boom: this trial fails\nwith a second line")
+    diverge = bs == 16 and lr > 3e-3
+    for i in range(3):
+        loss = float("inf") if diverge and i == 2 else 2.0 - 0.1 * i + lr
+        d = tempfile.mkdtemp()
+        (Path(d) / "ckpt.pt").write_bytes(b"x")
+        tune.report({"val/loss": loss, "val/bpc": loss / math.log(2), "train/loss": loss, "step": 10 * (i + 1),
+                     "total_steps": 30, "tokens": 1000 * (i + 1), "tokens_per_s": 500.0},
+                    checkpoint=tune.Checkpoint.from_directory(d))
+        if diverge and i == 2:
+            break
+    status = {"status": "diverged", "message": "loss became inf at step 30"} if diverge else {"status": "finished", "message": ""}
+    (trial_dir / "tune_gpt_status.json").write_text(json.dumps({**status, "total_steps": 30}))
+
+
+@pytest.mark.slow
+def test_real_ray_experiment(tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray import tune
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/ modules
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            _ray_trainable,
+            param_space={"learning_rate": tune.grid_search([1e-3, 5e-3]), "batch_size": tune.grid_search([16, 32]),
+                         "model.n_layer": 2, "wandb.project": "p", "output_dir": "/nowhere"},
+            tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
+            run_config=tune.RunConfig(name="real", storage_path=str(tmp_path / "storage"), verbose=0),
+        )
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    exp = tmp_path / "storage" / "real"
+    for where in (exp, tmp_path / "moved" / "real"):
+        if where != exp:
+            where.parent.mkdir()
+            shutil.move(str(exp), str(where))
+        d = report.load_results(where)
+        st = {(r.learning_rate, r.batch_size): (r.status, r.error, r.rank) for r in d.itertuples()}
+        assert st[(1e-3, 16)][0] == st[(1e-3, 32)][0] == "finished"
+        assert st[(5e-3, 16)][:2] == ("diverged", "loss became inf at step 30")
+        assert st[(5e-3, 32)][:2] == ("errored", "RuntimeError: boom: this trial fails")
+        assert sorted(r for _, _, r in st.values() if not pd.isna(r)) == [1, 2]
+        assert {"n_layer", "learning_rate", "batch_size"} <= set(d.columns) and "output_dir" not in d.columns
+        assert all(Path(p).parent == where.resolve() for p in d["trial_dir"])
+        assert set(d.attrs["searched"]) == {"learning_rate", "batch_size"}  # no tune_gpt_experiment.json here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = report.write_report(where)
+        assert (out / "report.html").read_text().count(IMG) == 3

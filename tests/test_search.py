@@ -1,0 +1,179 @@
+"""The search end to end on tiny settings, plus planning checks that need no Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_space
+from tune_gpt.errors import ConfigError, TuneGPTError
+from tune_gpt.search import STATUS_FILE, SearchOptions, plan_search, run_search
+from wandb_offline import offline_runs
+
+
+def trial_dirs(exp: Path) -> list[Path]:
+    return sorted(p for p in exp.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def statuses(exp: Path) -> dict[str, dict]:
+    out = {}
+    for d in trial_dirs(exp):
+        f = d / STATUS_FILE
+        out[d.name] = json.loads(f.read_text()) if f.is_file() else {}
+    return out
+
+
+# ------------------------------------------------------------ planning only
+
+
+def test_seed_sweep_file_plans_nine_grid_points_on_chinese():
+    plan = plan_search(SearchOptions(space=str(REPO / "search_spaces" / "seed_sweep.yaml"),
+                                     overrides={"max_steps": 50}))
+    assert plan.searcher == "grid" and plan.n_trials == 9 and plan.num_samples == 1
+    assert plan.base_cfg.use_chinese and plan.base_cfg.max_steps == 50 and plan.base_cfg.epochs == 3
+    assert plan.base_cfg.wandb.project == "gpt-sweep"
+    assert plan.scheduler["type"] == "none"  # the W&B file asks for no early termination
+
+
+def test_default_plan_is_optuna_with_asha():
+    plan = plan_search(SearchOptions())
+    assert plan.searcher == "optuna" and plan.scheduler["type"] == "asha" and plan.metric == "val/loss"
+    assert plan.fixed["num_threads"] == 1 and plan.fixed["wandb.enabled"] is False
+
+
+@pytest.mark.parametrize(
+    "opts, needle",
+    [
+        (dict(scheduler="pbt"), "pbt"),
+        (dict(scheduler="bohb"), "bohb"),
+        (dict(space=str(REPO / "search_spaces" / "seed_sweep.yaml"), search="optuna"), "grid"),
+        (dict(search="grid"), "grid"),
+        (dict(cpus_per_trial=0), "--cpus-per-trial"),
+        (dict(gpus_per_trial=-1), "--gpus-per-trial"),
+        (dict(num_samples=0), "--num-samples"),
+        (dict(max_concurrent=0), "--max-concurrent"),
+    ],
+)
+def test_impossible_requests_are_refused_before_ray_starts(opts, needle):
+    with pytest.raises(TuneGPTError, match=needle):
+        plan_search(SearchOptions(**opts))
+
+
+def test_cli_dry_run_and_gpu_refusal_exit_cleanly(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--dry-run", "--storage-path", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "learning_rate" in p.stdout and "asha" in p.stdout
+    assert not any(tmp_path.iterdir())
+    p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--gpus-per-trial", "0.25", "--storage-path",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "--gpus-per-trial" in p.stderr and "Traceback" not in p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_session, tmp_path_factory, corpus_file):
+    tmp = tmp_path_factory.mktemp("search")
+    out = run_search(SearchOptions(space=str(tiny_space(tmp, n=4)), storage_path=str(tmp / "results"),
+                                   overrides={"data": str(corpus_file)}, verbose=0))
+    return out
+
+
+def test_search_runs_every_trial_and_finds_a_best(finished_search):
+    exp = finished_search.experiment_dir
+    assert finished_search.num_trials == 4 and finished_search.num_errors == 0
+    assert set(finished_search.best_config) >= {"learning_rate", "batch_size"}
+    assert finished_search.best_metric is not None and finished_search.best_metric < 4.0
+    st = statuses(exp)
+    assert len(st) == 4 and all(s["status"] in ("finished", "early-stopped") for s in st.values())
+    assert any(s["status"] == "finished" for s in st.values())
+    assert finished_search.trials_csv.is_file()
+    for d in trial_dirs(exp):
+        params = json.loads((d / "params.json").read_text())
+        assert params["num_threads"] == 1 and params["model.n_embd"] == 16
+        rows = [json.loads(x) for x in (d / "result.json").read_text().splitlines()]
+        assert all("val/loss" in r and "total_steps" in r for r in rows)
+        assert [r["step"] for r in rows] == [5 * (i + 1) for i in range(len(rows))]
+
+
+def test_baseline_point_is_evaluated_first(finished_search):
+    exp = finished_search.experiment_dir
+    first = min(trial_dirs(exp), key=lambda d: json.loads((d / "result.json").read_text().splitlines()[0])["timestamp"])
+    params = json.loads((first / "params.json").read_text())
+    assert params["learning_rate"] == pytest.approx((1e-3 * 2e-2) ** 0.5, rel=1e-6) or params["learning_rate"] == 1e-3
+    assert params["batch_size"] in (4, 8)
+
+
+def test_every_trial_has_tensorboard_events_and_an_offline_wandb_run(finished_search):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = finished_search.experiment_dir
+    for d in trial_dirs(exp):
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        assert any(t.endswith("val/loss") for t in tags), tags
+    runs = offline_runs(exp)
+    assert len(runs) == 4
+    for run in runs:
+        assert run.group == exp.name and set(run.tags) >= {"tiny", "single-gpu"}
+        assert "learning_rate" in run.config and "batch_size" in run.config
+        assert {"val/loss", "val/bpc", "train/loss", "step"} <= run.history_keys
+
+
+def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corpus_file):
+    out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=10)), storage_path=str(tmp_path / "r"),
+                                   cpus_per_trial=0.5, gpus_per_trial=0.25, scheduler="none", wandb=False,
+                                   report=False, overrides={"data": str(corpus_file)}, verbose=0))
+    st = statuses(out.experiment_dir)
+    assert len(st) == 4
+    for s in st.values():
+        assert s["resources"]["GPU"] == pytest.approx(0.25) and s["resources"]["CPU"] == pytest.approx(0.5)
+        assert s["status"] == "finished" and s["device"] == "cpu"  # logical GPU: trains on the CPU here
+
+
+def test_existing_experiment_needs_resume(finished_search):
+    exp = finished_search.experiment_dir
+    with pytest.raises(ConfigError, match="--resume"):
+        run_search(SearchOptions(space=str(exp.parent.parent / "tiny.yaml"), storage_path=str(exp.parent)))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_resume_runs_each_trial_once(tmp_path, corpus_file):
+    space = tiny_space(tmp_path, n=4, steps=40, every=10)
+    cmd = [sys.executable, "-m", "tune_gpt.search", "--space", str(space), "--storage-path", str(tmp_path / "r"),
+           "--data", str(corpus_file), "--max-concurrent", "1", "--no-wandb", "--no-report", "--scheduler", "none", "-q"]
+    env = dict(os.environ, WANDB_MODE="offline")
+    exp = tmp_path / "r" / "tiny"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = [s for s in statuses(exp).values() if s.get("status") == "finished"] if exp.exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)
+              if json.loads((d / STATUS_FILE).read_text() or "{}").get("status") == "finished"}
+    assert len(before) >= 2
+    time.sleep(1)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    dirs = trial_dirs(exp)
+    assert len(dirs) == 4
+    for name, text in before.items():
+        assert (exp / name / "result.json").read_text() == text  # finished trials did not run again
+    assert all(s["status"] == "finished" for s in statuses(exp).values())

@@ -1,0 +1,766 @@
+"""`python -m tune_gpt.search`: Ray Tune + Optuna over `train()`, one trial per config.
+
+The only module that builds a Tuner. The corpus is tokenized once here, on the
+driver, and handed to every trial with `tune.with_parameters`; each trial asks
+for ``{"cpu": c, "gpu": g}`` with ``g`` fractional (0.25: four trials share a
+GPU, each capping its CUDA memory to its share), reports once per evaluation,
+checkpoints, and is stopped early by ASHA when it trails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tune_gpt.cli import OneLineParser, add_config_flags, overrides_from_args, run_main
+from tune_gpt.config import RUNTIME_KEYS, TrainConfig
+from tune_gpt.errors import ConfigError, TuneGPTError
+from tune_gpt.spaces import Choice, Grid, SearchSpace, Uniform, load_space
+
+REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+STATUS_FILE = "tune_gpt_status.json"
+EXPERIMENT_FILE = "tune_gpt_experiment.json"
+SEARCHERS = ("optuna", "random", "grid")
+SCHEDULERS = ("asha", "median", "none", "pbt", "bohb")
+# Keys that must be the same in every trial: the corpus is tokenized once.
+CORPUS_KEYS = ("data", "use_chinese", "cache_dir")
+
+
+@dataclass
+class SearchOptions:
+    """Everything `run_search` needs; the CLI flags map one to one onto these fields."""
+
+    space: str | None = None  # a YAML file; None: search_spaces/default.yaml
+    name: str | None = None
+    storage_path: str = "./tune_results"
+    num_samples: int | None = None
+    search: str | None = None  # optuna | random | grid; None: the space's method (optuna)
+    scheduler: str | None = None  # asha | median | none; None: the space's (asha)
+    metric: str | None = None
+    mode: str | None = None
+    grace_period: int | None = None
+    reduction_factor: float | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    time_budget: float | None = None
+    max_failures: int = 0
+    resume: bool = False
+    retry_errored: bool = False
+    address: str | None = None
+    optuna_storage: str | None = None
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)  # flat TrainConfig keys, fixed for every trial
+    wandb: bool = True
+    dry_run: bool = False
+    report: bool = True
+    verbose: int = 1
+
+
+@dataclass
+class Plan:
+    """What a search will do, fully resolved before Ray starts."""
+
+    opts: SearchOptions
+    space: SearchSpace
+    name: str
+    experiment_dir: Path
+    searcher: str
+    scheduler: dict[str, Any]
+    metric: str
+    mode: str
+    num_samples: int
+    fixed: dict[str, Any]
+    base_cfg: TrainConfig
+    max_evals: int
+    notes: list[str]
+    n_trials: int = 0
+
+    def describe(self) -> str:
+        o = self.opts
+        res = f"{o.cpus_per_trial:g} CPU" + (f" + {o.gpus_per_trial:g} GPU" if o.gpus_per_trial else "")
+        conc = o.max_concurrent if o.max_concurrent else "as resources allow"
+        sched = " ".join(f"{k}={v}" for k, v in self.scheduler.items())
+        lines = [
+            self.space.describe(),
+            "",
+            "plan:",
+            f"  experiment   {self.experiment_dir}",
+            f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else ""),
+            f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first)" if self.searcher == "optuna" else ""),
+            f"  scheduler    {sched}",
+            f"  objective    {self.metric} ({self.mode}), reported every {self.base_cfg.eval_interval} steps, "
+            + (f"up to {self.max_evals} evaluations a trial" if self.max_evals else "until each trial's budget ends"),
+            f"  resources    {res} per trial, concurrency {conc}",
+            f"  corpus       {self.base_cfg.data or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
+        ]
+        if o.time_budget:
+            lines.append(f"  time budget  {o.time_budget:g} s")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ planning
+
+
+def plan_search(opts: SearchOptions) -> Plan:
+    """Load and check everything; raise a one-line TuneGPTError for what cannot work."""
+    space = load_space(opts.space or REPO_SPACES / "default.yaml")
+    notes = list(space.notes)
+    for key in CORPUS_KEYS:
+        if key in space.domains:
+            raise ConfigError(f"{space.source}: {key}: the corpus cannot be searched (it is tokenized once); fix it")
+    for key in opts.overrides:
+        if key in space.domains:
+            space.domains.pop(key)
+            notes.append(f"{key}: fixed to {opts.overrides[key]!r} from the command line instead of searched")
+
+    _check_number("--cpus-per-trial", opts.cpus_per_trial, low=0, strict=True)
+    _check_number("--gpus-per-trial", opts.gpus_per_trial, low=0)
+    if opts.max_concurrent is not None:
+        _check_number("--max-concurrent", opts.max_concurrent, low=1)
+    if opts.num_samples is not None:
+        _check_number("--num-samples", opts.num_samples, low=1)
+    if opts.time_budget is not None:
+        _check_number("--time-budget", opts.time_budget, low=0, strict=True)
+    if opts.max_failures < 0:
+        raise ConfigError(f"--max-failures: must be >= 0, got {opts.max_failures}")
+
+    searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
+    if searcher not in SEARCHERS:
+        raise ConfigError(f"--search: unknown searcher {searcher!r} (choose from {', '.join(SEARCHERS)})")
+    has_grid = any(isinstance(d, Grid) for d in space.domains.values())
+    if searcher == "optuna":
+        if has_grid:
+            raise ConfigError(
+                f"--search optuna: {space.source} has grid axes; a grid cannot be sampled by a model-based "
+                "sampler (use --search grid or --search random)"
+            )
+        bad = space.optuna_unsupported()
+        if bad:
+            if opts.search == "optuna":
+                raise ConfigError(f"--search optuna: Optuna cannot sample {', '.join(bad)}; use --search random")
+            notes.append(f"Optuna cannot sample {', '.join(bad)}: falling back to random search")
+            searcher = "random"
+    if searcher == "grid":
+        not_grid = [k for k, d in space.domains.items() if not isinstance(d, Grid)]
+        if not_grid:
+            raise ConfigError(f"--search grid: {', '.join(not_grid)} are not grid axes in {space.source}")
+
+    if space.scheduler is not None:
+        sched = dict(space.scheduler)
+    elif space.format == "wandb":
+        sched = {"type": "none"}  # a W&B sweep without early_terminate runs every trial to its end
+    else:
+        sched = {"type": "asha"}
+    if opts.scheduler:
+        if opts.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler: unknown scheduler {opts.scheduler!r} (choose from asha, median, none)")
+        if opts.scheduler != sched.get("type"):
+            sched = {"type": opts.scheduler}
+    if sched["type"] == "pbt":
+        raise ConfigError(
+            "--scheduler pbt: Population Based Training mutates running trials and cannot be combined with a "
+            f"search algorithm (here: {searcher}); use asha or median"
+        )
+    if sched["type"] == "bohb":
+        raise ConfigError(
+            "--scheduler bohb: HyperBandForBOHB works only with the TuneBOHB searcher, not with "
+            f"{searcher}; use asha (Hyperband's successive halving) instead"
+        )
+    if opts.grace_period is not None:
+        _check_number("--grace-period", opts.grace_period, low=1)
+        sched["grace_period"] = opts.grace_period
+    if opts.reduction_factor is not None:
+        _check_number("--reduction-factor", opts.reduction_factor, low=1, strict=True)
+        sched["reduction_factor"] = opts.reduction_factor
+
+    metric = opts.metric or space.metric or "val/loss"
+    mode = opts.mode or space.mode or "min"
+    if mode not in ("min", "max"):
+        raise ConfigError(f"--mode: must be min or max, got {mode!r}")
+
+    fixed = dict(space.fixed)
+    for key in list(fixed):
+        if key in RUNTIME_KEYS and key not in ("compile",):
+            notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
+    fixed.update(opts.overrides)
+    fixed.update(_trial_runtime(opts))
+    try:
+        base_cfg = TrainConfig.from_flat({**fixed, **space.baseline()})
+    except ConfigError as exc:
+        raise ConfigError(f"{space.source}: {exc}") from None
+
+    if searcher == "grid":
+        num_samples = 1  # Tune repeats the whole grid num_samples times
+        if opts.num_samples not in (None, 1) or (space.num_samples or 1) != 1:
+            notes.append("a grid runs each point once: num_samples is ignored")
+        n_trials = space.grid_size()
+    else:
+        num_samples = opts.num_samples or space.num_samples or 8
+        n_trials = num_samples * space.grid_size()
+    name = opts.name or space.name or "search"
+    storage = opts.storage_path
+    experiment_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
+    return Plan(opts=opts, space=space, name=name, experiment_dir=experiment_dir, searcher=searcher,
+                scheduler=sched, metric=metric, mode=mode, num_samples=num_samples, fixed=fixed,
+                base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials)
+
+
+def _check_number(flag: str, value: Any, low: float, strict: bool = False) -> None:
+    if value is None or (value <= low if strict else value < low) or not math.isfinite(value):
+        raise ConfigError(f"{flag}: must be {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def _trial_runtime(opts: SearchOptions) -> dict[str, Any]:
+    """Per-trial settings that say where a trial runs, not what it trains."""
+    out: dict[str, Any] = {
+        "num_threads": max(1, int(round(opts.cpus_per_trial))),
+        "progress": False, "tensorboard": False, "wandb.enabled": False, "checkpoint": True,
+    }
+    if opts.gpus_per_trial > 0:
+        out["gpu_memory_fraction"] = min(1.0, opts.gpus_per_trial)
+    return out
+
+
+def max_evaluations(plan: Plan, train_tokens: int) -> int:
+    """An upper bound on the reports a trial makes (ASHA's max_t), over the searched values."""
+    candidates: dict[str, list[Any]] = {}
+    for key in ("batch_size", "gradient_accumulation_steps", "model.block_size", "max_steps", "epochs",
+                "max_tokens", "eval_interval"):
+        dom = plan.space.domains.get(key)
+        if isinstance(dom, (Choice, Grid)):
+            candidates[key] = list(dom.values)
+        elif isinstance(dom, Uniform):
+            candidates[key] = [dom.low, dom.high]
+    import itertools
+
+    best = 1
+    keys = list(candidates)
+    for combo in itertools.product(*(candidates[k] for k in keys)) if keys else [()]:
+        flat = dict(zip(keys, combo))
+        if "batch_size" in flat:
+            flat["batch_size"] = int(flat["batch_size"])
+        cfg = TrainConfig.from_flat(flat, base=plan.base_cfg)
+        best = max(best, math.ceil(cfg.total_steps(train_tokens) / cfg.eval_interval))
+    return best
+
+
+# ---------------------------------------------------------------- the trial
+
+
+class TuneReporter:
+    """Reports each evaluation to Tune (with its checkpoint) and resumes from Tune's checkpoint."""
+
+    def __init__(self, total_steps_hint: int | None = None) -> None:
+        self.total_steps = total_steps_hint
+        self.last_step = 0
+        self._restore_dir: str | None = None
+
+    def start(self, cfg, info):
+        self.total_steps = info["total_steps"]
+
+    def log(self, step, metrics):
+        pass
+
+    def evaluate(self, step, metrics, checkpoint_dir):
+        from ray import tune
+
+        metrics = {**metrics, "total_steps": self.total_steps}
+        self.last_step = step
+        if checkpoint_dir is not None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            tune.report(metrics)
+
+    def sample(self, text):
+        pass
+
+    def finish(self, result):
+        pass
+
+    def resume_checkpoint(self):
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restore_dir = tempfile.mkdtemp(prefix="tune_gpt_restore_")
+        return Path(ckpt.to_directory(self._restore_dir))
+
+
+def trainable(config: dict[str, Any], corpus: Any = None) -> None:
+    """The Tune function trainable: build the config, call `train()`, record how it ended."""
+    from ray import tune
+
+    from tune_gpt.train import train
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    flat = {k: v for k, v in config.items() if not k.startswith("_")}
+    scratch = Path(tempfile.mkdtemp(prefix="tune_gpt_trial_"))
+    flat["output_dir"] = str(scratch)
+    if flat.get("gpu_memory_fraction"):
+        import torch
+
+        flat.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        flat.setdefault("device", "cpu")
+    cfg = TrainConfig.from_flat(flat)
+    import ray
+
+    ctx = ray.get_runtime_context()
+    where = {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), "device": cfg.device}
+    status: dict[str, Any] = {"status": "running"}
+    reporter = TuneReporter()
+    try:
+        result = train(cfg, reporter, corpus=corpus)
+        status = {"status": result.status, "message": result.message, "total_steps": reporter.total_steps,
+                  "steps": result.steps}
+        if result.status == "diverged":
+            # A bad result for the searcher and the scheduler: the trial ends, it is not retried.
+            tune.report({"val/loss": float("inf"), "val/bpc": float("inf"), "train/loss": float("inf"),
+                         "step": result.steps, "diverged": 1, "total_steps": status["total_steps"]})
+        if result.sample:
+            (trial_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
+    except Exception as exc:
+        status = {"status": "oom" if _is_oom(exc) else "errored", "message": _one_line(exc)}
+        raise
+    except BaseException:
+        # Tune ends a trial the scheduler stopped by raising inside `tune.report`.
+        done = reporter.total_steps is not None and reporter.last_step >= reporter.total_steps
+        status = {"status": "finished" if done else "early-stopped", "steps": reporter.last_step,
+                  "total_steps": reporter.total_steps}
+        raise
+    finally:
+        try:
+            (trial_dir / STATUS_FILE).write_text(json.dumps({**status, **where}))
+        except OSError:
+            pass
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return "out of memory" in str(exc).lower()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+# ------------------------------------------------------------------ running
+
+
+@dataclass
+class SearchOutcome:
+    experiment_dir: Path
+    best_config: dict[str, Any] | None
+    best_metric: float | None
+    num_trials: int
+    num_errors: int
+    trials_csv: Path | None
+    replay_command: str | None
+
+
+def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
+    """Run (or resume) a search as `opts` says. With ``dry_run`` return the Plan, start nothing."""
+    plan = plan_search(opts)
+    if opts.dry_run:
+        print(plan.describe())
+        return plan
+
+    from tune_gpt.data import load_corpus
+
+    cfg = plan.base_cfg
+    corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+    plan.max_evals = max_evaluations(plan, len(corpus.train))
+    if opts.resume and not (plan.experiment_dir / EXPERIMENT_FILE).is_file() and "://" not in opts.storage_path:
+        raise ConfigError(f"--resume: no experiment to resume at {plan.experiment_dir}")
+    if not opts.resume and "://" not in opts.storage_path and plan.experiment_dir.exists() and any(plan.experiment_dir.iterdir()):
+        raise ConfigError(
+            f"--name: experiment {plan.experiment_dir} already exists; pass --resume to continue it or --name NEW"
+        )
+
+    if opts.gpus_per_trial > 0 and not opts.address:
+        _check_local_gpu(opts)
+    import ray
+    from ray import tune
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # experiment state saved often: resume loses little
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
+    started_ray = _init_ray(opts)
+    try:
+        _check_gpus(opts)
+        if opts.verbose:
+            print(plan.describe(), file=sys.stderr)
+            print(f"corpus: {corpus.describe()}", file=sys.stderr)
+        trainable_fn = tune.with_resources(
+            tune.with_parameters(trainable, corpus=corpus),
+            {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+        )
+        if opts.resume:
+            tuner = tune.Tuner.restore(
+                str(plan.experiment_dir) if "://" not in opts.storage_path else f"{opts.storage_path.rstrip('/')}/{plan.name}",
+                trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
+            )
+        else:
+            _write_experiment_file(plan)
+            tuner = tune.Tuner(
+                trainable_fn,
+                param_space={**plan.space.to_tune(), **plan.fixed},
+                tune_config=_tune_config(plan),
+                run_config=_run_config(plan),
+            )
+        t0 = time.time()
+        grid = tuner.fit()
+        elapsed = time.time() - t0
+        del tuner
+        gc.collect()  # W&B's callback must be collected while Ray is still up
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return _summarise(plan, grid, elapsed)
+
+
+def _init_ray(opts: SearchOptions) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
+                              "configure_logging": True, "logging_level": "WARNING"}
+    if opts.address:
+        ray.init(address=opts.address, **kwargs)
+    else:
+        ray.init(**kwargs)
+    return True
+
+
+def _check_local_gpu(opts: SearchOptions) -> None:
+    """Before starting a local Ray: no CUDA GPU here means a GPU request can never be granted."""
+    import ray
+
+    if ray.is_initialized():
+        return  # an existing Ray session may declare (logical) GPUs; _check_gpus decides
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--gpus-per-trial {opts.gpus_per_trial:g}: no CUDA GPU is visible on this machine; "
+            "use --gpus-per-trial 0 to train on the CPU, or --address to join a cluster with GPUs"
+        )
+
+
+def _check_gpus(opts: SearchOptions) -> None:
+    """A GPU request Ray cannot grant fails now, instead of leaving trials PENDING forever."""
+    import ray
+
+    have_gpu = ray.cluster_resources().get("GPU", 0.0)
+    have_cpu = ray.cluster_resources().get("CPU", 0.0)
+    if opts.gpus_per_trial > 0 and have_gpu < opts.gpus_per_trial:
+        raise ConfigError(
+            f"--gpus-per-trial {opts.gpus_per_trial:g}: the Ray cluster has {have_gpu:g} GPUs "
+            "(no CUDA GPU visible here); use --gpus-per-trial 0 to train on the CPU"
+        )
+    if have_cpu < opts.cpus_per_trial:
+        raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial:g}: the Ray cluster has only {have_cpu:g} CPUs")
+
+
+def _tune_config(plan: Plan):
+    from ray import tune
+
+    opts = plan.opts
+    search_alg = None
+    if plan.searcher == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, n_startup_trials=max(2, min(10, plan.num_samples // 3)))
+        kwargs: dict[str, Any] = {}
+        if opts.optuna_storage:
+            kwargs["storage"] = opts.optuna_storage
+            kwargs["study_name"] = plan.name
+        search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
+                                  points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
+    return tune.TuneConfig(
+        metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=_scheduler(plan),
+        num_samples=plan.num_samples, max_concurrent_trials=opts.max_concurrent,
+        time_budget_s=opts.time_budget, trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
+        reuse_actors=True,  # a worker imports torch once, not once per trial
+    )
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folder names (Ray's default packs every parameter into the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _scheduler(plan: Plan):
+    s = plan.scheduler
+    kind = s.get("type", "asha")
+    if kind == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        max_t = int(s.get("max_t") or plan.max_evals)
+        grace = int(min(s.get("grace_period", 1), max_t))
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
+                             reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)))
+    if kind == "median":
+        from ray.tune.schedulers import MedianStoppingRule
+
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=float(s.get("grace_period", 2)),
+                                  min_samples_required=int(s.get("min_samples_required", 3)))
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def _run_config(plan: Plan):
+    from ray import tune
+
+    opts = plan.opts
+    callbacks = []
+    if opts.wandb:
+        cb = wandb_callback(plan)
+        if cb is not None:
+            callbacks.append(cb)
+    return tune.RunConfig(
+        name=plan.name,
+        storage_path=_storage_uri(opts.storage_path),
+        callbacks=callbacks or None,
+        failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=plan.metric, checkpoint_score_order=plan.mode,
+        ),
+        verbose=1 if opts.verbose else 0,
+        progress_reporter=_progress_reporter(plan),
+    )
+
+
+def _progress_reporter(plan: Plan):
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns=list(plan.space.domains) or None,
+        metric_columns={plan.metric: plan.metric, "step": "step", "training_iteration": "evals"},
+        max_report_frequency=30, print_intermediate_tables=True, sort_by_metric=True,
+    )
+
+
+def _storage_uri(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def wandb_callback(plan: Plan):
+    """One W&B run per trial, grouped by experiment; offline when no key is found."""
+    from tune_gpt.tracking import resolve_wandb_mode, wandb_available
+
+    if not wandb_available():
+        import warnings
+
+        warnings.warn("wandb is not installed: trials are logged to TensorBoard only (pip install wandb)")
+        return None
+    mode = resolve_wandb_mode(plan.base_cfg.wandb.mode)
+    if mode == "disabled":
+        return None
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on a key unless W&B is offline
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    w = plan.base_cfg.wandb
+    tags = [plan.base_cfg.model_size, "single-gpu", plan.space.name]
+    if "model_size" in plan.space.domains:
+        tags[0] = "mixed-sizes"
+    cb = WandbLoggerCallback(
+        project=w.project, group=w.group or plan.name, log_config=True, upload_checkpoints=False,
+        upload_timeout=30, tags=list(dict.fromkeys(tags)), mode=mode, job_type="trial",
+        excludes=["wandb.enabled", "progress", "tensorboard", "checkpoint"],
+        **({"entity": w.entity} if w.entity else {}),
+    )
+    plan.notes.append(
+        f"W&B {mode}: one run per trial in group {w.group or plan.name!r}"
+        + ("; upload later with: wandb sync <trial dir>/wandb/offline-run-*" if mode == "offline" else "")
+    )
+    return cb
+
+
+def _write_experiment_file(plan: Plan) -> None:
+    if "://" in plan.opts.storage_path:
+        return
+    plan.experiment_dir.mkdir(parents=True, exist_ok=True)
+    space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
+    info = {
+        "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
+        "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
+        "num_samples": plan.num_samples, "fixed": {k: v for k, v in plan.fixed.items()},
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *sys.argv[1:]]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (plan.experiment_dir / EXPERIMENT_FILE).write_text(json.dumps(info, indent=2, default=str))
+
+
+def _domain_json(d: Any) -> dict[str, Any]:
+    if isinstance(d, Grid):
+        return {"type": "grid", "values": list(d.values)}
+    if isinstance(d, Choice):
+        return {"type": "choice", "values": list(d.values)}
+    if isinstance(d, Uniform):
+        kind = ("log" if d.log else "") + ("randint" if d.integer else "uniform")
+        return {"type": kind, "low": d.low, "high": d.high}
+    return {"type": getattr(d, "kind", type(d).__name__.lower())}
+
+
+def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
+    exp_dir = Path(grid.experiment_path) if "://" not in str(grid.experiment_path) else plan.experiment_dir
+    df = grid.get_dataframe()
+    n_err = grid.num_errors
+    best = None
+    try:
+        best = grid.get_best_result(metric=plan.metric, mode=plan.mode, scope="all", filter_nan_and_inf=True)
+    except (RuntimeError, KeyError, ValueError):
+        best = None
+    best_cfg = dict(best.config) if best is not None else None
+    best_val = None
+    if best is not None and best.metrics_dataframe is not None and plan.metric in best.metrics_dataframe:
+        col = best.metrics_dataframe[plan.metric]
+        best_val = float(col.min() if plan.mode == "min" else col.max())
+    trials_csv = None
+    if "://" not in plan.opts.storage_path:
+        trials_csv = exp_dir / "trials.csv"
+        if plan.opts.report:
+            try:
+                from tune_gpt.report import write_report
+
+                out = write_report(exp_dir)
+                trials_csv = Path(out) / "trials.csv"
+            except (ImportError, TuneGPTError) as exc:
+                print(f"report not written: {exc}", file=sys.stderr)
+                df.to_csv(trials_csv, index=False)
+        else:
+            df.to_csv(trials_csv, index=False)
+    replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
+    _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err)
+    return SearchOutcome(exp_dir, best_cfg, best_val, len(df), n_err, trials_csv, replay)
+
+
+def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err) -> None:
+    metric = plan.metric
+    searched = list(plan.space.domains)
+    print(f"\n{len(df)} trials in {elapsed:.0f} s ({n_err} errored); results in {exp_dir}")
+    if metric in df.columns and len(df):
+        cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
+        top = df.sort_values(metric, ascending=plan.mode == "min").head(5)
+        header = ["trial", *[c.split("/", 1)[1] for c in cols], metric, "step"]
+        rows = [[str(r.get("trial_id", "")), *[_short(r[c]) for c in cols], _short(r[metric]),
+                 _short(r.get("step", ""))] for _, r in top.iterrows()]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+        print("top trials (last reported values):")
+        print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in rows:
+            print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if best_cfg is not None:
+        shown = {k: best_cfg[k] for k in searched if k in best_cfg}
+        print(f"best {metric}: {best_val:.4f} with {json.dumps(shown)}")
+    if trials_csv:
+        print(f"trials table: {trials_csv}")
+    print(f"TensorBoard: tensorboard --logdir {exp_dir}")
+    if replay:
+        print(f"replay the best trial as a final run: {replay}")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m tune_gpt.search",
+                      description="Search GPT hyperparameters with Ray Tune + Optuna (ASHA early stopping).")
+    p.add_argument("--space", help="search-space YAML (native or W&B sweep); default: search_spaces/default.yaml")
+    p.add_argument("--name", help="experiment name (default: the space's name)")
+    p.add_argument("--storage-path", "--storage_path", dest="storage_path", default="./tune_results",
+                   help="results root: a directory or a URI (s3://, gs://) shared by the cluster's nodes")
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, help="trials to run")
+    p.add_argument("--search", choices=SEARCHERS, help="search algorithm (default: the space's method, else optuna)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="early stopping (default: asha)")
+    p.add_argument("--metric", help="objective (default: val/loss)")
+    p.add_argument("--mode", choices=("min", "max"), help="default: min")
+    p.add_argument("--grace-period", dest="grace_period", type=int, help="evaluations before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", dest="reduction_factor", type=float, help="ASHA's halving rate")
+    p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0,
+                   help="CPUs per trial; also the trial's torch threads")
+    p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=0.0,
+                   help="GPU share per trial (0.25: four trials per GPU, each capped to a quarter of its memory)")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--time-budget", dest="time_budget", type=float, help="stop the search after this many seconds")
+    p.add_argument("--max-failures", dest="max_failures", type=int, default=0,
+                   help="retry a failing trial this many times from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (same --name)")
+    p.add_argument("--retry-errored", dest="retry_errored", action="store_true",
+                   help="with --resume: re-run errored trials from their last checkpoint")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto or HOST:6379) instead of starting one")
+    p.add_argument("--optuna-storage", dest="optuna_storage",
+                   help="keep the Optuna study in a database (sqlite:///study.db) for optuna-dashboard")
+    p.add_argument("--seed", dest="search_seed", type=int, default=0, help="seed of the search algorithm")
+    p.add_argument("--no-wandb", dest="use_wandb", action="store_false", help="no W&B runs")
+    p.add_argument("--no-report", dest="report", action="store_false", help="do not write the report at the end")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the resolved space and plan, run nothing")
+    p.add_argument("-q", "--quiet", action="store_true", help="less output")
+    add_config_flags(p, skip=("seed", "output_dir", "resume", "progress", "tensorboard", "checkpoint",
+                              "num_threads", "gpu_memory_fraction", "wandb.enabled"))
+    p.add_argument("--trial-seed", dest="seed", default=argparse.SUPPRESS, help="training seed of every trial")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> SearchOptions:
+    overrides = overrides_from_args(args)
+    return SearchOptions(
+        space=args.space, name=args.name, storage_path=args.storage_path, num_samples=args.num_samples,
+        search=args.search, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+        time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
+        retry_errored=args.retry_errored, address=args.address, optuna_storage=args.optuna_storage,
+        seed=args.search_seed, overrides=overrides, wandb=args.use_wandb, dry_run=args.dry_run,
+        report=args.report, verbose=0 if args.quiet else 1,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    def _run() -> int:
+        args = build_parser().parse_args(argv)
+        out = run_search(options_from_args(args))
+        if isinstance(out, SearchOutcome) and out.best_config is None:
+            return 1
+        return 0
+
+    return run_main(_run, prog="tune_gpt.search")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

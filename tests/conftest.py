@@ -99,3 +99,13 @@ space:
 
 def tiny_space(tmp_path: Path, n: int = 4, steps: int = 20, every: int = 5) -> Path:
     return write_space(tmp_path / "tiny.yaml", TINY_SPACE.format(n=n, steps=steps, every=every))
+
+
+@pytest.fixture(scope="session")
+def finished_search(ray_session, tmp_path_factory, corpus_file):
+    """A finished 4-trial CPU search (Optuna + ASHA, W&B offline), shared by the search/replay tests."""
+    from tune_gpt.search import SearchOptions, run_search
+
+    tmp = tmp_path_factory.mktemp("search")
+    return run_search(SearchOptions(space=str(tiny_space(tmp, n=4)), storage_path=str(tmp / "results"),
+                                    overrides={"data": str(corpus_file)}, verbose=0))

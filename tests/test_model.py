@@ -65,3 +65,10 @@ def test_generate_appends_tokens_beyond_the_context():
     m = small_model().eval()
     out = m.generate(torch.zeros((1, 1), dtype=torch.long), 20, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 21)
+
+
+def test_generate_never_samples_suppressed_ids():
+    m = small_model().eval()
+    out = m.generate(torch.zeros((4, 1), dtype=torch.long), 30, generator=torch.Generator().manual_seed(0),
+                     suppress=[0, 1, 2])
+    assert not torch.isin(out[:, 1:], torch.tensor([0, 1, 2])).any()

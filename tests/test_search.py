@@ -82,22 +82,15 @@ def test_cli_dry_run_and_gpu_refusal_exit_cleanly(tmp_path):
 # ------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def finished_search(ray_session, tmp_path_factory, corpus_file):
-    tmp = tmp_path_factory.mktemp("search")
-    out = run_search(SearchOptions(space=str(tiny_space(tmp, n=4)), storage_path=str(tmp / "results"),
-                                   overrides={"data": str(corpus_file)}, verbose=0))
-    return out
-
-
 def test_search_runs_every_trial_and_finds_a_best(finished_search):
     exp = finished_search.experiment_dir
     assert finished_search.num_trials == 4 and finished_search.num_errors == 0
     assert set(finished_search.best_config) >= {"learning_rate", "batch_size"}
     assert finished_search.best_metric is not None and finished_search.best_metric < 4.0
-    st = statuses(exp)
-    assert len(st) == 4 and all(s["status"] in ("finished", "early-stopped") for s in st.values())
-    assert any(s["status"] == "finished" for s in st.values())
+    from tune_gpt.report import load_results
+
+    st = load_results(exp)["status"].tolist()  # status files, or Ray's state for trials ASHA stopped
+    assert len(st) == 4 and set(st) <= {"finished", "early-stopped"} and "finished" in st
     assert finished_search.trials_csv.is_file()
     for d in trial_dirs(exp):
         params = json.loads((d / "params.json").read_text())

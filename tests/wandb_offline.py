@@ -72,9 +72,12 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            r = rec.run
-            out.tags = list(r.tags)
-            out.group, out.job_type, out.project, out.name = r.run_group, r.job_type, r.project, r.display_name
+            r = rec.run  # later run records may carry only what changed: keep what is set
+            out.tags = list(r.tags) or out.tags
+            out.group = r.run_group or out.group
+            out.job_type = r.job_type or out.job_type
+            out.project = r.project or out.project
+            out.name = r.display_name or out.name
             for item in r.config.update:
                 out.config[item.key] = json.loads(item.value_json)
         elif kind == "config":

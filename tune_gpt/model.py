@@ -153,12 +153,15 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        suppress: list[int] | None = None,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `idx` (B, T)."""
+        """Append `max_new_tokens` sampled tokens to `idx` (B, T); `suppress` ids are never sampled."""
         for _ in range(max_new_tokens):
             ctx = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size :]
             logits, _ = self(ctx)
             logits = logits[:, -1, :] / max(temperature, 1e-6)  # (B, V)
+            if suppress:
+                logits[:, suppress] = -float("inf")
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

@@ -197,6 +197,8 @@ def plan_search(opts: SearchOptions) -> Plan:
             notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
     fixed.update(opts.overrides)
     fixed.update(_trial_runtime(opts))
+    if fixed.get("data") and "://" not in str(fixed["data"]) and fixed["data"] not in ("python-docs", "chinese"):
+        fixed["data"] = str(Path(str(fixed["data"])).expanduser().resolve())  # trials run in other folders
     try:
         base_cfg = TrainConfig.from_flat({**fixed, **space.baseline()})
     except ConfigError as exc:
@@ -592,15 +594,22 @@ def wandb_callback(plan: Plan):
     tags = [plan.base_cfg.model_size, "single-gpu", plan.space.name]
     if "model_size" in plan.space.domains:
         tags[0] = "mixed-sizes"
+    extra: dict[str, Any] = {"entity": w.entity} if w.entity else {}
+    local = "://" not in plan.opts.storage_path
+    if local:
+        # All trials' runs in <experiment>/wandb, written straight into the results (Ray's own
+        # choice, the driver's staging folder, is synced before the last run is closed).
+        (plan.experiment_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        extra["dir"] = str(plan.experiment_dir)
     cb = WandbLoggerCallback(
         project=w.project, group=w.group or plan.name, log_config=True, upload_checkpoints=False,
         upload_timeout=30, tags=list(dict.fromkeys(tags)), mode=mode, job_type="trial",
-        excludes=["wandb.enabled", "progress", "tensorboard", "checkpoint"],
-        **({"entity": w.entity} if w.entity else {}),
+        excludes=["wandb.enabled", "progress", "tensorboard", "checkpoint"], **extra,
     )
+    where = f"{plan.experiment_dir}/wandb" if local else "<trial dir>/wandb"
     plan.notes.append(
         f"W&B {mode}: one run per trial in group {w.group or plan.name!r}"
-        + ("; upload later with: wandb sync <trial dir>/wandb/offline-run-*" if mode == "offline" else "")
+        + (f"; upload later with: wandb sync {where}/offline-run-*" if mode == "offline" else "")
     )
     return cb
 
@@ -685,6 +694,8 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
     if trials_csv:
         print(f"trials table: {trials_csv}")
     print(f"TensorBoard: tensorboard --logdir {exp_dir}")
+    if (exp_dir / "wandb").is_dir() and any((exp_dir / "wandb").glob("offline-run-*")):
+        print(f"W&B runs are offline; upload them with: wandb sync {exp_dir / 'wandb'}/offline-run-*")
     if replay:
         print(f"replay the best trial as a final run: {replay}")
 

@@ -282,7 +282,7 @@ class WandbReporter(Reporter):
             dir=str(self.output_dir),
             mode=self.mode,
             reinit="create_new",
-            settings=wandb.Settings(init_timeout=60, console="off", x_disable_stats=False),
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
         if self.mode == "offline":
             print(

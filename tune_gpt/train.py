@@ -179,12 +179,15 @@ def train(
     *,
     corpus: Corpus | None = None,
     resume_from: str | Path | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train a GPT as `cfg` says; report to `reporter`; return what happened.
 
     `corpus` skips loading (the search tokenizes once and ships it to trials).
     `resume_from` (a directory holding ``ckpt.pt``) continues a run exactly; with
     ``cfg.resume`` the run resumes from ``<output_dir>/checkpoint`` when it exists.
+    `stop_after` ends the run after that step (evaluated) without changing the
+    schedule, as when a trial was stopped early and is replayed exactly.
     Raises `TuneGPTError` subclasses for bad input; returns status ``diverged``
     when the loss turns NaN or infinite.
     """
@@ -228,6 +231,7 @@ def train(
 
     total = cfg.total_steps(len(corpus.train))
     warmup = cfg.warmup_for(total)
+    end = total if stop_after is None else min(total, stop_after)
     sampler = BatchSampler(corpus.train, cfg.batch_size, m.block_size, seed=cfg.seed + 1, device=device)
     eval_batches = _fixed_eval_batches(corpus, cfg, device)
 
@@ -273,7 +277,7 @@ def train(
     check_every = 1 if device.type == "cpu" else cfg.log_interval
     model.train()
     try:
-        while step < total:
+        while step < end:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, total, warmup)
             for group in optimizer.param_groups:
@@ -294,7 +298,7 @@ def train(
             step += 1
             tokens += cfg.tokens_per_step
             loss_count += 1
-            last = step == total
+            last = step == end
             do_eval = step % cfg.eval_interval == 0 or last
             do_log = step % cfg.log_interval == 0
             if do_log or do_eval or step % check_every == 0:
@@ -410,7 +414,7 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, 
     was_training = model.training
     model.eval()
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    y = model.generate(x, n, temperature=temperature, top_k=top_k, generator=gen)
+    y = model.generate(x, n, temperature=temperature, top_k=top_k, generator=gen, suppress=[tok.unk_id])
     if was_training:
         model.train()
     return tok.decode(y[0].tolist())

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from wandb_offline import read_offline_run
+
+
+def run(*args):
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_check_replays_the_best_trial_exactly(finished_search, tmp_path):
+    p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--check", "--output-dir",
+            str(tmp_path / "check"), "--no-wandb")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "check: MATCH" in p.stdout
+    summary = json.loads((tmp_path / "check" / "replay_summary.json").read_text())
+    assert summary["match"] is True and abs(summary["difference"]) <= 1e-4
+    assert summary["trial_val_loss"] == finished_search.best_metric or summary["trial_val_loss"] is not None
+
+
+def test_longer_replay_writes_a_model_generate_can_sample(finished_search, tmp_path):
+    out = tmp_path / "final"
+    p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--max-steps", "30", "--output-dir", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "replay_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["status"] == "finished"
+    assert summary["final_val_loss"] < summary["trial_val_loss"] + 0.5
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    w = read_offline_run(run_dir)
+    assert w.job_type == "final" and w.group == finished_search.experiment_dir.name
+    assert w.config["replay_of"] == summary["trial_id"]
+    g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the ", "--max_new_tokens", "25")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("the ") and "\ufffd" not in g.stdout
+
+
+def test_unknown_trial_is_a_one_line_error(finished_search):
+    p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--trial", "nosuchtrial", "--no-wandb")
+    assert p.returncode == 2 and "nosuchtrial" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

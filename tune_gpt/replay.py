@@ -1,0 +1,177 @@
+"""Replay a trial as a final run: ``python -m tune_gpt.replay EXPERIMENT [--trial ID] [--check]``.
+
+The best trial (or the one named) is trained again through the same `train()`:
+a W&B run with ``job_type="final"`` in the experiment's group, TensorBoard, the
+saved model with its tokenizer, a sample, and ``replay_summary.json`` comparing
+the final val loss with the trial's. ``--check`` replays the trial at exactly
+its budget and seed and says whether the val loss matches (within 1e-4 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from tune_gpt.cli import OneLineParser, run_main
+from tune_gpt.config import FIELD_TYPES, RUNTIME_KEYS, TrainConfig
+from tune_gpt.errors import ConfigError
+
+CPU_TOLERANCE = 1e-4
+GPU_TOLERANCE = 2e-2  # GPU kernels are not bitwise deterministic; a replay lands close, not exact
+
+
+def pick_trial(experiment: str | Path, trial: str | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(experiment folder, the trial's row in the results table, its params) for the best or named trial."""
+    from tune_gpt.report import find_experiment, load_results
+
+    exp = find_experiment(experiment)
+    df = load_results(exp)
+    if trial:
+        rows = df[df["trial_id"].astype(str).str.startswith(trial)]
+        if rows.empty:
+            known = ", ".join(map(str, df["trial_id"].tolist()[:10]))
+            raise ConfigError(f"--trial: no trial {trial!r} in {exp} (trials: {known})")
+        row = rows.iloc[0]
+    else:
+        ranked = df[df["rank"].notna()] if "rank" in df else df.iloc[0:0]
+        if ranked.empty:
+            raise ConfigError(f"{exp}: no trial reported a usable val loss; nothing to replay")
+        row = ranked.sort_values("rank").iloc[0]
+    params_path = Path(row["trial_dir"]) / "params.json"
+    try:
+        params = json.loads(params_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{params_path}: cannot read the trial's config ({exc})") from None
+    return exp, row.to_dict(), params
+
+
+def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
+                 max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu") -> TrainConfig:
+    """The trial's hyperparameters, with where-it-runs settings for a final run."""
+    flat = {k: v for k, v in params.items() if k in FIELD_TYPES}
+    if not check:
+        for k in RUNTIME_KEYS:
+            if k in ("num_threads",):
+                flat.pop(k, None)  # a final run may use every core
+        if max_steps is not None or epochs is not None:
+            for k in ("max_steps", "epochs", "max_tokens"):
+                flat.pop(k, None)
+            if max_steps is not None:
+                flat["max_steps"] = max_steps
+            if epochs is not None:
+                flat["epochs"] = epochs
+    flat.pop("gpu_memory_fraction", None)
+    flat.update({
+        "output_dir": output_dir or str(exp / f"replay-{trial_id}"),
+        "progress": True, "tensorboard": True, "checkpoint": True, "resume": False,
+        "wandb.enabled": wandb, "wandb.group": params.get("wandb.group") or exp.name,
+    })
+    if check:
+        flat["device"] = trial_device
+    return TrainConfig.from_flat(flat)
+
+
+def replay(experiment: str | Path, trial: str | None = None, *, check: bool = False, output_dir: str | None = None,
+           max_steps: int | None = None, epochs: float | None = None, wandb: bool = True) -> dict[str, Any]:
+    """Train the trial again; return (and save) the summary."""
+    from tune_gpt.tracking import default_reporters
+    from tune_gpt.train import resolve_device, train
+
+    if check and (max_steps is not None or epochs is not None):
+        raise ConfigError("--check replays the trial at its own budget: drop --max-steps / --epochs")
+    exp, row, params = pick_trial(experiment, trial)
+    trial_id = str(row["trial_id"])
+    cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
+                       epochs=epochs, wandb=wandb, trial_device=_trial_device(Path(row["trial_dir"])))
+    device = resolve_device(cfg)
+    trial_steps = _int(row.get("steps"))
+    stop_after = trial_steps if check and trial_steps else None
+    reporters = default_reporters(cfg, job_type="final", tags=["final"],
+                                  extra_config={"replay_of": trial_id, "experiment": exp.name})
+    result = train(cfg, reporters, stop_after=stop_after)
+    trial_loss = _float(row.get("final_val_loss"))
+    diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
+    tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
+    summary = {
+        "experiment": str(exp), "trial_id": trial_id, "trial_status": row.get("status"),
+        "trial_steps": trial_steps, "trial_val_loss": trial_loss, "check": check,
+        "steps": result.steps, "status": result.status, "final_val_loss": result.final_val_loss,
+        "best_val_loss": result.best_val_loss, "difference": diff, "tolerance": tol if check else None,
+        "match": (diff is not None and abs(diff) <= tol) if check else None,
+        "device": str(device), "output_dir": result.output_dir, "model_path": result.model_path,
+        "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
+        "config": cfg.to_flat(),
+    }
+    Path(result.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _trial_device(trial_dir: Path) -> str:
+    """The device the trial trained on, as its status file recorded it (CPU when unknown)."""
+    from tune_gpt.search import STATUS_FILE
+
+    try:
+        return str(json.loads((trial_dir / STATUS_FILE).read_text()).get("device") or "cpu")
+    except (OSError, ValueError):
+        return "cpu"
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _int(v: Any) -> int | None:
+    f = _float(v)
+    return int(f) if f is not None else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="python -m tune_gpt.replay", description=__doc__.splitlines()[0])
+    p.add_argument("experiment", help="the experiment folder (<storage>/<name>)")
+    p.add_argument("--trial", help="trial id (or its prefix); default: the best trial")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="train the final run for this many epochs")
+    budget.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="train the final run this many steps")
+    p.add_argument("--check", action="store_true", help="replay at the trial's own budget and seed; compare the val loss")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial>")
+    p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
+
+    def _run() -> int:
+        args = p.parse_args(argv)
+        if args.max_steps is not None and args.max_steps <= 0:
+            raise ConfigError(f"--max-steps: must be positive, got {args.max_steps}")
+        if args.epochs is not None and not args.epochs > 0:
+            raise ConfigError(f"--epochs: must be positive, got {args.epochs}")
+        s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
+                   max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb)
+        print(f"replayed trial {s['trial_id']}: val loss {_fmt(s['final_val_loss'])} after {s['steps']} steps "
+              f"(trial: {_fmt(s['trial_val_loss'])} after {s['trial_steps']} steps)")
+        print(f"model: {s['model_path']}  summary: {Path(s['output_dir']) / 'replay_summary.json'}")
+        if s["model_path"]:
+            print(f"sample it: python -m tune_gpt.generate --checkpoint {s['output_dir']}")
+        if args.check:
+            d = s["difference"]
+            verdict = "MATCH" if s["match"] else "MISMATCH"
+            print(f"check: {verdict}: difference {d:+.3e} (tolerance {s['tolerance']:.0e} on {s['device']})"
+                  if d is not None else "check: MISMATCH: no val loss to compare")
+            return 0 if s["match"] else 1
+        return 0 if s["status"] == "finished" else 3
+
+    return run_main(_run, prog="tune_gpt.replay")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.6f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -479,25 +479,18 @@ def _ray_trainable(config):
 
 
 @pytest.mark.slow
-def test_real_ray_experiment(tmp_path):
-    ray = pytest.importorskip("ray")
-    from ray import tune
-
-    from ray import cloudpickle
+def test_real_ray_experiment(tmp_path, ray_session):
+    from ray import cloudpickle, tune
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/ modules
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        tuner = tune.Tuner(
-            _ray_trainable,
-            param_space={"learning_rate": tune.grid_search([1e-3, 5e-3]), "batch_size": tune.grid_search([16, 32]),
-                         "model.n_layer": 2, "wandb.project": "p", "output_dir": "/nowhere"},
-            tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
-            run_config=tune.RunConfig(name="real", storage_path=str(tmp_path / "storage"), verbose=0),
-        )
-        tuner.fit()
-    finally:
-        ray.shutdown()
+    tuner = tune.Tuner(  # on the session's Ray (conftest.ray_session): one ray.init per test session
+        _ray_trainable,
+        param_space={"learning_rate": tune.grid_search([1e-3, 5e-3]), "batch_size": tune.grid_search([16, 32]),
+                     "model.n_layer": 2, "wandb.project": "p", "output_dir": "/nowhere"},
+        tune_config=tune.TuneConfig(metric="val/loss", mode="min"),
+        run_config=tune.RunConfig(name="real", storage_path=str(tmp_path / "storage"), verbose=0),
+    )
+    tuner.fit()
     exp = tmp_path / "storage" / "real"
     for where in (exp, tmp_path / "moved" / "real"):
         if where != exp:

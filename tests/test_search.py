@@ -161,8 +161,7 @@ def test_sigkill_mid_search_then_resume_runs_each_trial_once(tmp_path, corpus_fi
     before = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)
               if json.loads((d / STATUS_FILE).read_text() or "{}").get("status") == "finished"}
     assert len(before) >= 2
-    time.sleep(1)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    time.sleep(2)  # the killed driver's Ray processes die with it (Ray ties them to their parent)
     p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     dirs = trial_dirs(exp)

@@ -158,8 +158,8 @@ def test_sigkill_mid_search_then_resume_runs_each_trial_once(tmp_path, corpus_fi
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)
-              if json.loads((d / STATUS_FILE).read_text() or "{}").get("status") == "finished"}
+    before = {n: (exp / n / "result.json").read_text() for n, s in statuses(exp).items()
+              if s.get("status") == "finished"}
     assert len(before) >= 2
     time.sleep(2)  # the killed driver's Ray processes die with it (Ray ties them to their parent)
     p = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)

@@ -70,6 +70,9 @@ CONTINUOUS_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "normal"
 RANGE_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "lograndint",
                "qrandint", "qlograndint")
 DISCRETE_LIMIT = 6  # more distinct learning rates than this: treat them as continuous
+REMOTE_REPORTS = "tune_reports"  # where write_report puts the report of an experiment read from a URI
+# The files of an experiment that the report reads; a URI's checkpoints and W&B runs are not downloaded.
+_REPORT_FILES = ("params.json", "result.json", "error.txt", STATUS_FILE, EXPERIMENT_FILE)
 
 # Ray's bookkeeping in result.json: not metrics.
 _RAY_FIELDS = {
@@ -109,6 +112,7 @@ class _Experiment:
     trials: list[_Trial]
     pending: int = 0
     notes: list[str] = field(default_factory=list)
+    uri: str | None = None  # set when read from storage such as s3://: `dir` was a temporary copy
 
 
 def find_experiment(path: str | Path) -> Path:
@@ -268,7 +272,54 @@ def _unquote(v: Any) -> Any:
     return v
 
 
+def _is_uri(path: str | Path) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def _read_remote_experiment(uri: str) -> _Experiment:
+    """Read an experiment in storage (s3://, gs://, …) through a temporary copy of the files the
+    report needs (never the checkpoints). Credentials and endpoint come from the environment,
+    as for the search (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …)."""
+    import os
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{uri}: cannot list the experiment: {_one_line(exc)}") from None
+    base = uri.split("?", 1)[0].rstrip("/")
+    root = root.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="tune_gpt_report_") as tmp:
+        for info in infos:
+            rel = info.path[len(root):].lstrip("/")
+            parts = rel.split("/")
+            wanted = parts[-1] in _REPORT_FILES or re.fullmatch(r"experiment_state-.*\.json", parts[-1])
+            if info.type != pafs.FileType.File or len(parts) > 3 or not wanted:
+                continue
+            dest = Path(tmp, *parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with fs.open_input_stream(info.path) as src:
+                    dest.write_bytes(src.read())
+            except OSError as exc:
+                raise DataError(f"{base}/{rel}: cannot read: {_one_line(exc)}") from None
+            if info.mtime is not None:  # _status compares error.txt's and the status file's times
+                os.utime(dest, (info.mtime.timestamp(), info.mtime.timestamp()))
+        try:
+            exp = _read_experiment(tmp)
+        except DataError as exc:
+            raise DataError(str(exc).replace(tmp, base)) from None
+        rel_exp = exp.dir.relative_to(tmp).as_posix()
+    exp.uri = base if rel_exp == "." else f"{base}/{rel_exp}"
+    return exp
+
+
 def _read_experiment(path: str | Path) -> _Experiment:
+    if _is_uri(path):
+        return _read_remote_experiment(str(path))
     exp = find_experiment(path)
     info = experiment_info(exp)
     state = _ray_state(exp)
@@ -485,7 +536,7 @@ def _results_frame(exp: _Experiment) -> "pd.DataFrame":
         row.update({rename[k]: v for k, v in t.params.items() if _keep_key(k)})
         row.update(_trial_metrics(t, metric, rank_col, mode))
         row["error"] = t.error
-        row["trial_dir"] = str(t.dir.resolve())
+        row["trial_dir"] = f"{exp.uri}/{t.dir.name}" if exp.uri else str(t.dir.resolve())
         rows.append(row)
     metric_cols = _METRIC_COLUMNS + ([rank_col] if rank_col not in _METRIC_COLUMNS else [])
     columns = ["trial_id", "rank", "status", *config_cols, *metric_cols, "error", "trial_dir"]
@@ -504,7 +555,7 @@ def _results_frame(exp: _Experiment) -> "pd.DataFrame":
     if not searched:
         searched = [c for c in config_cols if df[c].map(_hashable).nunique(dropna=True) > 1]
     df.attrs.update({
-        "experiment": str(exp.dir), "name": info["name"], "metric": metric, "mode": mode,
+        "experiment": exp.uri or str(exp.dir), "name": info["name"], "metric": metric, "mode": mode,
         "rank_by": rank_col, "space": space, "space_known": bool(space), "searched": searched,
         "pending": exp.pending, "command": info.get("command"),
     })
@@ -1340,13 +1391,19 @@ def _img(r: _Report, name: str, caption: str) -> str:
 def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write trials.csv, report.md, report.html and the PNG plots; return the folder.
 
-    Default folder: ``<experiment>/report/``. ``trial_dir`` in trials.csv is relative to
+    Default folder: ``<experiment>/report/``; for an experiment in storage such as
+    ``s3://bucket/prefix/name`` (read through a temporary copy), ``./tune_reports/<name>/``. ``trial_dir`` in trials.csv is relative to
     the experiment folder, so the report stays right when the folder moves.
     """
     exp = _read_experiment(path)
-    shown = str(path) if Path(path).resolve() == exp.dir.resolve() else str(exp.dir)
+    if exp.uri:
+        shown = exp.uri
+        default_out = Path(REMOTE_REPORTS) / exp.uri.rsplit("/", 1)[-1]
+    else:
+        shown = str(path) if Path(path).resolve() == exp.dir.resolve() else str(exp.dir)
+        default_out = exp.dir / "report"
     r = _build(exp, shown)
-    out = Path(out_dir) if out_dir is not None else exp.dir / "report"
+    out = Path(out_dir) if out_dir is not None else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)
         csv = r.df.copy()
@@ -1376,8 +1433,10 @@ def main(argv: list[str] | None = None) -> int:
             prog="python -m tune_gpt.report",
             description="Summarise a search: trials.csv, report.md, a self-contained report.html and plots.",
         )
-        parser.add_argument("experiment", help="the experiment folder, e.g. tune_results/default")
-        parser.add_argument("--out", default=None, metavar="DIR", help="where to write (default: <experiment>/report)")
+        parser.add_argument("experiment", help="the experiment folder (e.g. tune_results/default) or its URI "
+                            "(s3://bucket/prefix/default)")
+        parser.add_argument("--out", default=None, metavar="DIR",
+                            help=f"where to write (default: <experiment>/report; {REMOTE_REPORTS}/<name> for a URI)")
         args = parser.parse_args(argv)
         out = write_report(args.experiment, args.out)
         print(f"report written to {out}: report.html, report.md, trials.csv")

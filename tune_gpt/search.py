@@ -334,7 +334,7 @@ def trainable(config: dict[str, Any], corpus: Any = None) -> None:
             tune.report({"val/loss": float("inf"), "val/bpc": float("inf"), "train/loss": float("inf"),
                          "step": result.steps, "diverged": 1, "total_steps": status["total_steps"]})
         if result.sample:
-            (trial_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
+            _save_trial_file(trial_dir, "sample.txt", result.sample)
     except Exception as exc:
         status = {"status": "oom" if _is_oom(exc) else "errored", "message": _one_line(exc)}
         raise
@@ -345,11 +345,31 @@ def trainable(config: dict[str, Any], corpus: Any = None) -> None:
                   "total_steps": reporter.total_steps}
         raise
     finally:
-        try:
-            (trial_dir / STATUS_FILE).write_text(json.dumps({**status, **where}))
-        except OSError:
-            pass
+        _save_trial_file(trial_dir, STATUS_FILE, json.dumps({**status, **where}))
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
+    """Write a file into the trial folder Ray gave us and into the trial's folder in storage.
+
+    Ray 2.60 stages a trial's files in a local folder that only the driver's node syncs to
+    storage (and, after an actor is reused, nobody does): on a multi-node cluster or with
+    s3:// storage a file written there alone can be lost, so it goes to storage directly too.
+    """
+    try:
+        (trial_dir / name).write_text(text, encoding="utf-8")
+    except OSError:
+        pass
+    try:
+        from ray import tune
+
+        storage = tune.get_context().get_storage()
+        fs, path = storage.storage_filesystem, storage.trial_fs_path
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{name}") as out:
+            out.write(text.encode("utf-8"))
+    except Exception:  # noqa: BLE001 - storage unreachable: the staged copy may still be synced
+        pass
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -373,7 +393,7 @@ def _one_line(exc: BaseException) -> str:
 
 @dataclass
 class SearchOutcome:
-    experiment_dir: Path
+    experiment_dir: Path | str  # a str: the experiment's URI (s3://…)
     best_config: dict[str, Any] | None
     best_metric: float | None
     num_trials: int
@@ -401,6 +421,8 @@ def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
         raise ConfigError(
             f"--name: experiment {plan.experiment_dir} already exists; pass --resume to continue it or --name NEW"
         )
+    if "://" in opts.storage_path:
+        _check_remote_experiment(plan)
 
     if opts.gpus_per_trial > 0 and not opts.address:
         _check_local_gpu(opts)
@@ -423,7 +445,7 @@ def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
         )
         if opts.resume:
             tuner = tune.Tuner.restore(
-                str(plan.experiment_dir) if "://" not in opts.storage_path else f"{opts.storage_path.rstrip('/')}/{plan.name}",
+                str(plan.experiment_dir) if "://" not in opts.storage_path else experiment_uri(plan),
                 trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
             )
         else:
@@ -453,7 +475,16 @@ def _init_ray(opts: SearchOptions) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
                               "configure_logging": True, "logging_level": "WARNING"}
     if opts.address:
-        ray.init(address=opts.address, **kwargs)
+        try:
+            ray.init(address=opts.address, **kwargs)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
+                     "~/.ray/auth_token>, or copy that file here); see docs/SCALING.md")
+            chain = [exc, exc.__cause__, exc.__context__]
+            if any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
+                raise ConfigError(f"--address {opts.address}: the cluster refused this driver's token; {token}") from None
+            raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); check the "
+                              f"address, and for token authentication (Ray's default) {token}") from None
     else:
         ray.init(**kwargs)
     return True
@@ -615,9 +646,6 @@ def wandb_callback(plan: Plan):
 
 
 def _write_experiment_file(plan: Plan) -> None:
-    if "://" in plan.opts.storage_path:
-        return
-    plan.experiment_dir.mkdir(parents=True, exist_ok=True)
     space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
@@ -626,7 +654,40 @@ def _write_experiment_file(plan: Plan) -> None:
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *sys.argv[1:]]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (plan.experiment_dir / EXPERIMENT_FILE).write_text(json.dumps(info, indent=2, default=str))
+    text = json.dumps(info, indent=2, default=str)
+    if "://" in plan.opts.storage_path:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(experiment_uri(plan))
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{EXPERIMENT_FILE}") as out:
+            out.write(text.encode("utf-8"))
+        return
+    plan.experiment_dir.mkdir(parents=True, exist_ok=True)
+    (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)
+
+
+def experiment_uri(plan: Plan) -> str:
+    """``<storage URI>/<name>``, keeping a query string (``?endpoint_override=…``) at the end."""
+    base, _, query = plan.opts.storage_path.partition("?")
+    return f"{base.rstrip('/')}/{plan.name}" + (f"?{query}" if query else "")
+
+
+def _check_remote_experiment(plan: Plan) -> None:
+    """The URI twin of the local checks: --resume needs the experiment, a new search must not reuse one."""
+    import pyarrow.fs as pafs
+
+    uri = experiment_uri(plan)
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        found = fs.get_file_info(f"{path}/{EXPERIMENT_FILE}").type == pafs.FileType.File
+        used = found or bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--storage-path: cannot reach {uri}: {' '.join(str(exc).split())}") from None
+    if plan.opts.resume and not found:
+        raise ConfigError(f"--resume: no experiment to resume at {uri}")
+    if not plan.opts.resume and used:
+        raise ConfigError(f"--name: experiment {uri} already exists; pass --resume to continue it or --name NEW")
 
 
 def _domain_json(d: Any) -> dict[str, Any]:
@@ -641,7 +702,8 @@ def _domain_json(d: Any) -> dict[str, Any]:
 
 
 def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
-    exp_dir = Path(grid.experiment_path) if "://" not in str(grid.experiment_path) else plan.experiment_dir
+    remote = "://" in plan.opts.storage_path
+    exp_dir = experiment_uri(plan) if remote else Path(grid.experiment_path)
     df = grid.get_dataframe()
     n_err = grid.num_errors
     best = None
@@ -654,20 +716,19 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     if best is not None and best.metrics_dataframe is not None and plan.metric in best.metrics_dataframe:
         col = best.metrics_dataframe[plan.metric]
         best_val = float(col.min() if plan.mode == "min" else col.max())
-    trials_csv = None
-    if "://" not in plan.opts.storage_path:
-        trials_csv = exp_dir / "trials.csv"
-        if plan.opts.report:
-            try:
-                from tune_gpt.report import write_report
+    trials_csv = None if remote else exp_dir / "trials.csv"
+    if plan.opts.report:
+        try:
+            from tune_gpt.report import write_report
 
-                out = write_report(exp_dir)
-                trials_csv = Path(out) / "trials.csv"
-            except (ImportError, TuneGPTError) as exc:
-                print(f"report not written: {exc}", file=sys.stderr)
+            out = write_report(exp_dir)  # a URI: read through a temporary copy, written to ./tune_reports/<name>
+            trials_csv = Path(out) / "trials.csv"
+        except (ImportError, TuneGPTError) as exc:
+            print(f"report not written: {exc}", file=sys.stderr)
+            if trials_csv is not None:
                 df.to_csv(trials_csv, index=False)
-        else:
-            df.to_csv(trials_csv, index=False)
+    elif trials_csv is not None:
+        df.to_csv(trials_csv, index=False)
     replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
     _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err)
     return SearchOutcome(exp_dir, best_cfg, best_val, len(df), n_err, trials_csv, replay)
@@ -694,7 +755,7 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
     if trials_csv:
         print(f"trials table: {trials_csv}")
     print(f"TensorBoard: tensorboard --logdir {exp_dir}")
-    if (exp_dir / "wandb").is_dir() and any((exp_dir / "wandb").glob("offline-run-*")):
+    if isinstance(exp_dir, Path) and (exp_dir / "wandb").is_dir() and any((exp_dir / "wandb").glob("offline-run-*")):
         print(f"W&B runs are offline; upload them with: wandb sync {exp_dir / 'wandb'}/offline-run-*")
     if replay:
         print(f"replay the best trial as a final run: {replay}")

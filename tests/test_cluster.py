@@ -7,7 +7,7 @@ never runs `ray stop`, which would kill every Ray process on the machine, includ
 in-process Ray that other tests of this session use (conftest.ray_session).
 
 Token authentication stays on: the cluster gets a fresh token through RAY_AUTH_TOKEN (what
-docs/SCALING.md tells users to do on their other nodes), so the test does not depend on
+the README's Scaling out section tells users to do on their other nodes), so the test does not depend on
 ~/.ray/auth_token and a driver without the token is refused.
 """
 

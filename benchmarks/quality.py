@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from train_speed import DEFAULT_DATA, RECIPE, _record  # noqa: E402
+from train_speed import DEFAULT_DATA, RECIPE, _record, nanogpt_data  # noqa: E402
 
 
 def full_val_loss(model, val_ids) -> float:
@@ -57,26 +57,12 @@ def tune_gpt_side(data: str, steps: int, seed: int) -> dict:
 
 
 def nanogpt_side(data: str, steps: int, seed: int) -> dict:
-    import numpy as np
     import torch
 
     from tune_gpt.model import GPT, GPTConfig
 
-    text = Path(data).read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = len(ids)
-    tmp = tempfile.mkdtemp()
-    ids[: int(n * 0.9)].tofile(f"{tmp}/train.bin")
-    B, T = RECIPE["batch_size"], RECIPE["block_size"]
-
-    def get_batch():
-        d = np.memmap(f"{tmp}/train.bin", dtype=np.uint16, mode="r")
-        ix = torch.randint(len(d) - T, (B,))
-        x = torch.stack([torch.from_numpy(d[i : i + T].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(d[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
-        return x, y
+    chars, get_batch, val_ids = nanogpt_data(data)
+    T = RECIPE["block_size"]
 
     def get_lr(it):
         lr, warm, floor = RECIPE["lr"], RECIPE["warmup"], RECIPE["min_lr"]
@@ -98,7 +84,7 @@ def nanogpt_side(data: str, steps: int, seed: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {"name": "nanogpt-loop", "reported_val_loss": None, "full_val_loss": full_val_loss(model, ids[int(n * 0.9):])}
+    return {"name": "nanogpt-loop", "reported_val_loss": None, "full_val_loss": full_val_loss(model, val_ids)}
 
 
 def main() -> None:

@@ -67,13 +67,14 @@ def bench_tune_gpt(data: str, steps: int, warmup: int) -> dict:
     return _summary("tune_gpt", dts)
 
 
-def bench_nanogpt_loop(data: str, steps: int, warmup: int) -> dict:
-    """nanoGPT's CPU training loop, reproduced (see the module docstring)."""
+def nanogpt_data(data: str):
+    """nanoGPT's data path: (chars, get_batch() for training, the validation ids).
+
+    Like nanoGPT's prepare.py + train.py: a char vocabulary, the first 90% written
+    to train.bin, and every batch cut from a freshly opened np.memmap row by row.
+    """
     import numpy as np
     import torch
-
-    sys.path.insert(0, str(REPO))
-    from tune_gpt.model import GPT, GPTConfig
 
     text = Path(data).read_text(encoding="utf-8")
     chars = sorted(set(text))
@@ -90,6 +91,19 @@ def bench_nanogpt_loop(data: str, steps: int, warmup: int) -> dict:
         x = torch.stack([torch.from_numpy((d[i : i + T]).astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy((d[i + 1 : i + 1 + T]).astype(np.int64)) for i in ix])
         return x, y
+
+    return chars, get_batch, ids[int(n * 0.9):]
+
+
+def bench_nanogpt_loop(data: str, steps: int, warmup: int) -> dict:
+    """nanoGPT's CPU training loop, reproduced (see the module docstring)."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from tune_gpt.model import GPT, GPTConfig
+
+    chars, get_batch, _ = nanogpt_data(data)
+    T = RECIPE["block_size"]
 
     torch.manual_seed(1337)
     model = GPT(GPTConfig(vocab_size=len(chars), block_size=T, n_layer=RECIPE["n_layer"], n_head=RECIPE["n_head"],

@@ -42,7 +42,20 @@ def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path):
     assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
 
 
-def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path):
+@pytest.fixture
+def local_wandb_host(monkeypatch):
+    """A port on 127.0.0.1 that accepts connections, as WANDB_BASE_URL (no real network)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    yield server
+    server.close()
+
+
+def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path, local_wandb_host):
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -53,12 +66,34 @@ def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path):
     assert resolve_wandb_mode() == "disabled"
     assert resolve_wandb_mode("offline") == "offline"
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine api.wandb.ai login user password " + "y" * 40 + "\n")
+    netrc.write_text("machine 127.0.0.1 login user password " + "y" * 40 + "\n")
     netrc.chmod(0o600)
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("NETRC", str(netrc))
     assert resolve_wandb_mode() == "online"
+
+
+def test_unreachable_wandb_host_means_offline_within_seconds(monkeypatch, tmp_path, capsys):
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed_port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.perf_counter()
+    assert resolve_wandb_mode() == "offline"
+    assert resolve_wandb_mode("online") == "offline"  # an explicit online request cannot reach it either
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{closed_port}" in err and "offline" in err and "wandb sync" in err
+    assert resolve_wandb_mode(probe=False) == "online"
 
 
 def test_without_wandb_installed_it_warns_and_keeps_tensorboard(tiny_cfg, tmp_path, monkeypatch):

@@ -18,16 +18,17 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_main(fn: Callable[[], int], prog: str) -> int:
-    """Run an entry point: TuneGPTError -> one line and exit 2; Ctrl-C -> 130."""
+    """Run an entry point: TuneGPTError -> one line and exit 2; Ctrl-C -> one line and 130."""
     try:
         return fn()
     except TuneGPTError as exc:
         msg = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        detail = " ".join(str(exc).split())
+        print(f"{prog}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr, flush=True)
+        return int(getattr(exc, "exit_code", 130))
 
 
 def flag_name(key: str) -> str:

@@ -174,7 +174,7 @@ def resolve_files(spec: str) -> list[Path]:
     """A file, a directory (all files under it, sorted) or a glob -> files."""
     p = Path(spec).expanduser()
     if p.is_file():
-        return [p.resolve()]
+        return [p.absolute()]  # not resolved: messages name the path the user gave
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
         if not files:
@@ -185,6 +185,8 @@ def resolve_files(spec: str) -> list[Path]:
         if not files:
             raise DataError(f"{spec}: glob matches no files")
         return [f.resolve() for f in files]
+    if p.is_symlink() and not p.exists():
+        raise DataError(f"{spec}: broken symbolic link (its target {os.readlink(p)} does not exist)")
     if p.exists():
         raise DataError(f"{spec}: not a regular file or directory")
     raise DataError(f"{spec}: no such file or directory")

@@ -21,3 +21,15 @@ class DataError(TuneGPTError, ValueError):
 
 class SpaceError(TuneGPTError, ValueError):
     """A search-space file is invalid; the message names the file and key."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """A search stopped by SIGINT/SIGTERM; the message says how to resume it.
+
+    A KeyboardInterrupt (not a TuneGPTError): entry points exit with `exit_code`
+    (130 for SIGINT, 143 for SIGTERM), as a shell does for an interrupted command.
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -29,8 +29,9 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     """Return `num_samples` continuations of `prompt` (prompt included)."""
     from tune_gpt.train import load_checkpoint, model_from_checkpoint, sample_text
 
-    state = load_checkpoint(find_model(checkpoint), map_location=device)
-    model, tok = model_from_checkpoint(state, device)
+    path = find_model(checkpoint)
+    state = load_checkpoint(path, map_location=device)
+    model, tok = model_from_checkpoint(state, device, source=path)
     unknown = tok.unknown_chars(prompt)
     if unknown:
         warnings.warn(f"prompt characters never seen in training are replaced: {''.join(sorted(unknown))!r}")

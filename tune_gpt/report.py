@@ -14,7 +14,9 @@ How a trial's ``status`` is decided (first rule that applies):
 - ``errored``: Ray wrote error.txt (unless a later status file says the trial
   finished after a retry), or the status file says errored;
 - ``finished`` / ``early-stopped``: the status file says so (a status file saying
-  ``running`` is what a trial stopped by the scheduler can leave: it is ignored);
+  ``running`` is what a trial stopped by the scheduler can leave: it is ignored;
+  ``early-stopped`` while Ray's state says RUNNING/PENDING/PAUSED is a trial an
+  interrupted search stopped: ``running``, as ``--resume`` continues it);
 - ``running``: Ray's saved state says RUNNING/PENDING/PAUSED, or there is no
   saved state yet;
 - otherwise the trial was ended by Ray (TERMINATED): ``early-stopped`` when its
@@ -404,6 +406,8 @@ def _status(t: _Trial) -> tuple[str, str]:
     if said == "finished":
         return "finished", ""
     if said in ("early-stopped", "stopped", "terminated"):
+        if t.ray_status in ("RUNNING", "PENDING", "PAUSED"):
+            return "running", ""  # stopped by an interrupted search, not by the scheduler: --resume continues it
         return "early-stopped", ""
     withloss = [r for r in t.records if "val/loss" in r or "train/loss" in r]
     if withloss:

@@ -10,23 +10,27 @@ checkpoints, and is stopped early by ASHA when it trails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
 import os
+import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from tune_gpt.cli import OneLineParser, add_config_flags, overrides_from_args, run_main
-from tune_gpt.config import RUNTIME_KEYS, TrainConfig
-from tune_gpt.errors import ConfigError, TuneGPTError
-from tune_gpt.spaces import Choice, Grid, SearchSpace, Uniform, load_space
+from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, run_main
+from tune_gpt.config import FLAT_KEYS, RUNTIME_KEYS, TrainConfig
+from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
+from tune_gpt.spaces import Choice, Grid, SearchSpace, Uniform, check_domain_values, load_space, metric_name
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 STATUS_FILE = "tune_gpt_status.json"
@@ -35,6 +39,11 @@ SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "median", "none", "pbt", "bohb")
 # Keys that must be the same in every trial: the corpus is tokenized once.
 CORPUS_KEYS = ("data", "use_chinese", "cache_dir")
+# How a trial ended that a resumed search must not train again (its status file says so).
+DONE_STATUSES = ("finished", "diverged", "oom")
+# What a trial that diverged or ran out of memory reports last: the worst value there is, so that
+# Optuna (which accepts inf, not NaN) and ASHA rank it below every trial that trained.
+FAILED_METRICS = {"val/loss": float("inf"), "val/bpc": float("inf"), "train/loss": float("inf")}
 
 
 @dataclass
@@ -56,6 +65,7 @@ class SearchOptions:
     max_concurrent: int | None = None
     time_budget: float | None = None
     max_failures: int = 0
+    oom_retry: bool = False  # on out-of-memory: half the micro-batch, twice the accumulation, from the checkpoint
     resume: bool = False
     retry_errored: bool = False
     address: str | None = None
@@ -128,14 +138,17 @@ def plan_search(opts: SearchOptions) -> Plan:
 
     _check_number("--cpus-per-trial", opts.cpus_per_trial, low=0, strict=True)
     _check_number("--gpus-per-trial", opts.gpus_per_trial, low=0)
+    if opts.gpus_per_trial > 1 and not float(opts.gpus_per_trial).is_integer():
+        raise ConfigError(f"--gpus-per-trial: {opts.gpus_per_trial:g}: above 1 a trial takes whole GPUs (Ray's rule)")
     if opts.max_concurrent is not None:
         _check_number("--max-concurrent", opts.max_concurrent, low=1)
     if opts.num_samples is not None:
         _check_number("--num-samples", opts.num_samples, low=1)
     if opts.time_budget is not None:
         _check_number("--time-budget", opts.time_budget, low=0, strict=True)
-    if opts.max_failures < 0:
+    if opts.max_failures is None or opts.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {opts.max_failures}")
+    _check_storage_path(opts.storage_path)
 
     searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
     if searcher not in SEARCHERS:
@@ -186,7 +199,14 @@ def plan_search(opts: SearchOptions) -> Plan:
         _check_number("--reduction-factor", opts.reduction_factor, low=1, strict=True)
         sched["reduction_factor"] = opts.reduction_factor
 
-    metric = opts.metric or space.metric or "val/loss"
+    metric = space.metric or "val/loss"
+    if opts.metric is not None:
+        metric = metric_name(opts.metric)
+        if metric is None:
+            from tune_gpt.spaces import METRICS
+
+            raise ConfigError(f"--metric: {opts.metric!r} is not a metric tune_gpt reports "
+                              f"(choose from {', '.join(METRICS)})")
     mode = opts.mode or space.mode or "min"
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode: must be min or max, got {mode!r}")
@@ -198,11 +218,13 @@ def plan_search(opts: SearchOptions) -> Plan:
     fixed.update(opts.overrides)
     fixed.update(_trial_runtime(opts))
     if fixed.get("data") and "://" not in str(fixed["data"]) and fixed["data"] not in ("python-docs", "chinese"):
-        fixed["data"] = str(Path(str(fixed["data"])).expanduser().resolve())  # trials run in other folders
+        fixed["data"] = os.path.abspath(os.path.expanduser(str(fixed["data"])))  # trials run in other folders
     try:
         base_cfg = TrainConfig.from_flat({**fixed, **space.baseline()})
+        check_domain_values(space, fixed)
     except ConfigError as exc:
-        raise ConfigError(f"{space.source}: {exc}") from None
+        raise ConfigError(_blame(exc, opts.overrides, space)) from None
+    _check_trial_device(base_cfg, fixed, opts, space)
 
     if searcher == "grid":
         num_samples = 1  # Tune repeats the whole grid num_samples times
@@ -213,11 +235,62 @@ def plan_search(opts: SearchOptions) -> Plan:
         num_samples = opts.num_samples or space.num_samples or 8
         n_trials = num_samples * space.grid_size()
     name = opts.name or space.name or "search"
+    _check_name(name, "--name" if opts.name else f"{space.source}: name")
     storage = opts.storage_path
     experiment_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
     return Plan(opts=opts, space=space, name=name, experiment_dir=experiment_dir, searcher=searcher,
                 scheduler=sched, metric=metric, mode=mode, num_samples=num_samples, fixed=fixed,
                 base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials)
+
+
+def _blame(exc: Exception, overrides: dict[str, Any], space: SearchSpace) -> str:
+    """A config error in one line, blamed on the command-line flag it names, else on the space file."""
+    msg = str(exc)
+    if msg.startswith(f"{space.source}:"):
+        return msg  # already names the file (a SpaceError from check_domain_values)
+    named = [k for k in overrides if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", msg)]
+    if named:
+        flags = ", ".join(f"--{flag_name(k)} {overrides[k]}" for k in named)
+        return f"{flags}: {msg}"
+    return f"{space.source}: {msg}"
+
+
+def _check_trial_device(base: TrainConfig, fixed: dict[str, Any], opts: SearchOptions, space: SearchSpace) -> None:
+    """Trials run on the CPU unless they ask Ray for a GPU: refuse GPU-only settings without one."""
+    if opts.gpus_per_trial > 0:
+        return
+    where = (lambda key: f"--{flag_name(key)}" if key in opts.overrides else f"{space.source}: {space.where(key)}")
+    if "device" in fixed and str(fixed["device"]) not in ("cpu", "auto"):
+        raise ConfigError(f"{where('device')}: {fixed['device']!r}: trials run where Ray places them; "
+                          "ask for GPUs with --gpus-per-trial (e.g. 0.25) instead of a device")
+    if base.precision != "fp32":
+        key = "precision"
+        raise ConfigError(f"{where(key)}: {base.precision} needs a CUDA GPU but the trials run on the CPU "
+                          "(--gpus-per-trial 0); give --gpus-per-trial or use fp32")
+
+
+def _check_name(name: str, flag: str) -> None:
+    """An experiment name is one folder under the storage path."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip() \
+            or any(ord(c) < 32 for c in name):
+        raise ConfigError(f"{flag}: {name!r} is not a usable experiment name (one folder name: no '/', not '.' or '..')")
+
+
+def _check_storage_path(storage: str) -> None:
+    """A local storage path must be a folder, or a path where one can be made."""
+    if not storage or not str(storage).strip():
+        raise ConfigError("--storage-path: empty path")
+    if "://" in storage:
+        return
+    p = Path(storage).expanduser()
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                what = "is not a folder" if q == p else f"cannot be created: {q} is not a folder"
+                raise ConfigError(f"--storage-path: {storage} {what}")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ConfigError(f"--storage-path: {storage}: {q} is not writable")
+            return
 
 
 def _check_number(flag: str, value: Any, low: float, strict: bool = False) -> None:
@@ -268,10 +341,14 @@ class TuneReporter:
     def __init__(self, total_steps_hint: int | None = None) -> None:
         self.total_steps = total_steps_hint
         self.last_step = 0
-        self._restore_dir: str | None = None
+        self.start_step: int | None = None  # where the first attempt in this trial run began (a resume: > 0)
+        self._restore_dirs: list[str] = []
 
     def start(self, cfg, info):
         self.total_steps = info["total_steps"]
+        if self.start_step is None:
+            self.start_step = int(info.get("start_step", 0))
+            self.last_step = max(self.last_step, self.start_step)
 
     def log(self, step, metrics):
         pass
@@ -298,17 +375,40 @@ class TuneReporter:
         ckpt = tune.get_checkpoint()
         if ckpt is None:
             return None
-        self._restore_dir = tempfile.mkdtemp(prefix="tune_gpt_restore_")
-        return Path(ckpt.to_directory(self._restore_dir))
+        d = tempfile.mkdtemp(prefix="tune_gpt_restore_")
+        self._restore_dirs.append(d)
+        return Path(ckpt.to_directory(d))
+
+    def cleanup(self) -> None:
+        for d in self._restore_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self._restore_dirs.clear()
 
 
-def trainable(config: dict[str, Any], corpus: Any = None) -> None:
-    """The Tune function trainable: build the config, call `train()`, record how it ended."""
+def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = False) -> None:
+    """The Tune function trainable: build the config, call `train()`, record how it ended.
+
+    How it ends, in ``tune_gpt_status.json`` and for Tune:
+
+    - finished / early-stopped (ASHA) as usual;
+    - ``diverged`` (NaN/inf loss): the trial reports ``val/loss = inf`` and returns, so the
+      searcher and the scheduler count it as the worst result and Tune does not retry it;
+    - ``oom``: the same, after `oom_retry` (half the micro-batch, twice the accumulation steps,
+      from the last checkpoint) is exhausted or off; the retries are in the status file;
+    - ``errored``: any other exception goes up to Tune, which retries the trial from its last
+      checkpoint up to ``--max-failures`` times.
+
+    A trial whose status file already says finished, diverged or oom returns at once: the search
+    was resumed from a saved state older than the trial's end, and it must not train again.
+    """
     from ray import tune
 
-    from tune_gpt.train import train
+    from tune_gpt.train import OutOfMemory, train_with_oom_retry
 
     trial_dir = Path(tune.get_context().get_trial_dir())
+    previous = _read_trial_status(trial_dir)
+    if previous.get("status") in DONE_STATUSES:
+        return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
     scratch = Path(tempfile.mkdtemp(prefix="tune_gpt_trial_"))
     flat["output_dir"] = str(scratch)
@@ -325,28 +425,79 @@ def trainable(config: dict[str, Any], corpus: Any = None) -> None:
     where = {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), "device": cfg.device}
     status: dict[str, Any] = {"status": "running"}
     reporter = TuneReporter()
+    extra: dict[str, Any] = {}
     try:
-        result = train(cfg, reporter, corpus=corpus)
+        try:
+            result, final_cfg, retries = train_with_oom_retry(cfg, reporter, corpus=corpus, oom_retry=oom_retry)
+        except OutOfMemory as exc:
+            extra = _oom_info(exc.retries, exc.cfg)
+            status = {"status": "oom", "message": str(exc), "steps": reporter.last_step,
+                      "total_steps": reporter.total_steps}
+            _report_failed(reporter, "oom")
+            return
+        extra = _oom_info(retries, final_cfg) if retries else {}
         status = {"status": result.status, "message": result.message, "total_steps": reporter.total_steps,
                   "steps": result.steps}
         if result.status == "diverged":
-            # A bad result for the searcher and the scheduler: the trial ends, it is not retried.
-            tune.report({"val/loss": float("inf"), "val/bpc": float("inf"), "train/loss": float("inf"),
-                         "step": result.steps, "diverged": 1, "total_steps": status["total_steps"]})
+            _report_failed(reporter, "diverged", step=result.steps)
         if result.sample:
             _save_trial_file(trial_dir, "sample.txt", result.sample)
     except Exception as exc:
-        status = {"status": "oom" if _is_oom(exc) else "errored", "message": _one_line(exc)}
-        raise
-    except BaseException:
-        # Tune ends a trial the scheduler stopped by raising inside `tune.report`.
-        done = reporter.total_steps is not None and reporter.last_step >= reporter.total_steps
-        status = {"status": "finished" if done else "early-stopped", "steps": reporter.last_step,
+        status = {"status": "errored", "message": _one_line(exc), "steps": reporter.last_step,
                   "total_steps": reporter.total_steps}
         raise
+    except BaseException:
+        if status["status"] in ("running",):
+            # Tune ends a trial the scheduler stopped by raising inside `tune.report`.
+            done = reporter.total_steps is not None and reporter.last_step >= reporter.total_steps
+            status = {"status": "finished" if done else "early-stopped", "steps": reporter.last_step,
+                      "total_steps": reporter.total_steps}
+        raise
     finally:
-        _save_trial_file(trial_dir, STATUS_FILE, json.dumps({**status, **where}))
+        info = {"start_step": reporter.start_step, **extra}
+        _save_trial_file(trial_dir, STATUS_FILE, json.dumps({**status, **info, **where}))
         shutil.rmtree(scratch, ignore_errors=True)
+        reporter.cleanup()
+
+
+def _oom_info(retries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """What the status file records about out-of-memory retries: each shrink and the micro-batch that ran last."""
+    return {"oom_retries": retries, "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+
+
+def _report_failed(reporter: "TuneReporter", why: str, step: int | None = None) -> None:
+    """The last report of a trial that diverged or ran out of memory: the worst objective there is."""
+    from ray import tune
+
+    tune.report({**FAILED_METRICS, "step": reporter.last_step if step is None else step, why: 1,
+                 "total_steps": reporter.total_steps})
+
+
+def _read_trial_status(trial_dir: Path) -> dict[str, Any]:
+    """The trial's status file from an earlier run of this trial (storage first, then the local folder)."""
+    texts = []
+    try:
+        from ray import tune
+
+        storage = tune.get_context().get_storage()
+        fs, path = storage.storage_filesystem, storage.trial_fs_path
+        with fs.open_input_stream(f"{path}/{STATUS_FILE}") as f:
+            texts.append(f.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - no earlier run, or storage unreachable
+        pass
+    try:
+        texts.append((trial_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except OSError:
+        pass
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
@@ -373,14 +524,9 @@ def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    try:
-        import torch
+    from tune_gpt.train import is_oom
 
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return "out of memory" in str(exc).lower()
+    return is_oom(exc)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -402,12 +548,25 @@ class SearchOutcome:
     replay_command: str | None
 
 
-def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
-    """Run (or resume) a search as `opts` says. With ``dry_run`` return the Plan, start nothing."""
+def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = None) -> SearchOutcome | Plan:
+    """Run (or resume) a search as `opts` says. With ``dry_run`` return the Plan, start nothing.
+
+    Everything is checked (space, flags, corpus, storage, searcher) before the experiment folder
+    is created, so bad input leaves nothing behind. SIGINT or SIGTERM stops the trials, saves the
+    search state and raises `SearchInterrupted` with the command that resumes it; a second signal
+    quits at once.
+
+    `trainable` replaces the function Tune runs for each trial (default: `tune_gpt.search.trainable`).
+    Tune calls it as ``trainable(config, corpus=..., oom_retry=...)``; a replacement should hand
+    over to `tune_gpt.search.trainable` with the same arguments. It is a hook for fault injection
+    (the test suite raises, runs out of memory or diverges inside trials through it) and for
+    instrumentation; it must be picklable by Ray.
+    """
     plan = plan_search(opts)
     if opts.dry_run:
         print(plan.describe())
         return plan
+    fn = trainable if trainable is not None else globals()["trainable"]
 
     from tune_gpt.data import load_corpus
 
@@ -415,14 +574,17 @@ def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
     corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
     corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
     plan.max_evals = max_evaluations(plan, len(corpus.train))
-    if opts.resume and not (plan.experiment_dir / EXPERIMENT_FILE).is_file() and "://" not in opts.storage_path:
+    remote = "://" in opts.storage_path
+    if opts.resume and not remote and not (plan.experiment_dir / EXPERIMENT_FILE).is_file():
         raise ConfigError(f"--resume: no experiment to resume at {plan.experiment_dir}")
-    if not opts.resume and "://" not in opts.storage_path and plan.experiment_dir.exists() and any(plan.experiment_dir.iterdir()):
+    if not opts.resume and not remote and plan.experiment_dir.exists() and any(plan.experiment_dir.iterdir()):
         raise ConfigError(
             f"--name: experiment {plan.experiment_dir} already exists; pass --resume to continue it or --name NEW"
         )
-    if "://" in opts.storage_path:
+    if remote:
         _check_remote_experiment(plan)
+    if opts.optuna_storage and plan.searcher == "optuna":
+        _check_optuna_storage(opts.optuna_storage)
 
     if opts.gpus_per_trial > 0 and not opts.address:
         _check_local_gpu(opts)
@@ -433,38 +595,155 @@ def run_search(opts: SearchOptions) -> SearchOutcome | Plan:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
-    started_ray = _init_ray(opts)
+    stop = _StopRequest()
+    started_ray = False
     try:
+        started_ray = _init_ray(opts)
         _check_gpus(opts)
+        restore = opts.resume and _can_restore(plan)
+        if not restore:
+            param_space = {**plan.space.to_tune(), **plan.fixed}
+            tune_config = _tune_config(plan)  # searcher and scheduler built before anything is written
+            _check_searcher_space(plan, param_space)
         if opts.verbose:
             print(plan.describe(), file=sys.stderr)
             print(f"corpus: {corpus.describe()}", file=sys.stderr)
         trainable_fn = tune.with_resources(
-            tune.with_parameters(trainable, corpus=corpus),
+            tune.with_parameters(fn, corpus=corpus, oom_retry=bool(opts.oom_retry)),
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
-        if opts.resume:
-            tuner = tune.Tuner.restore(
-                str(plan.experiment_dir) if "://" not in opts.storage_path else experiment_uri(plan),
-                trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
-            )
-        else:
-            _write_experiment_file(plan)
-            tuner = tune.Tuner(
-                trainable_fn,
-                param_space={**plan.space.to_tune(), **plan.fixed},
-                tune_config=_tune_config(plan),
-                run_config=_run_config(plan),
-            )
-        t0 = time.time()
-        grid = tuner.fit()
-        elapsed = time.time() - t0
+        with _stop_on_signals(stop, plan):
+            if restore:
+                if opts.wandb:
+                    _wandb_mode(plan)  # the restored W&B callback needs WANDB_MODE=offline when it is offline
+                tuner = tune.Tuner.restore(
+                    str(plan.experiment_dir) if not remote else experiment_uri(plan),
+                    trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
+                )
+            else:
+                if opts.resume:
+                    print(f"--resume: Ray saved no state in {plan.experiment_dir} before the interruption; "
+                          "starting the search from its beginning", file=sys.stderr)
+                run_config = _run_config(plan)
+                _write_experiment_file(plan)
+                tuner = tune.Tuner(trainable_fn, param_space=param_space, tune_config=tune_config,
+                                   run_config=run_config)
+                del run_config, tune_config
+            t0 = time.time()
+            grid = tuner.fit()
+            elapsed = time.time() - t0
         del tuner
-        gc.collect()  # W&B's callback must be collected while Ray is still up
+        gc.collect()  # W&B's callback must be collected while Ray is still up (it closes the runs)
+    except SearchInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
     finally:
         if started_ray:
             ray.shutdown()
+    if stop.signum is not None:
+        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
     return _summarise(plan, grid, elapsed)
+
+
+# ------------------------------------------------------------ interruption
+
+
+@dataclass
+class _StopRequest:
+    signum: int | None = None
+
+
+def _exit_code(signum: int | None) -> int:
+    return 128 + (signum or signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: _StopRequest, plan: Plan):
+    """SIGINT/SIGTERM while Tune runs: the first stops the trials and saves the state (Tune's own
+    graceful stop); a second one quits at once. Only in the main thread (signals go there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    tune_usr1_before = signal.getsignal(signal.SIGUSR1)
+
+    def handler(signum, frame):
+        if stop.signum is None:
+            stop.signum = signum
+            graceful = signal.getsignal(signal.SIGUSR1)
+            if callable(graceful) and graceful is not tune_usr1_before:
+                print(f"\ntune_gpt.search: {signal.Signals(signum).name}: stopping the trials and saving the "
+                      "search state (send it again to quit at once)", file=sys.stderr, flush=True)
+                graceful(signum, frame)  # Tune's handler: ends the run loop, saves, returns from fit()
+                return
+        raise KeyboardInterrupt
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stands in front of Tune's (see handler)
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if env_before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env_before
+
+
+def _resume_hint(plan: Plan) -> str:
+    """What to type to continue an interrupted search."""
+    where = experiment_uri(plan) if "://" in plan.opts.storage_path else str(plan.experiment_dir)
+    if "://" not in plan.opts.storage_path and not (plan.experiment_dir / EXPERIMENT_FILE).is_file():
+        return "the search had not started; nothing was saved"
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if argv0 in ("search.py", "__main__.py") or argv0.startswith("tune_gpt"):
+        args = [a for a in sys.argv[1:] if a != "--resume"]
+        cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *args, "--resume"])
+    else:
+        cmd = "run_search() again with resume=True and the same options"
+    return f"the search state is saved in {where}; resume it with: {cmd}"
+
+
+def _can_restore(plan: Plan) -> bool:
+    """Ray saved a state to resume from: its tuner.pkl and at least one experiment_state file."""
+    import pyarrow.fs as pafs
+
+    try:
+        if "://" in plan.opts.storage_path:
+            fs, path = pafs.FileSystem.from_uri(experiment_uri(plan))
+        else:
+            fs, path = pafs.LocalFileSystem(), str(plan.experiment_dir)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (OSError, ValueError):
+        return False
+    names = {Path(i.path).name for i in infos}
+    return "tuner.pkl" in names and any(n.startswith("experiment_state") and n.endswith(".json") for n in names)
+
+
+def _check_searcher_space(plan: Plan, param_space: dict[str, Any]) -> None:
+    """Let the searcher read the space now, so that it cannot fail after the experiment folder exists."""
+    if plan.searcher != "optuna":
+        return
+    from ray.tune.search.optuna import OptunaSearch
+
+    try:
+        OptunaSearch.convert_search_space(param_space)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise ConfigError(f"{plan.space.source}: Optuna cannot search this space ({_one_line(exc)}); "
+                          "use --search random") from None
+
+
+def _check_optuna_storage(url: str) -> None:
+    try:
+        import optuna
+
+        optuna.storages.get_storage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
+        raise ConfigError(f"--optuna-storage {url}: cannot open it ({_one_line(exc)})") from None
 
 
 def _init_ray(opts: SearchOptions) -> bool:
@@ -479,7 +758,7 @@ def _init_ray(opts: SearchOptions) -> bool:
             ray.init(address=opts.address, **kwargs)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
             token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
-                     "~/.ray/auth_token>, or copy that file here); see docs/SCALING.md")
+                     "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
             chain = [exc, exc.__cause__, exc.__context__]
             if any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
                 raise ConfigError(f"--address {opts.address}: the cluster refused this driver's token; {token}") from None
@@ -531,8 +810,8 @@ def _tune_config(plan: Plan):
 
         sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, n_startup_trials=max(2, min(10, plan.num_samples // 3)))
         kwargs: dict[str, Any] = {}
-        if opts.optuna_storage:
-            kwargs["storage"] = opts.optuna_storage
+        if opts.optuna_storage:  # Ray's OptunaSearch takes a storage object, not its URL
+            kwargs["storage"] = optuna.storages.get_storage(opts.optuna_storage)
             kwargs["study_name"] = plan.name
         search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
                                   points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
@@ -607,18 +886,16 @@ def _storage_uri(storage: str) -> str:
 
 def wandb_callback(plan: Plan):
     """One W&B run per trial, grouped by experiment; offline when no key is found."""
-    from tune_gpt.tracking import resolve_wandb_mode, wandb_available
+    from tune_gpt.tracking import wandb_available
 
     if not wandb_available():
         import warnings
 
         warnings.warn("wandb is not installed: trials are logged to TensorBoard only (pip install wandb)")
         return None
-    mode = resolve_wandb_mode(plan.base_cfg.wandb.mode)
+    mode = _wandb_mode(plan)
     if mode == "disabled":
         return None
-    if mode == "offline":
-        os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on a key unless W&B is offline
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     w = plan.base_cfg.wandb
@@ -643,6 +920,16 @@ def wandb_callback(plan: Plan):
         + (f"; upload later with: wandb sync {where}/offline-run-*" if mode == "offline" else "")
     )
     return cb
+
+
+def _wandb_mode(plan: Plan) -> str:
+    """online / offline / disabled for the trials' W&B runs (offline when no key or no reachable host)."""
+    from tune_gpt.tracking import resolve_wandb_mode
+
+    mode = resolve_wandb_mode(plan.base_cfg.wandb.mode)
+    if mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on a key unless W&B is offline
+    return mode
 
 
 def _write_experiment_file(plan: Plan) -> None:
@@ -737,7 +1024,9 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
 def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
-    print(f"\n{len(df)} trials in {elapsed:.0f} s ({n_err} errored); results in {exp_dir}")
+    counts = _status_counts(exp_dir)
+    ended = f"{counts}" if counts else f"{n_err} errored"
+    print(f"\n{len(df)} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
     if metric in df.columns and len(df):
         cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
         top = df.sort_values(metric, ascending=plan.mode == "min").head(5)
@@ -759,6 +1048,23 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
         print(f"W&B runs are offline; upload them with: wandb sync {exp_dir / 'wandb'}/offline-run-*")
     if replay:
         print(f"replay the best trial as a final run: {replay}")
+
+
+def _status_counts(exp_dir: Any) -> str:
+    """"3 finished, 1 diverged" from the trials' status files (local experiments only)."""
+    if not isinstance(exp_dir, Path):
+        return ""
+    from collections import Counter
+
+    seen: Counter = Counter()
+    for d in sorted(exp_dir.glob("trial_*")):
+        try:
+            seen[str(json.loads((d / STATUS_FILE).read_text()).get("status"))] += 1
+        except (OSError, ValueError, AttributeError):
+            if (d / "error.txt").is_file():
+                seen["errored"] += 1
+    order = ("finished", "early-stopped", "diverged", "oom", "errored")
+    return ", ".join(f"{seen[k]} {k}" for k in (*order, *sorted(set(seen) - set(order))) if seen[k])
 
 
 def _short(v: Any) -> str:
@@ -792,6 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", dest="time_budget", type=float, help="stop the search after this many seconds")
     p.add_argument("--max-failures", dest="max_failures", type=int, default=0,
                    help="retry a failing trial this many times from its last checkpoint")
+    p.add_argument("--oom-retry", "--oom_retry", dest="oom_retry", action="store_true",
+                   help="on CUDA out-of-memory, retry the trial from its last checkpoint with half the micro-batch "
+                        "and twice the gradient accumulation (same effective batch), down to batch_size 1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (same --name)")
     p.add_argument("--retry-errored", dest="retry_errored", action="store_true",
                    help="with --resume: re-run errored trials from their last checkpoint")
@@ -816,7 +1125,7 @@ def options_from_args(args: argparse.Namespace) -> SearchOptions:
         search=args.search, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
         grace_period=args.grace_period, reduction_factor=args.reduction_factor,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-        time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
+        time_budget=args.time_budget, max_failures=args.max_failures, oom_retry=args.oom_retry, resume=args.resume,
         retry_errored=args.retry_errored, address=args.address, optuna_storage=args.optuna_storage,
         seed=args.search_seed, overrides=overrides, wandb=args.use_wandb, dry_run=args.dry_run,
         report=args.report, verbose=0 if args.quiet else 1,

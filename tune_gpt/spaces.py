@@ -73,7 +73,7 @@ from tune_gpt.errors import ConfigError, SpaceError
 
 __all__ = [
     "Choice", "Grid", "Uniform", "Normal", "Domain", "SearchSpace",
-    "load_space", "parse_space", "METRICS",
+    "load_space", "parse_space", "check_domain_values", "metric_name", "METRICS",
 ]
 
 # Metrics every trial reports (DESIGN.md); an objective must be one of them.
@@ -319,6 +319,11 @@ class SearchSpace:
     notes: list[str] = field(default_factory=list)
     format: str = "native"  # "native" | "wandb"
     description: str | None = None
+    origins: dict[str, str] = field(default_factory=dict)  # flat key -> where the file sets it
+
+    def where(self, key: str) -> str:
+        """The file's own path to `key` (``space.learning_rate``, ``parameters.lr``)."""
+        return self.origins.get(key, key)
 
     def to_tune(self) -> dict[str, Any]:
         """Fixed values and Ray Tune domains, by flat key: a Tuner ``param_space``."""
@@ -1144,12 +1149,77 @@ class _Parser:
                                                 "use choice, or method: grid")
 
     def validate(self, space: SearchSpace) -> None:
-        """The fixed values plus the baseline point must make a valid TrainConfig."""
+        """The fixed values plus the baseline point must make a valid TrainConfig, and so must
+        every value a searched key can take (`check_domain_values`)."""
+        space.origins = dict(self.origin)
         point = {**space.fixed, **space.baseline()}
         try:
             cfg.TrainConfig.from_flat(point)
         except ConfigError as exc:
             self.fail("", f"{exc} (with the fixed values and the space's baseline point)")
+        check_domain_values(space)
+
+
+# ================================================================ value checks
+
+_ENUMERATE_INT_RANGE = 64  # integer ranges up to this many values are checked value by value
+_MAX_COMBINATIONS = 512  # searched keys are checked together when there are at most this many combinations
+
+
+def _candidates(dom: Domain) -> list[tuple[Any, str]]:
+    """(value, what it is) pairs a domain can produce, worth checking against TrainConfig."""
+    if isinstance(dom, (Choice, Grid)):
+        return [(v, "value") for v in dom.values]
+    if isinstance(dom, Uniform):
+        if dom.integer:
+            lo, hi, q = int(dom.low), int(dom.high), int(dom.q or 1)
+            if not dom.log and (hi - lo) // q + 1 <= _ENUMERATE_INT_RANGE:
+                return [(v, "value") for v in range(lo, hi + 1, q)]
+            return [(lo, "low end"), (hi, "high end")]
+        return [(dom.low, "low end"), (dom.high, "high end")]
+    return []  # a normal distribution is unbounded: its centre is checked as the baseline
+
+
+def check_domain_values(space: SearchSpace, fixed: Mapping[str, Any] | None = None) -> None:
+    """Raise SpaceError when a value a searched key can take makes an invalid TrainConfig.
+
+    Each discrete value, each range end (every value of a small integer range) is checked with
+    the other keys at the baseline; then, when there are at most a few hundred, every combination
+    (``n_embd`` and ``n_head`` searched together). `fixed` defaults to the file's fixed values;
+    the search passes them with the command line's on top. The message names the file, the key
+    and the value, so a bad trial is refused before any trial runs.
+    """
+    fixed = dict(space.fixed if fixed is None else fixed)
+    base = space.baseline()
+    cands = {key: _candidates(dom) for key, dom in space.domains.items()}
+    for key, values in cands.items():
+        for value, what in values:
+            try:
+                cfg.TrainConfig.from_flat({**fixed, **base, key: value})
+            except ConfigError as exc:
+                raise SpaceError(_one_line(f"{space.source}: {space.where(key)}: {what} {_fmt(value)} cannot be "
+                                           f"trained: {exc}")) from None
+    keys = [k for k, v in cands.items() if v]
+    if len(keys) < 2 or math.prod(len(cands[k]) for k in keys) > _MAX_COMBINATIONS:
+        return
+    import itertools
+
+    for combo in itertools.product(*(cands[k] for k in keys)):
+        point = dict(zip(keys, (v for v, _ in combo)))
+        try:
+            cfg.TrainConfig.from_flat({**fixed, **base, **point})
+        except ConfigError as exc:
+            named = [k for k in keys if k in str(exc) or k.split(".")[-1] in str(exc)] or keys
+            shown = ", ".join(f"{space.where(k)}={_fmt(point[k])}" for k in named)
+            raise SpaceError(_one_line(f"{space.source}: the combination {shown} cannot be trained: {exc}")) from None
+
+
+def metric_name(text: Any) -> str | None:
+    """tune_gpt's name for a metric (aliases such as ``val_loss`` accepted), or None if it reports no such metric."""
+    t = str(text).strip()
+    if t in METRICS:
+        return t
+    return _METRIC_ALIASES.get(t)
 
 
 def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int | None = None,

@@ -206,7 +206,7 @@ def wandb_api_key_present() -> bool:
     """True when W&B would find an API key (environment or ~/.netrc)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    host = wandb_base_url().split("://")[-1].split("/")[0]
     host = host.split(":")[0]
     try:
         rc = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
@@ -215,8 +215,73 @@ def wandb_api_key_present() -> bool:
         return False
 
 
-def resolve_wandb_mode(requested: str | None = None) -> str:
-    """online / offline / disabled: explicit request, then WANDB_MODE, then 'is there a key'."""
+WANDB_PROBE_TIMEOUT_S = 3.0  # how long the W&B host may take to accept a TCP connection
+
+
+def wandb_base_url() -> str:
+    return (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").strip().rstrip("/")
+
+
+def wandb_host_reachable(url: str | None = None, timeout: float = WANDB_PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """(True, "") when a TCP connection to the W&B host opens within `timeout` seconds, else (False, why).
+
+    Goes to the proxy instead when one is configured for the URL (``HTTPS_PROXY``, ``NO_PROXY``
+    respected). Name resolution is bounded too: the probe runs in a thread that is given up on.
+    """
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    url = url or wandb_base_url()
+    parts = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
+    host, scheme = parts.hostname, parts.scheme or "https"
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        return False, f"bad port in {url}"
+    if not host:
+        return False, f"no host in {url}"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        pp = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if pp.hostname:
+            host, port = pp.hostname, pp.port or 80
+    outcome: dict[str, str] = {}
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome["ok"] = ""
+        except OSError as exc:
+            outcome["error"] = exc.strerror or str(exc) or type(exc).__name__
+
+    t = threading.Thread(target=probe, name="wandb-probe", daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    if "ok" in outcome:
+        return True, ""
+    return False, f"{host}:{port}: " + outcome.get("error", f"no answer within {timeout:g} s")
+
+
+def resolve_wandb_mode(requested: str | None = None, *, probe: bool = True) -> str:
+    """online / offline / disabled: explicit request, then WANDB_MODE, then 'is there a key'.
+
+    Online needs the W&B host: when it does not accept a connection within a few seconds
+    (`wandb_host_reachable`, skipped with ``probe=False``), the run goes offline with a message,
+    instead of waiting for W&B's own init timeout, and can be uploaded later with ``wandb sync``.
+    """
+    mode = _wanted_wandb_mode(requested)
+    if mode == "online" and probe:
+        ok, why = wandb_host_reachable()
+        if not ok:
+            print(f"W&B: cannot reach {wandb_base_url()} ({why}): logging offline instead; "
+                  "the runs can be uploaded later with `wandb sync`", file=sys.stderr, flush=True)
+            return "offline"
+    return mode
+
+
+def _wanted_wandb_mode(requested: str | None) -> str:
     if requested:
         return requested
     env = os.environ.get("WANDB_MODE")

@@ -11,9 +11,11 @@ import contextlib
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,18 @@ PEAK_FLOPS = {
 
 class Diverged(TuneGPTError):
     """The loss became NaN or infinite."""
+
+
+class OutOfMemory(RuntimeError):
+    """The run ran out of (GPU) memory, and smaller micro-batches did not help or were not allowed.
+
+    `retries` lists the micro-batch shrinks tried before giving up; `cfg` is the last config tried.
+    """
+
+    def __init__(self, message: str, retries: list[dict[str, Any]], cfg: TrainConfig) -> None:
+        super().__init__(message)
+        self.retries = retries
+        self.cfg = cfg
 
 
 @dataclass
@@ -123,17 +137,49 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not p.is_file():
         raise ConfigError(f"checkpoint: {path} not found")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the verdict below says enough
+            return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # UnpicklingError for crafted files, RuntimeError for torn ones
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"checkpoint: {p} cannot be loaded safely ({first})") from None
+        raise ConfigError(f"checkpoint: {p} cannot be loaded safely ({_load_failure(exc)})") from None
 
 
-def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu") -> tuple[GPT, CharTokenizer]:
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(state["model"])
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words (never "retry without weights_only")."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(r"Unsupported operand (\d+)", text)
+    if found and "global" in found.group(0).lower():
+        return f"it would import {found.group(1)}, which a checkpoint never needs: refused, not run"
+    if found:
+        return f"unsupported pickle opcode {found.group(1)}: not a plain tensors-only checkpoint; refused, not run"
+    if "Weights only load failed" in text:
+        detail = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "")
+        return (detail.replace("WeightsUnpickler error:", "").strip() or "it holds more than tensors") + ": refused, not run"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_state(state: Any, keys: tuple[str, ...], source: str | Path) -> dict[str, Any]:
+    """Raise ConfigError unless `state` is a dict holding `keys` (a checkpoint loads safely but may be anything)."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint: {source} is not a tune_gpt checkpoint (it holds a {type(state).__name__})")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint: {source} is not a tune_gpt checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu", source: str | Path = "checkpoint") -> tuple[GPT, CharTokenizer]:
+    check_state(state, ("model", "model_args", "tokenizer"), source)
+    try:
+        model = GPT(GPTConfig(**state["model_args"]))
+        model.load_state_dict(state["model"])
+        tok = CharTokenizer.from_dict(state["tokenizer"])
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"checkpoint: {source} does not hold a usable model ({first})") from None
     model.to(device).eval()
-    return model, CharTokenizer.from_dict(state["tokenizer"])
+    return model, tok
 
 
 def _rng_state() -> dict[str, Any]:
@@ -154,6 +200,9 @@ def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+_CKPT_KEYS = ("model", "optimizer", "scaler", "sampler", "rng", "step", "tokens", "model_args")
 
 
 # --------------------------------------------------------------- schedule
@@ -242,15 +291,19 @@ def train(
     if src is None and cfg.resume and (ckpt_dir / CKPT_NAME).is_file():
         src = ckpt_dir
     if src is not None:
-        state = load_checkpoint(src, map_location=device)
+        state = check_state(load_checkpoint(src, map_location=device), _CKPT_KEYS, src)
         if state["model_args"] != model_args:
             raise ConfigError(f"resume: checkpoint {src} has model {state['model_args']}, this run wants {model_args}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        sampler.set_state(state["sampler"])
-        _set_rng_state(state["rng"])
-        step, tokens = int(state["step"]), int(state["tokens"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            sampler.set_state(state["sampler"])
+            _set_rng_state(state["rng"])
+            step, tokens = int(state["step"]), int(state["tokens"])
+        except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"resume: checkpoint {src} cannot be resumed from ({first})") from None
         best_val = state.get("best_val_loss")
         history = list(state.get("history", []))
         train_s_before = float(state.get("train_s", 0.0))
@@ -376,6 +429,78 @@ def train(
     result.wall_s = time.perf_counter() - t_start
     reporter.finish(result)
     return result
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA (or other accelerator) out-of-memory errors."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "outofmemory" in text)
+
+
+def smaller_micro_batch(cfg: TrainConfig) -> TrainConfig | None:
+    """Half the micro-batch and twice the accumulation steps: the same tokens per optimizer step.
+
+    An odd micro-batch B goes to its largest divisor d <= B/2 (accumulation times B/d), so the
+    effective batch never changes; None when the micro-batch is already 1.
+    """
+    b = cfg.batch_size
+    if b <= 1:
+        return None
+    new = b // 2 if b % 2 == 0 else max(d for d in range(1, b // 2 + 1) if b % d == 0)
+    return TrainConfig.from_flat(
+        {"batch_size": new, "gradient_accumulation_steps": cfg.gradient_accumulation_steps * (b // new)}, base=cfg)
+
+
+def free_accelerator_memory() -> None:
+    """Drop what a failed attempt left behind, so that a retry starts from an empty cache."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def train_with_oom_retry(cfg: TrainConfig, reporter: Reporter | None = None, *, corpus: Corpus | None = None,
+                         oom_retry: bool = False) -> tuple[TrainResult, TrainConfig, list[dict[str, Any]]]:
+    """`train()`, and on out-of-memory retry with `smaller_micro_batch` from the last checkpoint.
+
+    Returns (result, the config that finished, the retries made). Each retry resumes from the
+    run's own last checkpoint (``<output_dir>/checkpoint``) when it wrote one, so no evaluation is
+    reported twice. Raises `OutOfMemory` when `oom_retry` is off or the micro-batch is already 1.
+    """
+    retries: list[dict[str, Any]] = []
+    resume_from: Path | None = None
+    ckpt_dir = Path(cfg.output_dir).expanduser().resolve() / "checkpoint"
+    while True:
+        try:
+            return train(cfg, reporter, corpus=corpus, resume_from=resume_from), cfg, retries
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled; everything else goes up
+            if not is_oom(exc):
+                raise
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+        free_accelerator_memory()  # after the except block: the traceback no longer pins the tensors
+        smaller = smaller_micro_batch(cfg) if oom_retry else None
+        if smaller is None:
+            why = ("micro-batch already 1" if oom_retry else "--oom-retry not given")
+            raise OutOfMemory(f"{message} (batch_size {cfg.batch_size}, gradient_accumulation_steps "
+                              f"{cfg.gradient_accumulation_steps}; {why})", retries, cfg)
+        if (ckpt_dir / CKPT_NAME).is_file():
+            resume_from = ckpt_dir
+        step = 0
+        if resume_from is not None:
+            try:
+                step = int(load_checkpoint(resume_from).get("step", 0))
+            except (ConfigError, TypeError, ValueError):
+                step = 0
+        retries.append({"batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                        "retry_batch_size": smaller.batch_size,
+                        "retry_gradient_accumulation_steps": smaller.gradient_accumulation_steps,
+                        "resumed_from_step": step, "message": message})
+        cfg = smaller
 
 
 def _rate(tokens: int, seconds: float) -> float:

@@ -1,0 +1,564 @@
+"""Faults, modelled on how Ray tests its own fault tolerance: inject them, then check what survived.
+
+- inside trials (in-process searches on the session's Ray): exceptions at random steps,
+  persistent exceptions, NaN losses, CUDA out-of-memory (raised on the CPU);
+- around the search (the CLI in a subprocess): SIGINT / SIGKILL at random moments, then
+  ``--resume``; W&B pointed at a closed port on 127.0.0.1.
+
+Faults reach the trials through `run_search(..., trainable=wrapper)`: the wrapper patches
+`tune_gpt.train` inside the worker, decides from marker files in a tmp folder where to fail, and
+hands over to `tune_gpt.search.trainable`. Workers cannot import tests/ modules, so this module
+is pickled by value (`ray.cloudpickle.register_pickle_by_value`), and the wrappers use only the
+standard library, torch and tune_gpt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_space
+from tune_gpt.search import STATUS_FILE, SearchOptions, run_search
+
+SEED = int(os.environ.get("TUNE_GPT_FAULT_SEED", "20240611"))  # the random fault steps and kill moments
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _pickle_by_value() -> None:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def trial_dirs(exp: Path) -> list[Path]:
+    return sorted(p for p in exp.iterdir() if p.is_dir() and (p / "params.json").is_file())
+
+
+def rows(d: Path) -> list[dict]:
+    f = d / "result.json"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def status(d: Path) -> dict:
+    f = d / STATUS_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def params(d: Path) -> dict:
+    return json.loads((d / "params.json").read_text())
+
+
+def calls(marks: Path, key: str) -> int:
+    f = marks / f"{key}.calls"
+    return len(f.read_text().split()) if f.is_file() else 0
+
+
+def _record_call(marks: str, key: str) -> None:
+    with open(Path(marks) / f"{key}.calls", "a") as f:
+        f.write("call\n")
+
+
+FAULT_SPACE = """
+name: {name}
+method: grid
+scheduler: none
+fixed:
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+  max_steps: 20
+  eval_interval: 5
+  eval_iters: 1
+  sample_tokens: 0
+  learning_rate: 3.0e-3
+{extra}space:
+  {axis}: {{grid: {values}}}
+"""
+
+
+def fault_space(tmp: Path, name: str, axis: str, values: list, extra: str = "") -> Path:
+    return write_space(tmp / f"{name}.yaml", FAULT_SPACE.format(name=name, axis=axis, values=values, extra=extra))
+
+
+# ------------------------------------------------- 1. exceptions inside trials
+
+
+def make_faulty(marks: str):
+    """A trainable that raises where ``seed<N>.json`` in `marks` says: ``fail_at`` (each step once,
+    in order; a marker file records each fault) or ``always_at`` (every attempt)."""
+
+    def faulty(config, corpus=None, oom_retry=False):
+        import tune_gpt.search as search
+        import tune_gpt.train as train_mod
+
+        key = f"seed{config['seed']}"
+        _record_call(marks, key)
+        plan_file = Path(marks) / f"{key}.json"
+        plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        real_lr_at = train_mod.lr_at
+
+        def lr_at(step, *args, **kwargs):  # called once per optimizer step, with the steps done so far
+            for i, at in enumerate(plan.get("fail_at", [])):
+                marker = Path(marks) / f"{key}.failed-{i}"
+                if step == at and not marker.exists():
+                    marker.write_text(str(step))
+                    raise RuntimeError(f"injected fault at step {step}")
+            if plan.get("always_at") == step:
+                raise RuntimeError(f"persistent fault at step {step}")
+            return real_lr_at(step, *args, **kwargs)
+
+        train_mod.lr_at = lr_at
+        try:
+            return search.trainable(config, corpus=corpus, oom_retry=oom_retry)
+        finally:
+            train_mod.lr_at = real_lr_at
+
+    return faulty
+
+
+@pytest.mark.slow
+def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure_is_reported(
+        ray_session, tmp_path, corpus_file):
+    _pickle_by_value()
+    rng = random.Random(SEED)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    faults = {}
+    for seed in (1, 2):  # two faults each, at random steps after the first checkpoint (step 5)
+        faults[seed] = sorted(rng.sample(range(6, 20), 2))
+        (marks / f"seed{seed}.json").write_text(json.dumps({"fail_at": faults[seed]}))
+    (marks / "seed3.json").write_text(json.dumps({"always_at": 3}))
+    out = run_search(SearchOptions(space=str(fault_space(tmp_path, "faults", "seed", [1, 2, 3])),
+                                   storage_path=str(tmp_path / "r"), max_failures=2, wandb=False,
+                                   overrides={"data": str(corpus_file)}, verbose=0),
+                     trainable=make_faulty(str(marks)))
+    exp = out.experiment_dir
+    by_seed = {params(d)["seed"]: d for d in trial_dirs(exp)}
+    assert sorted(by_seed) == [1, 2, 3]
+    for seed in (1, 2):
+        d, (f1, f2) = by_seed[seed], faults[seed]
+        assert all((marks / f"seed{seed}.failed-{i}").is_file() for i in (0, 1)), f"faults {f1}, {f2} not hit"
+        assert calls(marks, f"seed{seed}") == 3  # the first run and two retries
+        st = status(d)
+        assert st["status"] == "finished", st
+        assert st["start_step"] == 5 * (f2 // 5)  # the last retry started at the last checkpoint, not at 0
+        steps = [r["step"] for r in rows(d)]
+        assert steps == [5, 10, 15, 20], (faults[seed], steps)  # no step reported twice, none from 0 again
+        its = [r["training_iteration"] for r in rows(d)]
+        assert its == sorted(set(its))
+    d3 = by_seed[3]
+    assert calls(marks, "seed3") == 3  # 1 + max_failures, then Tune gives up on it
+    assert status(d3)["status"] == "errored"
+    assert status(d3)["message"] == "RuntimeError: persistent fault at step 3"
+    assert rows(d3) == []
+
+    from tune_gpt.report import load_results, write_report
+
+    df = load_results(exp).set_index("trial_id")
+    got = {seed: df.loc[d.name.removeprefix("trial_"), "status"] for seed, d in by_seed.items()}
+    assert got == {1: "finished", 2: "finished", 3: "errored"}
+    err = df.loc[d3.name.removeprefix("trial_"), "error"]
+    assert err == "RuntimeError: persistent fault at step 3"
+    report_dir = write_report(exp)
+    md = (Path(report_dir) / "report.md").read_text()
+    assert "errored" in md and "persistent fault at step 3" in md
+
+
+# ------------------------------------------------------------ 2. divergence
+
+
+def make_counting(marks: str, by: str):
+    """The real trainable, counting how often Tune starts each trial (by the value of config[`by`])."""
+
+    def counting(config, corpus=None, oom_retry=False):
+        import tune_gpt.search as search
+
+        _record_call(marks, f"{by}={config[by]}")
+        return search.trainable(config, corpus=corpus, oom_retry=oom_retry)
+
+    return counting
+
+
+DIVERGE_SPACE = """
+name: diverge
+method: optuna
+num_samples: 4
+scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+fixed:
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+  max_steps: 20
+  eval_interval: 5
+  eval_iters: 1
+  sample_tokens: 0
+  grad_clip: 0
+  warmup_steps: 0
+space:
+  learning_rate: {choice: [1.0e+6, 3.0e-3]}   # the first value is the baseline Optuna runs first
+  batch_size: {choice: [4, 8]}
+"""
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_ends_diverged_is_not_retried_and_ranks_last(ray_session, tmp_path, corpus_file):
+    import optuna
+
+    _pickle_by_value()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    out = run_search(SearchOptions(space=str(write_space(tmp_path / "diverge.yaml", DIVERGE_SPACE)),
+                                   storage_path=str(tmp_path / "r"), max_failures=2, optuna_storage=db,
+                                   wandb=False, overrides={"data": str(corpus_file)}, verbose=0),
+                     trainable=make_counting(str(marks), "learning_rate"))
+    exp = out.experiment_dir
+    dirs = trial_dirs(exp)
+    assert len(dirs) == 4 and out.num_errors == 0
+    diverged = [d for d in dirs if params(d)["learning_rate"] == 1e6]
+    trained = [d for d in dirs if params(d)["learning_rate"] != 1e6]
+    assert diverged, "the baseline (learning_rate 1e6) runs first"
+    assert calls(marks, "learning_rate=1000000.0") == len(diverged)  # each started once: not retried
+    for d in diverged:
+        st, rs = status(d), rows(d)
+        assert st["status"] == "diverged" and "loss became" in st["message"], st
+        assert not (d / "error.txt").exists()
+        assert rs[-1]["diverged"] == 1 and rs[-1]["val/loss"] == math.inf
+        assert all(math.isfinite(r["val/loss"]) for r in rs[:-1])
+        before = rs[-2]["step"] if len(rs) > 1 else 0
+        assert rs[-1]["step"] <= before + 5  # caught within one evaluation interval
+    for d in trained:  # (a trial ASHA stopped may have no status file: the report reads Ray's state)
+        assert status(d).get("status", "early-stopped") in ("finished", "early-stopped")
+        assert all(math.isfinite(r["val/loss"]) for r in rows(d))
+
+    # Optuna took inf as a (worst) value and went on sampling; the best trial is a finite one
+    study = optuna.load_study(study_name="diverge", storage=db)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(study.trials) == 4
+    assert any(t.params["learning_rate"] == 1e6 and t.value == math.inf for t in done)
+    assert out.best_config["learning_rate"] == 3e-3 and math.isfinite(out.best_metric)
+
+    from tune_gpt.report import load_results, write_report
+
+    df = load_results(exp)
+    bad = df[df["learning_rate"] == 1e6]
+    assert set(bad["status"]) == {"diverged"} and bad["rank"].isna().all()
+    assert set(df[df["learning_rate"] != 1e6]["status"]) <= {"finished", "early-stopped"}
+    assert all(e.startswith("loss became") for e in bad["error"])
+    md = (Path(write_report(exp)) / "report.md").read_text()
+    assert "diverged" in md
+
+
+# ------------------------------------------------------------ 3. out of memory
+
+
+def make_oom(marks: str, limits: dict, from_step: int):
+    """Raise torch.cuda.OutOfMemoryError (on the CPU) when a training micro-batch is larger than
+    ``limits[batch_size]`` from optimizer step `from_step` on: the trial's memory need grows."""
+
+    def oom(config, corpus=None, oom_retry=False):
+        import torch
+
+        import tune_gpt.model as model_mod
+        import tune_gpt.search as search
+        import tune_gpt.train as train_mod
+
+        limit = limits.get(int(config["batch_size"]))
+        _record_call(marks, f"bs{config['batch_size']}")
+        now = {"step": 0}
+        real_forward, real_lr_at = model_mod.GPT.forward, train_mod.lr_at
+
+        def lr_at(step, *args, **kwargs):
+            now["step"] = step
+            return real_lr_at(step, *args, **kwargs)
+
+        def forward(self, idx, targets=None):
+            if limit is not None and self.training and now["step"] >= from_step and idx.shape[0] > limit:
+                raise torch.cuda.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate 2.00 GiB (injected: micro-batch {idx.shape[0]} > {limit})")
+            return real_forward(self, idx, targets)
+
+        model_mod.GPT.forward, train_mod.lr_at = forward, lr_at
+        try:
+            return search.trainable(config, corpus=corpus, oom_retry=oom_retry)
+        finally:
+            model_mod.GPT.forward, train_mod.lr_at = real_forward, real_lr_at
+
+    return oom
+
+
+def test_smaller_micro_batch_keeps_the_effective_batch(tiny_cfg):
+    from tune_gpt.train import smaller_micro_batch
+
+    chain, cfg = [], tiny_cfg(batch_size=12, gradient_accumulation_steps=2)
+    while cfg is not None:
+        chain.append((cfg.batch_size, cfg.gradient_accumulation_steps))
+        cfg = smaller_micro_batch(cfg)
+    assert chain == [(12, 2), (6, 4), (3, 8), (1, 24)]
+    assert {b * g for b, g in chain} == {24}
+    odd = smaller_micro_batch(tiny_cfg(batch_size=7))
+    assert (odd.batch_size, odd.gradient_accumulation_steps) == (1, 7)
+
+
+@pytest.mark.slow
+def test_out_of_memory_with_oom_retry_halves_the_micro_batch_inside_the_trial(ray_session, tmp_path, corpus_file):
+    _pickle_by_value()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    limits = {16: 4, 8: 0}  # 16 fits after two halvings; 8 never fits; 4 is never limited
+    out = run_search(SearchOptions(space=str(fault_space(tmp_path, "oom", "batch_size", [16, 8, 4])),
+                                   storage_path=str(tmp_path / "r"), oom_retry=True, max_failures=1, wandb=False,
+                                   overrides={"data": str(corpus_file)}, verbose=0),
+                     trainable=make_oom(str(marks), limits, from_step=7))
+    by_bs = {params(d)["batch_size"]: d for d in trial_dirs(out.experiment_dir)}
+    assert sorted(by_bs) == [4, 8, 16]
+    assert [calls(marks, f"bs{b}") for b in (16, 8, 4)] == [1, 1, 1]  # retried inside the trial, not by Tune
+
+    st = status(by_bs[16])
+    assert st["status"] == "finished", st
+    assert [(r["batch_size"], r["gradient_accumulation_steps"]) for r in st["oom_retries"]] == [(16, 1), (8, 2)]
+    assert [r["resumed_from_step"] for r in st["oom_retries"]] == [5, 5]  # from the checkpoint, not from 0
+    assert (st["batch_size"], st["gradient_accumulation_steps"]) == (4, 4)  # effective batch still 16
+    rs = rows(by_bs[16])
+    assert [r["step"] for r in rs] == [5, 10, 15, 20]
+    assert all(r["tokens"] == r["step"] * 16 * 16 for r in rs)  # 16 sequences of 16 tokens per step throughout
+
+    st = status(by_bs[8])
+    assert st["status"] == "oom" and "CUDA out of memory" in st["message"] and "already 1" in st["message"]
+    assert [r["batch_size"] for r in st["oom_retries"]] == [8, 4, 2]
+    assert (st["batch_size"], st["gradient_accumulation_steps"]) == (1, 8)  # stopped at batch_size 1
+    rs = rows(by_bs[8])
+    assert [r["step"] for r in rs[:-1]] == [5] and rs[-1]["oom"] == 1 and rs[-1]["val/loss"] == math.inf
+
+    st = status(by_bs[4])
+    assert st["status"] == "finished" and "oom_retries" not in st
+
+    from tune_gpt.report import load_results
+
+    df = load_results(out.experiment_dir).set_index("batch_size")
+    assert df.loc[8, "status"] == "oom" and "out of memory" in df.loc[8, "error"]
+    assert df.loc[16, "status"] == "finished" and df.loc[4, "status"] == "finished"
+
+
+@pytest.mark.slow
+def test_out_of_memory_without_oom_retry_ends_the_trial_oom_and_tune_does_not_retry_it(
+        ray_session, tmp_path, corpus_file):
+    _pickle_by_value()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    out = run_search(SearchOptions(space=str(fault_space(tmp_path, "oom_plain", "batch_size", [16, 4])),
+                                   storage_path=str(tmp_path / "r"), max_failures=2, wandb=False,
+                                   overrides={"data": str(corpus_file)}, verbose=0),
+                     trainable=make_oom(str(marks), {16: 4}, from_step=0))
+    by_bs = {params(d)["batch_size"]: d for d in trial_dirs(out.experiment_dir)}
+    assert calls(marks, "bs16") == 1  # max_failures does not retry an OOM: it would run out again
+    st = status(by_bs[16])
+    assert st["status"] == "oom" and "CUDA out of memory" in st["message"] and st["oom_retries"] == []
+    assert not (by_bs[16] / "error.txt").exists()
+    assert status(by_bs[4])["status"] == "finished"
+    from tune_gpt.report import load_results
+
+    df = load_results(out.experiment_dir).set_index("batch_size")
+    assert df.loc[16, "status"] == "oom" and df.loc[4, "status"] == "finished"
+
+
+def test_oom_retry_flag_reaches_the_search_options():
+    from tune_gpt.search import build_parser, options_from_args
+
+    assert options_from_args(build_parser().parse_args(["--oom-retry"])).oom_retry is True
+    assert options_from_args(build_parser().parse_args([])).oom_retry is False
+    assert "--oom-retry" in build_parser().format_help()
+
+
+# ------------------------------------------------- 4. the driver interrupted
+
+
+DRIVER_SPACE = """
+name: {name}
+method: optuna
+num_samples: 4
+fixed:
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+  max_steps: {steps}
+  eval_interval: {every}
+  eval_iters: 2
+  sample_tokens: 20
+space:
+  learning_rate: {{loguniform: [1.0e-3, 2.0e-2]}}
+  batch_size: {{choice: [4, 8]}}
+"""
+
+
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tune_gpt.search", "--space", str(space), "--storage-path", str(storage),
+            "--data", str(corpus), *extra]
+
+
+def finished_trials(exp: Path) -> dict[str, str]:
+    """trial folder -> its result.json text, for the trials whose status file says finished."""
+    if not exp.is_dir():
+        return {}
+    return {d.name: (d / "result.json").read_text() for d in trial_dirs(exp)
+            if status(d).get("status") == "finished"}
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpus_file):
+    """SIGINT (Ctrl+C) and SIGKILL (a crash) at random moments, three times or more, each followed
+    by ``--resume``: every trial runs once to its end, progress never goes back, and the whole
+    costs at most 2.5 times an uninterrupted run (this test's first run)."""
+    rng = random.Random(SEED)
+    space = write_space(tmp_path / "drv.yaml", DRIVER_SPACE.format(name="drv", steps=900, every=100))
+    base = ["--max-concurrent", "1", "--no-wandb", "--no-report", "--scheduler", "none", "-q"]
+
+    t0 = time.perf_counter()
+    p = subprocess.run(search_cmd(space, tmp_path / "r", corpus_file, "--name", "calm", *base), env=cli_env(),
+                       capture_output=True, text=True, timeout=600)
+    calm_s = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(finished_trials(tmp_path / "r" / "calm")) == 4
+
+    exp = tmp_path / "r" / "drv"
+    cmd = search_cmd(space, tmp_path / "r", corpus_file, "--name", "drv", *base)
+    signals = [signal.SIGINT, signal.SIGKILL, rng.choice([signal.SIGINT, signal.SIGKILL])]
+    rng.shuffle(signals)
+    spent, interruptions, history, seen = 0.0, [], [], {}
+    resume: list[str] = []
+    while True:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd + resume, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        if len(interruptions) < len(signals):
+            sig = signals[len(interruptions)]
+            if not resume:  # the first run: a random moment once the experiment exists
+                while proc.poll() is None and not (exp / "tuner.pkl").is_file() and time.perf_counter() - t < 120:
+                    time.sleep(0.2)
+                moment = time.perf_counter() + rng.uniform(2, 10)
+            else:  # a resumed run: any moment, from its start-up on
+                moment = t + rng.uniform(3, 22)
+            while proc.poll() is None and time.perf_counter() < moment:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                sent = time.perf_counter()
+                if sig == signal.SIGINT:
+                    os.kill(proc.pid, signal.SIGINT)  # Ctrl+C at the driver
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
+                _, err = proc.communicate(timeout=180)
+                quit_s = time.perf_counter() - sent
+                interruptions.append((sig.name, round(sent - t, 1), proc.returncode))
+                if sig == signal.SIGINT:
+                    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+                    assert proc.returncode == 130, err[-3000:]
+                    assert "interrupted" in last and "--resume" in last, last
+                    assert quit_s < 60, f"SIGINT took {quit_s:.0f} s to end the search"
+                else:
+                    assert proc.returncode == -signal.SIGKILL
+                    deadline = time.time() + 30
+                    while group_alive(proc.pid) and time.time() < deadline:
+                        time.sleep(0.2)
+                    assert not group_alive(proc.pid), "Ray processes outlived the killed driver"
+        _, err = proc.communicate(timeout=600)
+        spent += time.perf_counter() - t
+        now = finished_trials(exp)
+        history.append(len(now))
+        for name, text in seen.items():
+            assert now.get(name) == text, f"finished trial {name} ran again"  # nothing re-run or rewritten
+        seen.update(now)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode in (130, -signal.SIGKILL), (proc.returncode, err[-3000:])
+        resume = ["--resume"]
+        assert len(history) < 12, f"no end in sight: {interruptions}, finished {history}"
+
+    print(f"uninterrupted {calm_s:.0f} s; interrupted {spent:.0f} s; {interruptions}; finished after each run {history}")
+    assert len(interruptions) >= 3, f"the search ended before three interruptions: {interruptions}"
+    assert {s for s, _, _ in interruptions} == {"SIGINT", "SIGKILL"}
+    assert history == sorted(history), f"progress went backwards: {history}"
+    dirs = trial_dirs(exp)
+    assert len(dirs) == 4 and len(seen) == 4 == history[-1]
+    for d in dirs:
+        assert rows(d)[-1]["step"] == 900  # every trial ran to its end
+    assert spent <= 2.5 * calm_s, (f"interrupted runs took {spent:.0f} s, an uninterrupted one {calm_s:.0f} s; "
+                                   f"interruptions {interruptions}, finished after each {history}")
+
+
+# ------------------------------------------------------------ 5. W&B unreachable
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused at once)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wandb_env(tmp: Path, port: int, key: str | None) -> dict:
+    """No W&B settings from this machine: no WANDB_MODE, no ~/.netrc, the host on a closed local port."""
+    env = cli_env(WANDB_BASE_URL=f"http://127.0.0.1:{port}", NETRC=str(tmp / "no-netrc"),
+                  WANDB_CONFIG_DIR=str(tmp / "wandb-config"), WANDB_CACHE_DIR=str(tmp / "wandb-cache"))
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(var, None)
+    if key:
+        env["WANDB_API_KEY"] = key
+    return env
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_host_costs_little_and_says_how_to_sync(tmp_path, corpus_file):
+    space = write_space(tmp_path / "wb.yaml", DRIVER_SPACE.format(name="wb", steps=10, every=5).replace(
+        "num_samples: 4", "num_samples: 2"))
+    port = closed_port()
+
+    def run(name: str, env: dict, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
+        t = time.perf_counter()
+        p = subprocess.run(search_cmd(space, tmp_path / "r", corpus_file, "--name", name, "--no-report", *extra),
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return time.perf_counter() - t, p
+
+    plain_s, _ = run("plain", cli_env(), "--no-wandb")
+    for variant, key in (("nokey", None), ("key", "k" * 40)):
+        took, p = run(variant, wandb_env(tmp_path, port, key))
+        exp = tmp_path / "r" / variant
+        out = p.stdout + p.stderr
+        assert f"wandb sync {exp / 'wandb'}/offline-run-*" in out, out[-3000:]
+        assert len(list((exp / "wandb").glob("offline-run-*"))) == 2  # one offline run per trial
+        if key:  # a key but no host: detected at once, said, and offline
+            assert f"cannot reach http://127.0.0.1:{port}" in p.stderr and "offline" in p.stderr, p.stderr[-3000:]
+        print(f"W&B {variant}: {took:.0f} s, without W&B {plain_s:.0f} s")
+        assert took - plain_s <= 15, f"W&B ({variant}) added {took - plain_s:.0f} s to a {plain_s:.0f} s search"

@@ -1,0 +1,89 @@
+"""The W&B API key never lands in a file: search, report and replay with a known fake key, then
+every file under the results and output folders is read as bytes (pickles, W&B run files,
+checkpoints, TensorBoard events included) and searched for the key and its base64 forms."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_space
+
+FAKE_KEY = "f4k3" + "0123456789abcdef" * 2 + "cafe"  # 40 characters, like a real W&B key
+SPACE = """
+name: secret
+method: optuna
+num_samples: 2
+scheduler: none
+fixed:
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+  max_steps: 10
+  eval_interval: 5
+  eval_iters: 1
+  sample_tokens: 20
+space:
+  learning_rate: {loguniform: [1.0e-3, 2.0e-2]}
+"""
+
+
+def needles(secret: str) -> dict[str, bytes]:
+    """The key as text, UTF-16, and base64 (standard and URL-safe) at each of the three byte alignments."""
+    raw = secret.encode()
+    out = {"raw": raw, "utf-16-le": secret.encode("utf-16-le"), "hex": raw.hex().encode()}
+    for shift in range(3):
+        for name, enc in (("b64", base64.b64encode), ("b64url", base64.urlsafe_b64encode)):
+            coded = enc(b"\0" * shift + raw)
+            out[f"{name}+{shift}"] = coded[4 if shift else 0:-4]  # the part no neighbouring byte can change
+    return out
+
+
+def leaks(root: Path, secret: str) -> list[str]:
+    found = []
+    pats = needles(secret)
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            found += [f"{p.relative_to(root)} ({how})" for how, pat in pats.items() if pat in data]
+    return found
+
+
+def test_needles_find_a_key_however_it_is_written(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"token=" + FAKE_KEY.encode())
+    (tmp_path / "b.bin").write_bytes(b"xx" + base64.b64encode(b"k=" + FAKE_KEY.encode()) + b"yy")
+    (tmp_path / "c.json").write_text('{"clean": true}')
+    got = leaks(tmp_path, FAKE_KEY)
+    assert any(g.startswith("a.txt") for g in got) and any(g.startswith("b.bin (b64") for g in got)
+    assert not any(g.startswith("c.json") for g in got)
+
+
+@pytest.mark.slow
+def test_the_api_key_is_in_no_file_of_a_search_its_report_and_its_replay(tmp_path, corpus_file):
+    env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", PYTHONPATH=str(REPO),
+               WANDB_BASE_URL="http://127.0.0.1:9")  # offline anyway; never the real host
+    results, out = tmp_path / "results", tmp_path / "out"
+    space = write_space(tmp_path / "secret.yaml", SPACE)
+
+    def run(*args: str) -> None:
+        p = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert FAKE_KEY not in p.stdout + p.stderr
+
+    run("tune_gpt.search", "--space", str(space), "--storage-path", str(results), "--data", str(corpus_file))
+    exp = results / "secret"
+    run("tune_gpt.report", str(exp), "--out", str(out / "report"))
+    run("tune_gpt.replay", str(exp), "--max-steps", "10", "--output-dir", str(out / "replay"))
+
+    assert list((exp / "wandb").glob("offline-run-*")), "the trials' W&B runs are there to be searched"
+    assert list((out / "replay" / "wandb").glob("offline-run-*")), "so is the replay's"
+    assert list(exp.glob("**/*.pkl")) and list(out.glob("**/*.pt"))  # pickles and checkpoints searched too
+    assert leaks(results, FAKE_KEY) == []
+    assert leaks(out, FAKE_KEY) == []

@@ -128,6 +128,7 @@ SPACE_CASES = [
     ("space_missing", ["--space", "{bad}/no_such_space.yaml"], ["no_such_space.yaml", "no such file"]),
     ("space_is_a_directory", ["--space", "{bad}"], ["directory"]),
     ("space_not_utf8", ["--space", "{bad}/latin1.yaml"], ["latin1.yaml"]),
+    ("space_is_a_fifo", ["--space", "{bad}/fifo"], ["fifo", "not a regular file"]),  # reading it would hang
 ]
 
 FLAG_CASES = [
@@ -156,6 +157,7 @@ FLAG_CASES = [
     ("scheduler_pbt", ["--scheduler", "pbt"], ["--scheduler pbt"]),
     ("mode_unknown", ["--mode", "maximize"], ["--mode", "maximize"]),
     ("metric_unknown", ["--metric", "val/loos"], ["--metric", "val/loos"]),
+    ("metric_gpu_only_on_cpu", ["--metric", "mfu", "--mode", "max"], ["--metric", "mfu", "GPU"]),
     ("name_escapes", ["--name", "../elsewhere"], ["--name", "../elsewhere"]),
     ("optuna_storage_bad", ["--optuna-storage", "notaurl"], ["--optuna-storage", "notaurl"]),
     ("unknown_flag", ["--num-trials", "2"], ["--num-trials"]),

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, run_main
-from tune_gpt.config import FLAT_KEYS, RUNTIME_KEYS, TrainConfig
+from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
 from tune_gpt.spaces import Choice, Grid, SearchSpace, Uniform, check_domain_values, load_space, metric_name
 
@@ -39,6 +39,8 @@ SEARCHERS = ("optuna", "random", "grid")
 SCHEDULERS = ("asha", "median", "none", "pbt", "bohb")
 # Keys that must be the same in every trial: the corpus is tokenized once.
 CORPUS_KEYS = ("data", "use_chinese", "cache_dir")
+# Metrics a trial on the CPU never reports: they cannot be the objective there.
+GPU_ONLY_METRICS = ("mfu", "gpu/mem_gb", "gpu/util")
 # How a trial ended that a resumed search must not train again (its status file says so).
 DONE_STATUSES = ("finished", "diverged", "oom")
 # What a trial that diverged or ran out of memory reports last: the worst value there is, so that
@@ -113,6 +115,9 @@ class Plan:
             f"  objective    {self.metric} ({self.mode}), reported every {self.base_cfg.eval_interval} steps, "
             + (f"up to {self.max_evals} evaluations a trial" if self.max_evals else "until each trial's budget ends"),
             f"  resources    {res} per trial, concurrency {conc}",
+            f"  failures     retried {o.max_failures} time(s) from the last checkpoint; NaN/inf loss ends a trial "
+            "'diverged'; out of memory ends it 'oom'"
+            + (" after halving the micro-batch down to 1 (same effective batch)" if o.oom_retry else ""),
             f"  corpus       {self.base_cfg.data or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
         ]
         if o.time_budget:
@@ -210,6 +215,9 @@ def plan_search(opts: SearchOptions) -> Plan:
     mode = opts.mode or space.mode or "min"
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode: must be min or max, got {mode!r}")
+    if metric in GPU_ONLY_METRICS and opts.gpus_per_trial <= 0:
+        raise ConfigError(f"{'--metric' if opts.metric else space.source + ': metric'}: {metric} is only reported "
+                          "by trials on a GPU, and these run on the CPU (--gpus-per-trial 0); use val/loss")
 
     fixed = dict(space.fixed)
     for key in list(fixed):
@@ -385,14 +393,18 @@ class TuneReporter:
         self._restore_dirs.clear()
 
 
-def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = False) -> None:
+def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = False,
+              objective: tuple[str, str] = ("val/loss", "min")) -> None:
     """The Tune function trainable: build the config, call `train()`, record how it ended.
 
     How it ends, in ``tune_gpt_status.json`` and for Tune:
 
     - finished / early-stopped (ASHA) as usual;
-    - ``diverged`` (NaN/inf loss): the trial reports ``val/loss = inf`` and returns, so the
-      searcher and the scheduler count it as the worst result and Tune does not retry it;
+    - ``diverged`` (NaN/inf loss): the trial reports the worst value of every loss and of the
+      `objective` (``inf``, or ``-inf`` for a metric maximised) and returns, so the searcher and
+      the scheduler count it as the worst result and Tune does not retry it (Optuna takes inf as
+      a value; ASHA ranks it last, though a rung where the percentile falls next to it gets a NaN
+      cutoff and stops nobody that round);
     - ``oom``: the same, after `oom_retry` (half the micro-batch, twice the accumulation steps,
       from the last checkpoint) is exhausted or off; the retries are in the status file;
     - ``errored``: any other exception goes up to Tune, which retries the trial from its last
@@ -433,13 +445,13 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
             extra = _oom_info(exc.retries, exc.cfg)
             status = {"status": "oom", "message": str(exc), "steps": reporter.last_step,
                       "total_steps": reporter.total_steps}
-            _report_failed(reporter, "oom")
+            _report_failed(reporter, "oom", objective)
             return
         extra = _oom_info(retries, final_cfg) if retries else {}
         status = {"status": result.status, "message": result.message, "total_steps": reporter.total_steps,
                   "steps": result.steps}
         if result.status == "diverged":
-            _report_failed(reporter, "diverged", step=result.steps)
+            _report_failed(reporter, "diverged", objective, step=result.steps)
         if result.sample:
             _save_trial_file(trial_dir, "sample.txt", result.sample)
     except Exception as exc:
@@ -466,11 +478,13 @@ def _oom_info(retries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def _report_failed(reporter: "TuneReporter", why: str, step: int | None = None) -> None:
+def _report_failed(reporter: "TuneReporter", why: str, objective: tuple[str, str], step: int | None = None) -> None:
     """The last report of a trial that diverged or ran out of memory: the worst objective there is."""
     from ray import tune
 
-    tune.report({**FAILED_METRICS, "step": reporter.last_step if step is None else step, why: 1,
+    metric, mode = objective
+    worst = {metric: float("-inf") if mode == "max" else float("inf")}
+    tune.report({**FAILED_METRICS, **worst, "step": reporter.last_step if step is None else step, why: 1,
                  "total_steps": reporter.total_steps})
 
 
@@ -557,8 +571,8 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     quits at once.
 
     `trainable` replaces the function Tune runs for each trial (default: `tune_gpt.search.trainable`).
-    Tune calls it as ``trainable(config, corpus=..., oom_retry=...)``; a replacement should hand
-    over to `tune_gpt.search.trainable` with the same arguments. It is a hook for fault injection
+    Tune calls it as ``trainable(config, **kwargs)`` (``corpus``, ``oom_retry``, ``objective``); a
+    replacement should hand over to `tune_gpt.search.trainable` with the same arguments. It is a hook for fault injection
     (the test suite raises, runs out of memory or diverges inside trials through it) and for
     instrumentation; it must be picklable by Ray.
     """
@@ -609,7 +623,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
             print(plan.describe(), file=sys.stderr)
             print(f"corpus: {corpus.describe()}", file=sys.stderr)
         trainable_fn = tune.with_resources(
-            tune.with_parameters(fn, corpus=corpus, oom_retry=bool(opts.oom_retry)),
+            tune.with_parameters(fn, corpus=corpus, oom_retry=bool(opts.oom_retry), objective=(plan.metric, plan.mode)),
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
         with _stop_on_signals(stop, plan):
@@ -641,9 +655,17 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     finally:
         if started_ray:
             ray.shutdown()
-    if stop.signum is not None:
+    if stop.signum is not None and not _all_trials_ended(grid, plan):
         raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
     return _summarise(plan, grid, elapsed)
+
+
+def _all_trials_ended(grid: Any, plan: Plan) -> bool:
+    """Every planned trial ran to an end (a signal that came as the search was finishing changes nothing)."""
+    try:
+        return len(grid) >= plan.n_trials and grid.num_terminated + grid.num_errors == len(grid)
+    except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted
+        return False
 
 
 # ------------------------------------------------------------ interruption
@@ -851,8 +873,14 @@ def _scheduler(plan: Plan):
 def _run_config(plan: Plan):
     from ray import tune
 
+    from tune_gpt._tune_callbacks import KeepTrialResults, TrialTensorBoard
+
     opts = plan.opts
-    callbacks = []
+    callbacks: list[Any] = [KeepTrialResults()]  # a retried trial keeps every row of its history
+    try:
+        callbacks.append(TrialTensorBoard())  # instead of Tune's, which loads torch in the driver
+    except ImportError:
+        warnings.warn("tensorboard is not installed: no TensorBoard events for the trials (pip install tensorboard)")
     if opts.wandb:
         cb = wandb_callback(plan)
         if cb is not None:
@@ -860,7 +888,7 @@ def _run_config(plan: Plan):
     return tune.RunConfig(
         name=plan.name,
         storage_path=_storage_uri(opts.storage_path),
-        callbacks=callbacks or None,
+        callbacks=callbacks,
         failure_config=tune.FailureConfig(max_failures=opts.max_failures),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=plan.metric, checkpoint_score_order=plan.mode,

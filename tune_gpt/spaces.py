@@ -415,6 +415,10 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(f"{source}: no such file")
     if p.is_dir():
         raise SpaceError(f"{source}: is a directory, not a search-space file")
+    if not p.is_file():
+        raise SpaceError(f"{source}: not a regular file (a search space is a YAML file)")
+    if p.stat().st_size > 10_000_000:
+        raise SpaceError(f"{source}: {p.stat().st_size:,} bytes is far too large for a search-space file")
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

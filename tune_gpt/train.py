@@ -564,7 +564,19 @@ def main(argv: list[str] | None = None) -> int:
         corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
         from tune_gpt.tracking import default_reporters
 
-        result = train(cfg, default_reporters(cfg), corpus=corpus)
+        try:
+            result = train(cfg, default_reporters(cfg), corpus=corpus)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here
+            if not is_oom(exc):
+                raise
+            smaller = smaller_micro_batch(cfg)
+            again = " --resume" if (Path(cfg.output_dir).expanduser() / "checkpoint" / CKPT_NAME).is_file() else ""
+            hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
+                    f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
+                    if smaller is not None else "")
+            print(f"tune_gpt.train: out of memory at batch_size {cfg.batch_size} "
+                  f"({' '.join(str(exc).split())[:200]}){hint}", file=sys.stderr)
+            return 3
         print(f"output: {result.output_dir}", file=sys.stderr)
         return 0 if result.status == "finished" else 3
 

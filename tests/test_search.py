@@ -155,3 +155,18 @@ def test_existing_experiment_needs_resume(finished_search):
 
 
 # SIGKILL / SIGINT of the driver and --resume: tests/test_faults.py (test_driver_interrupted_...)
+
+
+def test_random_search_repeats_with_its_seed(ray_session, tmp_path, corpus_file):
+    """--search random --seed N draws the same trials again (and another seed draws others)."""
+    def drawn(seed: int, name: str) -> list[tuple]:
+        out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=3, steps=1, every=1)), name=name, search="random",
+                                       seed=seed, scheduler="none", storage_path=str(tmp_path / "r"), wandb=False,
+                                       report=False, overrides={"data": str(corpus_file)}, verbose=0))
+        params = [json.loads((d / "params.json").read_text()) for d in trial_dirs(out.experiment_dir)]
+        return sorted((p["learning_rate"], p["batch_size"]) for p in params)
+
+    first = drawn(7, "a")
+    assert len(first) == 3
+    assert drawn(7, "b") == first
+    assert drawn(8, "c") != first

@@ -110,7 +110,8 @@ class Plan:
             "plan:",
             f"  experiment   {self.experiment_dir}",
             f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else ""),
-            f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first)" if self.searcher == "optuna" else ""),
+            f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first)" if self.searcher == "optuna"
+                                                else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",
             f"  objective    {self.metric} ({self.mode}), reported every {self.base_cfg.eval_interval} steps, "
             + (f"up to {self.max_evals} evaluations a trial" if self.max_evals else "until each trial's budget ends"),
@@ -837,9 +838,15 @@ def _tune_config(plan: Plan):
             kwargs["study_name"] = plan.name
         search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
                                   points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
+    max_concurrent = opts.max_concurrent
+    if search_alg is None:  # random and grid: Tune's generator, seeded so that --seed repeats a random search
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(max_concurrent=opts.max_concurrent or 0, random_state=opts.seed)
+        max_concurrent = None  # the generator applies it (Tune would ignore it, with a warning)
     return tune.TuneConfig(
         metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=_scheduler(plan),
-        num_samples=plan.num_samples, max_concurrent_trials=opts.max_concurrent,
+        num_samples=plan.num_samples, max_concurrent_trials=max_concurrent,
         time_budget_s=opts.time_budget, trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname,
         reuse_actors=True,  # a worker imports torch once, not once per trial
     )

@@ -1,0 +1,221 @@
+"""Search efficiency: the best val loss reached against the compute spent, for four ways to search.
+
+    python benchmarks/search_efficiency.py [--steps 300] [--seeds 0 1 2] [--record]
+
+Every search trains the `tiny` preset on tinyshakespeare for a fixed per-trial budget of
+`--steps` steps (evaluated every tenth of it), two 1-CPU trials at a time, through
+`tune_gpt.search.run_search` — the product, not a simulation:
+
+- grid: the current guide's sweep shape, 3 learning rates x 3 batch sizes (9 trials);
+- random: 9 trials drawn from the same region (learning rate log-uniform over the grid's range,
+  batch size one of the grid's), no early stopping;
+- optuna: 9 trials of Optuna's TPE (multivariate) over that region, no early stopping;
+- optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early.
+
+Compute is training steps summed over trials (the issue's measure; evaluation is excluded).
+Each trial trains with the same seed, so the grid is deterministic and the searches differ by
+the searcher's seed only. A search's curve is the best val loss reported so far against the
+steps spent so far, over its reports in the order they arrived. The bar: in the median over the
+seeds, Optuna+ASHA comes within 1 % of the grid's best val loss having spent <= 40 % of the
+grid's steps.
+
+Writes `curves.json`, `search_efficiency.png` and the table to `--out`; `--record` also appends
+the table to docs/BENCHMARKS.md and copies the plot to docs/search_efficiency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+BATCH_SIZES = (8, 16, 32)
+METHODS = ("grid", "random", "optuna", "optuna+asha")
+
+
+def fixed(steps: int, data: str) -> dict:
+    return {"data": data, "model_size": "tiny", "max_steps": steps, "eval_interval": max(1, steps // 10),
+            "eval_iters": 10, "sample_tokens": 0, "seed": 1337}
+
+
+def space_file(method: str, steps: int, data: str, samples: int, asha: dict, folder: Path) -> Path:
+    if method == "grid":
+        space = {"learning_rate": {"grid": list(LEARNING_RATES)}, "batch_size": {"grid": list(BATCH_SIZES)}}
+    else:
+        space = {"learning_rate": {"loguniform": [min(LEARNING_RATES), max(LEARNING_RATES)]},
+                 "batch_size": {"choice": list(BATCH_SIZES)}}
+    doc = {"name": method.replace("+", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
+           "metric": "val/loss", "mode": "min", "num_samples": 1 if method == "grid" else samples,
+           "scheduler": {"type": "asha", **asha} if method == "optuna+asha" else {"type": "none"},
+           "fixed": fixed(steps, data), "space": space}
+    path = folder / f"{doc['name']}.yaml"
+    path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
+    return path
+
+
+def curve(experiment: Path) -> dict:
+    """The search's reports in arrival order -> cumulative steps and best val loss so far."""
+    reports = []
+    for trial in sorted(experiment.glob("trial_*")):
+        f = trial / "result.json"
+        if not f.is_file():
+            continue
+        params = json.loads((trial / "params.json").read_text())
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            reports.append((r["timestamp"], r.get("time_total_s", 0.0), trial.name, r["step"], r["val/loss"], params))
+    reports.sort(key=lambda r: (r[0], r[1]))
+    last_step: dict[str, int] = {}
+    spent, best, best_params, xs, ys = 0, math.inf, None, [], []
+    for _, _, name, step, loss, params in reports:
+        spent += step - last_step.get(name, 0)
+        last_step[name] = step
+        if loss < best:
+            best, best_params = loss, {k: params[k] for k in ("learning_rate", "batch_size")}
+        xs.append(spent)
+        ys.append(best)
+    return {"steps": xs, "best": ys, "trials": len(last_step), "best_params": best_params}
+
+
+def steps_to_reach(c: dict, target: float) -> float:
+    """Steps spent when the search first reported a val loss <= target (inf: never)."""
+    return next((s for s, b in zip(c["steps"], c["best"]) if b <= target), math.inf)
+
+
+def run_all(args: argparse.Namespace, out: Path) -> dict:
+    import ray
+
+    from tune_gpt.search import SearchOptions, run_search
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    asha = {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor}
+    curves: dict[str, dict] = {}
+    try:
+        for method in args.methods:
+            seeds = [0] if method == "grid" else args.seeds  # the grid has nothing random in it
+            for seed in seeds:
+                samples = args.asha_samples if method == "optuna+asha" else len(LEARNING_RATES) * len(BATCH_SIZES)
+                space = space_file(method, args.steps, args.data, samples, asha, out)
+                t0 = time.perf_counter()
+                res = run_search(SearchOptions(space=str(space), name=f"{space.stem}_s{seed}", storage_path=str(out / "runs"),
+                                               seed=seed, cpus_per_trial=1, max_concurrent=2, wandb=False,
+                                               report=False, verbose=0))
+                c = curve(Path(res.experiment_dir))
+                c["wall_s"] = time.perf_counter() - t0
+                curves[f"{method}/{seed}"] = c
+                print(f"{method:12s} seed {seed}: best {c['best'][-1]:.4f} after {c['steps'][-1]:,} steps "
+                      f"({c['trials']} trials, {c['wall_s']:.0f} s) {c['best_params']}", flush=True)
+    finally:
+        ray.shutdown()
+    return curves
+
+
+def summarise(curves: dict, steps: int) -> tuple[str, dict]:
+    grid = curves["grid/0"]
+    grid_best, grid_steps = grid["best"][-1], grid["steps"][-1]
+    target = grid_best * 1.01
+    rows, figures = [], {}
+    for method in METHODS:
+        runs = [c for k, c in curves.items() if k.split("/")[0] == method]
+        if not runs:
+            continue
+        reach = [steps_to_reach(c, target) / grid_steps for c in runs]
+        med = statistics.median(reach)
+        figures[method] = {"median_fraction_to_reach": med, "fractions": reach}
+        best = [c["best"][-1] for c in runs]
+        rows.append(f"| {method} | {len(runs)} | {statistics.median(best):.4f} ({min(best):.4f}–{max(best):.4f}) | "
+                    f"{statistics.median(c['steps'][-1] for c in runs) / grid_steps:.0%} | "
+                    + (f"{med:.0%}" if math.isfinite(med) else "not reached")
+                    + f" ({', '.join('—' if not math.isfinite(r) else f'{r:.0%}' for r in reach)}) |")
+    table = "\n".join([
+        f"per trial: tiny preset, {steps} steps, evaluation every {max(1, steps // 10)}; grid = "
+        f"{len(LEARNING_RATES)} learning rates {list(LEARNING_RATES)} x batch sizes {list(BATCH_SIZES)} = "
+        f"{grid_steps:,} steps; grid best {grid_best:.4f} at {grid['best_params']}; target (within 1 %) {target:.4f}",
+        "",
+        "| method | seeds | best val loss, median (range) | steps spent / grid's | steps to reach the target / grid's, median (each seed) |",
+        "|---|---|---|---|---|", *rows,
+    ])
+    asha = figures.get("optuna+asha")
+    if asha:
+        ok = asha["median_fraction_to_reach"] <= 0.40
+        table += (f"\n\nbar (Optuna+ASHA within 1 % of the grid's best having spent <= 40 % of its steps, median): "
+                  f"{'met' if ok else 'NOT met'} ({asha['median_fraction_to_reach']:.0%})")
+    return table, figures
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"grid": "black", "random": "tab:orange", "optuna": "tab:blue", "optuna+asha": "tab:green"}
+    grid = curves["grid/0"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    seen = set()
+    for key, c in curves.items():
+        method = key.split("/")[0]
+        ax.step(c["steps"], c["best"], where="post", color=colours[method], lw=2.2 if method == "grid" else 1.2,
+                alpha=1.0 if method == "grid" else 0.75, label=None if method in seen else method)
+        seen.add(method)
+    target = grid["best"][-1] * 1.01
+    ax.axhline(target, color="grey", ls="--", lw=1, label="grid best + 1 %")
+    ax.axvline(0.4 * grid["steps"][-1], color="grey", ls=":", lw=1, label="40 % of the grid's steps")
+    lo = min(min(c["best"]) for c in curves.values())
+    ax.set_ylim(lo - 0.05, target + 0.6)
+    ax.set_xlabel("training steps spent (summed over trials)")
+    ax.set_ylabel("best val loss so far")
+    ax.set_title("Search efficiency: tiny GPT on tinyshakespeare")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300, help="per-trial budget in training steps")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--asha-samples", type=int, default=16)
+    ap.add_argument("--grace-period", type=int, default=2, help="ASHA: evaluations before a trial can be stopped")
+    ap.add_argument("--reduction-factor", type=float, default=3)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--out", default=None, help="folder for curves.json, the plot and the runs (default: a temp dir)")
+    ap.add_argument("--record", action="store_true")
+    args = ap.parse_args()
+    if "grid" not in args.methods:
+        ap.error("--methods must include grid (the reference)")
+    out = Path(args.out or tempfile.mkdtemp(prefix="search_efficiency_"))
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    curves = run_all(args, out)
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    table, _ = summarise(curves, args.steps)
+    plot(curves, out / "search_efficiency.png")
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"curves, plot and runs in {out}")
+    if args.record:
+        from train_speed import _record
+
+        shutil.copy(out / "search_efficiency.png", REPO / "docs" / "search_efficiency.png")
+        _record("Search efficiency", table + "\n\n![best val loss against steps spent](search_efficiency.png)",
+                "benchmarks/search_efficiency.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,7 @@ def main() -> None:
         f"| one-trial search, after Ray start-up | {s1['search_s']:.1f} s |",
         f"| Ray start-up (ray.init) | {s1['ray_init_s']:.1f} s |",
         f"| search / direct | {overhead:.2f}x (bar: <= 1.10x) |",
+        f"| search - direct: the search's fixed cost beyond Ray's start-up | {s1['search_s'] - d['wall_s']:+.1f} s |",
         f"| 2 trials one at a time, 2 CPUs each: aggregate tokens/s | {seq['aggregate_tokens_per_s']:,.0f} |",
         f"| 2 trials at once, 1 CPU each: aggregate tokens/s | {par['aggregate_tokens_per_s']:,.0f} |",
         f"| packing gain | {packing:.2f}x (bar: >= 1.5x) |",

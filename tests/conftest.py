@@ -77,16 +77,21 @@ def write_space(path: Path, body: str) -> Path:
     return path
 
 
+# The smallest GPT that still learns the test corpus: a line of every test search space.
+TINY_MODEL = """\
+  model.n_layer: 1
+  model.n_head: 2
+  model.n_embd: 16
+  model.block_size: 16
+"""
+
 TINY_SPACE = """
 name: tiny
 method: optuna
 num_samples: {n}
 scheduler: {{type: asha, grace_period: 1, reduction_factor: 2}}
 fixed:
-  model.n_layer: 1
-  model.n_head: 2
-  model.n_embd: 16
-  model.block_size: 16
+""" + TINY_MODEL + """\
   max_steps: {steps}
   eval_interval: {every}
   eval_iters: 2
@@ -95,6 +100,17 @@ space:
   learning_rate: {{loguniform: [1.0e-3, 2.0e-2]}}
   batch_size: {{choice: [4, 8]}}
 """
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused at once)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def tiny_space(tmp_path: Path, n: int = 4, steps: int = 20, every: int = 5) -> Path:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_SPACE, make_text
+from conftest import REPO, TINY_SPACE, closed_port, make_text
 
 GOOD = TINY_SPACE.format(n=2, steps=10, every=5)  # block_size 16, n_embd 16, n_head 2
 
@@ -37,13 +36,6 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     return lines[0]
 
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ------------------------------------------------------------------ the files

@@ -25,3 +25,46 @@ def test_gpu_sh_dry_run_writes_its_tables(tmp_path, corpus_file):
     assert [(r["size"], r["trials"]) for r in res["packing"]] == [("tiny", 1), ("tiny", 2)]
     assert all(r.get("aggregate_tokens_per_s", 0) > 0 for r in res["packing"]), res["packing"]
     assert "tokens/s" in (out / "gpu_speed.md").read_text() and "aggregate" in (out / "gpu_packing.md").read_text()
+
+
+def _fake_search(folder, trials):
+    """An experiment folder as run_search leaves it: per trial, params.json and result.json rows."""
+    for name, params, rows in trials:
+        d = folder / name
+        d.mkdir(parents=True)
+        (d / "params.json").write_text(json.dumps(params))
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_search_efficiency_counts_steps_in_arrival_order_and_finds_the_target(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import search_efficiency as se
+
+    def row(t, step, loss):
+        return {"timestamp": t, "time_total_s": 0.0, "step": step, "val/loss": loss}
+
+    a = {"learning_rate": 1e-3, "batch_size": 8}
+    b = {"learning_rate": 3e-3, "batch_size": 32}
+    # two trials at once: a reports at t=1, 3, 5; b (stopped early, then its best) at t=2, 4
+    exp = _fake_search(tmp_path / "s", [("trial_a", a, [row(1, 10, 3.0), row(3, 20, 2.8), row(5, 30, 2.7)]),
+                                        ("trial_b", b, [row(2, 10, 2.9), row(4, 20, 2.5)])])
+    c = se.curve(exp)
+    assert c["steps"] == [10, 20, 30, 40, 50]  # steps summed over trials, in the order reports came
+    assert c["best"] == [3.0, 2.9, 2.8, 2.5, 2.5]
+    assert c["best_params"] == b and c["trials"] == 2
+    assert se.steps_to_reach(c, 2.9) == 20 and se.steps_to_reach(c, 2.0) == float("inf")
+
+    grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": a}
+    table, figures = se.summarise({"grid/0": grid, "optuna+asha/0": c,
+                                   "optuna+asha/1": {**c, "best": [3.0] * 5}}, steps=30)
+    # the target is 2.4 * 1.01 = 2.424: neither search gets there
+    assert figures["optuna+asha"]["fractions"] == [float("inf"), float("inf")]
+    assert "NOT met" in table
+    close = {**c, "best": [3.0, 2.9, 2.42, 2.42, 2.42]}  # within 1 % after 30 of the grid's 90 steps
+    table, figures = se.summarise({"grid/0": grid, "optuna+asha/0": close, "optuna+asha/1": close,
+                                   "optuna+asha/2": c}, steps=30)
+    assert figures["optuna+asha"]["median_fraction_to_reach"] == pytest.approx(30 / 90)
+    assert "bar" in table and ": met (33%)" in table

@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_space
+from conftest import REPO, TINY_MODEL, closed_port, tiny_space, write_space
 from tune_gpt.search import STATUS_FILE, SearchOptions, run_search
 
 SEED = int(os.environ.get("TUNE_GPT_FAULT_SEED", "20240611"))  # the random fault steps and kill moments
@@ -77,10 +76,7 @@ name: {name}
 method: grid
 scheduler: none
 fixed:
-  model.n_layer: 1
-  model.n_head: 2
-  model.n_embd: 16
-  model.block_size: 16
+""" + TINY_MODEL + """\
   max_steps: 20
   eval_interval: 5
   eval_iters: 1
@@ -226,10 +222,7 @@ method: optuna
 num_samples: 4
 scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
 fixed:
-  model.n_layer: 1
-  model.n_head: 2
-  model.n_embd: 16
-  model.block_size: 16
+""" + TINY_MODEL + """\
   max_steps: 20
   eval_interval: 5
   eval_iters: 1
@@ -415,24 +408,6 @@ def test_oom_retry_flag_reaches_the_search_options():
 # ------------------------------------------------- 4. the driver interrupted
 
 
-DRIVER_SPACE = """
-name: {name}
-method: optuna
-num_samples: 4
-fixed:
-  model.n_layer: 1
-  model.n_head: 2
-  model.n_embd: 16
-  model.block_size: 16
-  max_steps: {steps}
-  eval_interval: {every}
-  eval_iters: 2
-  sample_tokens: 20
-space:
-  learning_rate: {{loguniform: [1.0e-3, 2.0e-2]}}
-  batch_size: {{choice: [4, 8]}}
-"""
-
 
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
@@ -480,7 +455,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
     it is in a real search; a 20-second search restarted three times cannot stay within 2.5x."""
     STEPS = 3000
     rng = random.Random(SEED)
-    space = write_space(tmp_path / "drv.yaml", DRIVER_SPACE.format(name="drv", steps=STEPS, every=STEPS // 12))
+    space = tiny_space(tmp_path, n=4, steps=STEPS, every=STEPS // 12)  # without ASHA: --scheduler none
     base = ["--max-concurrent", "1", "--no-wandb", "--no-report", "--scheduler", "none", "-q"]
 
     t0 = time.perf_counter()
@@ -587,8 +562,7 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
 
     from tune_gpt.search import _write_experiment_file, plan_search
 
-    opts = SearchOptions(space=str(write_space(tmp_path / "early.yaml", DRIVER_SPACE.format(name="early", steps=5,
-                                                                                              every=5))),
+    opts = SearchOptions(space=str(tiny_space(tmp_path, steps=5, every=5)),
                          storage_path=str(tmp_path / "r"), num_samples=2, scheduler="none", wandb=False,
                          report=False, overrides={"data": str(corpus_file)}, verbose=0)
     plan = plan_search(opts)
@@ -602,14 +576,6 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
 
 # ------------------------------------------------------------ 5. W&B unreachable
 
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connections are refused at once)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wandb_env(tmp: Path, port: int, key: str | None) -> dict:
@@ -626,13 +592,13 @@ def wandb_env(tmp: Path, port: int, key: str | None) -> dict:
 
 @pytest.mark.slow
 def test_unreachable_wandb_host_costs_little_and_says_how_to_sync(tmp_path, corpus_file):
-    space = write_space(tmp_path / "wb.yaml", DRIVER_SPACE.format(name="wb", steps=10, every=5).replace(
-        "num_samples: 4", "num_samples: 2"))
+    space = tiny_space(tmp_path, n=2, steps=10, every=5)
     port = closed_port()
 
     def run(name: str, env: dict, *extra: str) -> tuple[float, subprocess.CompletedProcess]:
         t = time.perf_counter()
-        p = subprocess.run(search_cmd(space, tmp_path / "r", corpus_file, "--name", name, "--no-report", *extra),
+        p = subprocess.run(search_cmd(space, tmp_path / "r", corpus_file, "--name", name, "--no-report",
+                                      "--scheduler", "none", *extra),
                            env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         return time.perf_counter() - t, p

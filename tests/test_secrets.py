@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_space
+from conftest import REPO, TINY_MODEL, write_space
 
 FAKE_KEY = "f4k3" + "0123456789abcdef" * 2 + "cafe"  # 40 characters, like a real W&B key
 SPACE = """
@@ -21,10 +21,7 @@ method: optuna
 num_samples: 2
 scheduler: none
 fixed:
-  model.n_layer: 1
-  model.n_head: 2
-  model.n_embd: 16
-  model.block_size: 16
+""" + TINY_MODEL + """\
   max_steps: 10
   eval_interval: 5
   eval_iters: 1

@@ -509,3 +509,18 @@ def test_real_ray_experiment(tmp_path, ray_session):
             warnings.simplefilter("ignore")
             out = report.write_report(where)
         assert (out / "report.html").read_text().count(IMG) == 3
+
+
+def test_search_summary_counts_trials_as_the_report_classifies_them(tmp_path):
+    """A trial ASHA stopped as the search ended has no status file; the summary still calls it early-stopped."""
+    from fake_experiment import FakeTrial, make_experiment
+
+    from tune_gpt.search import _status_counts
+
+    exp = make_experiment(tmp_path, [
+        FakeTrial(1e-3, 8, "finished", [3.0, 2.5, 2.2]),
+        FakeTrial(3e-3, 8, "early-stopped", [3.1], status_file=False),
+        FakeTrial(3e-4, 16, "diverged", [3.2, float("nan")], error="loss is nan at step 20"),
+        FakeTrial(2e-3, 16, "errored", [3.0], error="RuntimeError: boom"),
+    ])
+    assert _status_counts(exp) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"

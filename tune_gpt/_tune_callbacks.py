@@ -17,6 +17,7 @@ uploads the two files the moment a trial fails, before Tune restarts it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +121,6 @@ class TrialTensorBoard(TBXLoggerCallback):
         writer.close()
 
     def _write(self, trial: Any, summary: Any, step: int, writer: Any = None) -> None:
-        import time
-
         from tensorboard.compat.proto.event_pb2 import Event
 
         (writer or self._writers[trial]).add_event(Event(wall_time=time.time(), step=step, summary=summary))

@@ -1086,20 +1086,20 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
 
 
 def _status_counts(exp_dir: Any) -> str:
-    """"3 finished, 1 diverged" from the trials' status files (local experiments only)."""
+    """"3 finished, 1 diverged": how the trials ended, as the report classifies them (local experiments only).
+
+    The report's classification, not the trials' status files alone: a trial that ASHA stopped as the
+    search ended has no status file (Ray ended its worker before the trial could write one).
+    """
     if not isinstance(exp_dir, Path):
         return ""
-    from collections import Counter
+    try:
+        from tune_gpt.report import STATUSES, load_results
 
-    seen: Counter = Counter()
-    for d in sorted(exp_dir.glob("trial_*")):
-        try:
-            seen[str(json.loads((d / STATUS_FILE).read_text()).get("status"))] += 1
-        except (OSError, ValueError, AttributeError):
-            if (d / "error.txt").is_file():
-                seen["errored"] += 1
-    order = ("finished", "early-stopped", "diverged", "oom", "errored")
-    return ", ".join(f"{seen[k]} {k}" for k in (*order, *sorted(set(seen) - set(order))) if seen[k])
+        seen = load_results(exp_dir)["status"].value_counts()
+    except Exception:  # noqa: BLE001 - only a summary line: never let it fail a search that ran
+        return ""
+    return ", ".join(f"{seen[k]} {k}" for k in (*STATUSES, *sorted(set(seen.index) - set(STATUSES))) if k in seen)
 
 
 def _short(v: Any) -> str:

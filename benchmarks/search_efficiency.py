@@ -7,8 +7,8 @@ Every search trains the `tiny` preset on tinyshakespeare for a fixed per-trial b
 `tune_gpt.search.run_search` — the product, not a simulation:
 
 - grid: the current guide's sweep shape, 3 learning rates x 3 batch sizes (9 trials);
-- random: 9 trials drawn from the same region (learning rate log-uniform over the grid's range,
-  batch size one of the grid's), no early stopping;
+- random: 9 trials drawn from the same region (learning rate log-uniform between the grid's
+  lowest and highest, `--learning-rates`; batch size one of the grid's), no early stopping;
 - optuna: 9 trials of Optuna's TPE (multivariate) over that region, no early stopping;
 - optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early.
 
@@ -20,7 +20,9 @@ seeds, Optuna+ASHA comes within 1 % of the grid's best val loss having spent <= 
 grid's steps.
 
 Writes `curves.json`, `search_efficiency.png` and the table to `--out`; `--record` also appends
-the table to docs/BENCHMARKS.md and copies the plot to docs/search_efficiency.png.
+the table to docs/BENCHMARKS.md and copies the plot to docs/search_efficiency.png. `--curves A.json
+B.json` runs nothing: it merges earlier runs of the same settings (e.g. the methods run in two
+parts) into one table and plot.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ def fixed(steps: int, data: str) -> dict:
             "eval_iters": 10, "sample_tokens": 0, "seed": 1337}
 
 
-def space_file(method: str, steps: int, data: str, samples: int, asha: dict, folder: Path) -> Path:
+def space_file(method: str, steps: int, data: str, samples: int, asha: dict, folder: Path,
+               lrs: tuple = LEARNING_RATES) -> Path:
     if method == "grid":
-        space = {"learning_rate": {"grid": list(LEARNING_RATES)}, "batch_size": {"grid": list(BATCH_SIZES)}}
+        space = {"learning_rate": {"grid": list(lrs)}, "batch_size": {"grid": list(BATCH_SIZES)}}
     else:
-        space = {"learning_rate": {"loguniform": [min(LEARNING_RATES), max(LEARNING_RATES)]},
+        space = {"learning_rate": {"loguniform": [min(lrs), max(lrs)]},
                  "batch_size": {"choice": list(BATCH_SIZES)}}
     doc = {"name": method.replace("+", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
            "metric": "val/loss", "mode": "min", "num_samples": 1 if method == "grid" else samples,
@@ -107,8 +110,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
         for method in args.methods:
             seeds = [0] if method == "grid" else args.seeds  # the grid has nothing random in it
             for seed in seeds:
-                samples = args.asha_samples if method == "optuna+asha" else len(LEARNING_RATES) * len(BATCH_SIZES)
-                space = space_file(method, args.steps, args.data, samples, asha, out)
+                samples = args.asha_samples if method == "optuna+asha" else len(args.learning_rates) * len(BATCH_SIZES)
+                space = space_file(method, args.steps, args.data, samples, asha, out, tuple(args.learning_rates))
                 t0 = time.perf_counter()
                 res = run_search(SearchOptions(space=str(space), name=f"{space.stem}_s{seed}", storage_path=str(out / "runs"),
                                                seed=seed, cpus_per_trial=1, max_concurrent=2, wandb=False,
@@ -123,7 +126,19 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     return curves
 
 
-def summarise(curves: dict, steps: int) -> tuple[str, dict]:
+def merge_curves(curves: dict, more: dict, source: str) -> dict:
+    """Two runs' curves in one; their grids must have ended alike (the grid is deterministic), else the
+    runs had different settings and cannot share a table."""
+    a, b = curves.get("grid/0"), more.get("grid/0")
+    if b is None:
+        raise SystemExit(f"{source}: no grid curve in it")
+    if a is not None and (abs(a["best"][-1] - b["best"][-1]) > 1e-6 or a["steps"][-1] != b["steps"][-1]):
+        raise SystemExit(f"{source}: its grid ended at {b['best'][-1]:.4f} after {b['steps'][-1]} steps, another run's at "
+                         f"{a['best'][-1]:.4f} after {a['steps'][-1]}: not the same settings")
+    return {**curves, **more}
+
+
+def summarise(curves: dict, steps: int, lrs: tuple = LEARNING_RATES) -> tuple[str, dict]:
     grid = curves["grid/0"]
     grid_best, grid_steps = grid["best"][-1], grid["steps"][-1]
     target = grid_best * 1.01
@@ -142,7 +157,7 @@ def summarise(curves: dict, steps: int) -> tuple[str, dict]:
                     + f" ({', '.join('—' if not math.isfinite(r) else f'{r:.0%}' for r in reach)}) |")
     table = "\n".join([
         f"per trial: tiny preset, {steps} steps, evaluation every {max(1, steps // 10)}; grid = "
-        f"{len(LEARNING_RATES)} learning rates {list(LEARNING_RATES)} x batch sizes {list(BATCH_SIZES)} = "
+        f"{len(lrs)} learning rates {list(lrs)} x batch sizes {list(BATCH_SIZES)} = "
         f"{grid_steps:,} steps; grid best {grid_best:.4f} at {grid['best_params']}; target (within 1 %) {target:.4f}",
         "",
         "| method | seeds | best val loss, median (range) | steps spent / grid's | steps to reach the target / grid's, median (each seed) |",
@@ -192,9 +207,13 @@ def main() -> None:
     ap.add_argument("--asha-samples", type=int, default=16)
     ap.add_argument("--grace-period", type=int, default=2, help="ASHA: evaluations before a trial can be stopped")
     ap.add_argument("--reduction-factor", type=float, default=3)
+    ap.add_argument("--learning-rates", type=float, nargs="+", default=list(LEARNING_RATES),
+                    help="the grid's learning rates; the other methods search log-uniformly between their min and max")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=None, help="folder for curves.json, the plot and the runs (default: a temp dir)")
+    ap.add_argument("--curves", nargs="+", metavar="CURVES_JSON",
+                    help="run nothing: merge these runs' curves.json (same settings, matching grids), tabulate and plot")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
     if "grid" not in args.methods:
@@ -202,9 +221,14 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="search_efficiency_"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    curves = run_all(args, out)
+    if args.curves:
+        curves: dict = {}
+        for f in args.curves:
+            curves = merge_curves(curves, json.loads(Path(f).read_text()), f)
+    else:
+        curves = run_all(args, out)
     (out / "curves.json").write_text(json.dumps(curves, indent=1))
-    table, _ = summarise(curves, args.steps)
+    table, _ = summarise(curves, args.steps, tuple(args.learning_rates))
     plot(curves, out / "search_efficiency.png")
     (out / "table.md").write_text(table + "\n")
     print(table)

@@ -68,3 +68,21 @@ def test_search_efficiency_counts_steps_in_arrival_order_and_finds_the_target(tm
                                    "optuna+asha/2": c}, steps=30)
     assert figures["optuna+asha"]["median_fraction_to_reach"] == pytest.approx(30 / 90)
     assert "bar" in table and ": met (33%)" in table
+
+
+def test_search_efficiency_merges_runs_only_when_their_grids_agree(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import search_efficiency as se
+
+    grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": {}, "trials": 3}
+    run1 = {"grid/0": grid, "optuna+asha/0": {**grid, "best": [2.7, 2.5, 2.3]}}
+    run2 = {"grid/0": dict(grid), "random/0": {**grid, "best": [2.9, 2.8, 2.7]}}
+    merged = se.merge_curves(se.merge_curves({}, run1, "a.json"), run2, "b.json")
+    assert set(merged) == {"grid/0", "optuna+asha/0", "random/0"}
+    other = {"grid/0": {**grid, "best": [2.6, 2.5, 2.2]}}  # a different grid: other settings
+    with pytest.raises(SystemExit, match="b.json: its grid ended at 2.2000"):
+        se.merge_curves(merged, other, "b.json")
+    with pytest.raises(SystemExit, match="c.json: no grid curve"):
+        se.merge_curves(merged, {"random/0": grid}, "c.json")

@@ -152,6 +152,17 @@ def _summary(name: str, dts: list[float]) -> dict:
             "mean_ms": statistics.fmean(dts) * 1000}
 
 
+def paired_speedups(rows: list[dict]) -> list[float]:
+    """nanogpt-loop ms / tune_gpt ms for each round (the two runs made back to back).
+
+    The machine's speed drifts by more than the gap being measured, so the best of each side
+    can pair a lucky run with an unlucky one; the median of the rounds' own ratios is steadier.
+    """
+    ref = [r["median_ms"] for r in rows if r["name"] == "nanogpt-loop"]
+    ours = [r["median_ms"] for r in rows if r["name"] == "tune_gpt"]
+    return [a / b for a, b in zip(ref, ours)]
+
+
 def _child(kind: str, args: argparse.Namespace) -> dict:
     """Each measurement in a fresh process, so neither side inherits the other's warm state."""
     code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import train_speed as b; "
@@ -185,6 +196,10 @@ def main() -> None:
     lines = ["| loop | median ms/step | tokens/s | speed-up vs nanogpt-loop |", "|---|---|---|---|"]
     for r in best.values():
         lines.append(f"| {r['name']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ref / r['median_ms']:.2f}x |")
+    pairs = paired_speedups(rows)
+    lines.append("")
+    lines.append(f"speed-up round by round (each nanogpt-loop run against the tune_gpt run after it): "
+                 f"{', '.join(f'{p:.2f}x' for p in pairs)}; median **{statistics.median(pairs):.2f}x**")
     table = "\n".join(lines)
     print(table)
     print("all rounds: " + ", ".join(f"{r['name']} {r['median_ms']:.1f} ms" for r in rows))

@@ -86,3 +86,15 @@ def test_search_efficiency_merges_runs_only_when_their_grids_agree(tmp_path):
         se.merge_curves(merged, other, "b.json")
     with pytest.raises(SystemExit, match="c.json: no grid curve"):
         se.merge_curves(merged, {"random/0": grid}, "c.json")
+
+
+def test_train_speed_pairs_each_round_with_its_own_reference_run():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_speed as ts
+
+    rows = [{"name": "nanogpt-loop", "median_ms": 80.0}, {"name": "tune_gpt", "median_ms": 64.0},
+            {"name": "nanogpt-loop", "median_ms": 63.0}, {"name": "tune_gpt", "median_ms": 70.0}]
+    # best-of would pair 63 with 64 (0.98x); round by round it is 1.25x then 0.90x
+    assert ts.paired_speedups(rows) == [1.25, 0.9]

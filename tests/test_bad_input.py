@@ -37,7 +37,6 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-
 # ------------------------------------------------------------------ the files
 
 

@@ -408,7 +408,6 @@ def test_oom_retry_flag_reaches_the_search_options():
 # ------------------------------------------------- 4. the driver interrupted
 
 
-
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
     env.update(extra)
@@ -575,7 +574,6 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
 
 
 # ------------------------------------------------------------ 5. W&B unreachable
-
 
 
 def wandb_env(tmp: Path, port: int, key: str | None) -> dict:

@@ -90,7 +90,8 @@ def curve(experiment: Path) -> dict:
             best, best_params = loss, {k: params[k] for k in ("learning_rate", "batch_size")}
         xs.append(spent)
         ys.append(best)
-    return {"steps": xs, "best": ys, "trials": len(last_step), "best_params": best_params}
+    lrs = sorted({params["learning_rate"] for *_, params in reports})  # the grid's: its table header
+    return {"steps": xs, "best": ys, "trials": len(last_step), "best_params": best_params, "learning_rates": lrs}
 
 
 def steps_to_reach(c: dict, target: float) -> float:
@@ -139,7 +140,10 @@ def merge_curves(curves: dict, more: dict, source: str) -> dict:
 
 
 def summarise(curves: dict, steps: int, lrs: tuple = LEARNING_RATES) -> tuple[str, dict]:
+    """The table and the bar's figures. The grid's learning rates come from its own trials; `lrs`
+    only stands in for curves.json files written before curves recorded them."""
     grid = curves["grid/0"]
+    lrs = tuple(grid.get("learning_rates") or lrs)
     grid_best, grid_steps = grid["best"][-1], grid["steps"][-1]
     target = grid_best * 1.01
     rows, figures = [], {}

@@ -54,7 +54,7 @@ def test_search_efficiency_counts_steps_in_arrival_order_and_finds_the_target(tm
     c = se.curve(exp)
     assert c["steps"] == [10, 20, 30, 40, 50]  # steps summed over trials, in the order reports came
     assert c["best"] == [3.0, 2.9, 2.8, 2.5, 2.5]
-    assert c["best_params"] == b and c["trials"] == 2
+    assert c["best_params"] == b and c["trials"] == 2 and c["learning_rates"] == [1e-3, 3e-3]
     assert se.steps_to_reach(c, 2.9) == 20 and se.steps_to_reach(c, 2.0) == float("inf")
 
     grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": a}
@@ -68,6 +68,10 @@ def test_search_efficiency_counts_steps_in_arrival_order_and_finds_the_target(tm
                                    "optuna+asha/2": c}, steps=30)
     assert figures["optuna+asha"]["median_fraction_to_reach"] == pytest.approx(30 / 90)
     assert "bar" in table and ": met (33%)" in table
+    assert "3 learning rates [0.0003, 0.001, 0.003]" in table  # no learning rates recorded: the default grid's
+    table, _ = se.summarise({"grid/0": {**grid, "learning_rates": [1e-4, 1e-2]}, "optuna+asha/0": c}, steps=30,
+                            lrs=(3e-4, 1e-3, 3e-3))
+    assert "2 learning rates [0.0001, 0.01]" in table  # the grid's own trials, whatever the caller passes
 
 
 def test_search_efficiency_merges_runs_only_when_their_grids_agree(tmp_path):

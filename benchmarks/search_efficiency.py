@@ -12,6 +12,10 @@ Every search trains the `tiny` preset on tinyshakespeare for a fixed per-trial b
 - optuna: 9 trials of Optuna's TPE (multivariate) over that region, no early stopping;
 - optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early.
 
+With `--region grid-values` the three searchers draw from the grid's own nine points instead
+(learning rate one of the grid's values): what a user gets by changing a W&B grid sweep's
+`method: grid` to `bayes` and adding `early_terminate: hyperband`.
+
 Compute is training steps summed over trials (the issue's measure; evaluation is excluded).
 Each trial trains with the same seed, so the grid is deterministic and the searches differ by
 the searcher's seed only. A search's curve is the best val loss reported so far against the
@@ -53,13 +57,20 @@ def fixed(steps: int, data: str) -> dict:
             "eval_iters": 10, "sample_tokens": 0, "seed": 1337}
 
 
-def space_file(method: str, steps: int, data: str, samples: int, asha: dict, folder: Path,
-               lrs: tuple = LEARNING_RATES) -> Path:
+REGIONS = ("log-uniform", "grid-values")
+
+
+def lr_domain(method: str, lrs: tuple, region: str) -> dict:
+    """The learning rate's domain in the native space format: the grid's axis, or what the searchers draw from."""
     if method == "grid":
-        space = {"learning_rate": {"grid": list(lrs)}, "batch_size": {"grid": list(BATCH_SIZES)}}
-    else:
-        space = {"learning_rate": {"loguniform": [min(lrs), max(lrs)]},
-                 "batch_size": {"choice": list(BATCH_SIZES)}}
+        return {"grid": list(lrs)}
+    return {"choice": list(lrs)} if region == "grid-values" else {"loguniform": [min(lrs), max(lrs)]}
+
+
+def space_file(method: str, steps: int, data: str, samples: int, asha: dict, folder: Path,
+               lrs: tuple = LEARNING_RATES, region: str = "log-uniform") -> Path:
+    space = {"learning_rate": lr_domain(method, lrs, region),
+             "batch_size": {"grid" if method == "grid" else "choice": list(BATCH_SIZES)}}
     doc = {"name": method.replace("+", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
            "metric": "val/loss", "mode": "min", "num_samples": 1 if method == "grid" else samples,
            "scheduler": {"type": "asha", **asha} if method == "optuna+asha" else {"type": "none"},
@@ -112,13 +123,15 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
             seeds = [0] if method == "grid" else args.seeds  # the grid has nothing random in it
             for seed in seeds:
                 samples = args.asha_samples if method == "optuna+asha" else len(args.learning_rates) * len(BATCH_SIZES)
-                space = space_file(method, args.steps, args.data, samples, asha, out, tuple(args.learning_rates))
+                space = space_file(method, args.steps, args.data, samples, asha, out, tuple(args.learning_rates),
+                                   args.region)
                 t0 = time.perf_counter()
                 res = run_search(SearchOptions(space=str(space), name=f"{space.stem}_s{seed}", storage_path=str(out / "runs"),
                                                seed=seed, cpus_per_trial=1, max_concurrent=2, wandb=False,
                                                report=False, verbose=0))
                 c = curve(Path(res.experiment_dir))
                 c["wall_s"] = time.perf_counter() - t0
+                c["lr_domain"] = lr_domain(method, tuple(args.learning_rates), args.region)
                 curves[f"{method}/{seed}"] = c
                 print(f"{method:12s} seed {seed}: best {c['best'][-1]:.4f} after {c['steps'][-1]:,} steps "
                       f"({c['trials']} trials, {c['wall_s']:.0f} s) {c['best_params']}", flush=True)
@@ -136,6 +149,10 @@ def merge_curves(curves: dict, more: dict, source: str) -> dict:
     if a is not None and (abs(a["best"][-1] - b["best"][-1]) > 1e-6 or a["steps"][-1] != b["steps"][-1]):
         raise SystemExit(f"{source}: its grid ended at {b['best'][-1]:.4f} after {b['steps'][-1]} steps, another run's at "
                          f"{a['best'][-1]:.4f} after {a['steps'][-1]}: not the same settings")
+    regions = {json.dumps(c.get("lr_domain")) for k, c in {**curves, **more}.items() if not k.startswith("grid/")}
+    if len(regions) > 1:
+        raise SystemExit(f"{source}: its searchers drew learning rates from another region than the other runs' "
+                         f"({' vs '.join(sorted(regions))}): not the same settings")
     return {**curves, **more}
 
 
@@ -159,10 +176,12 @@ def summarise(curves: dict, steps: int, lrs: tuple = LEARNING_RATES) -> tuple[st
                     f"{statistics.median(c['steps'][-1] for c in runs) / grid_steps:.0%} | "
                     + (f"{med:.0%}" if math.isfinite(med) else "not reached")
                     + f" ({', '.join('—' if not math.isfinite(r) else f'{r:.0%}' for r in reach)}) |")
+    searched = sorted({json.dumps(c["lr_domain"]) for k, c in curves.items() if not k.startswith("grid/") and c.get("lr_domain")})
     table = "\n".join([
         f"per trial: tiny preset, {steps} steps, evaluation every {max(1, steps // 10)}; grid = "
         f"{len(lrs)} learning rates {list(lrs)} x batch sizes {list(BATCH_SIZES)} = "
-        f"{grid_steps:,} steps; grid best {grid_best:.4f} at {grid['best_params']}; target (within 1 %) {target:.4f}",
+        f"{grid_steps:,} steps; grid best {grid_best:.4f} at {grid['best_params']}; target (within 1 %) {target:.4f}"
+        + (f"; the searchers' learning rate: {', '.join(searched)}" if searched else ""),
         "",
         "| method | seeds | best val loss, median (range) | steps spent / grid's | steps to reach the target / grid's, median (each seed) |",
         "|---|---|---|---|---|", *rows,
@@ -213,6 +232,9 @@ def main() -> None:
     ap.add_argument("--reduction-factor", type=float, default=3)
     ap.add_argument("--learning-rates", type=float, nargs="+", default=list(LEARNING_RATES),
                     help="the grid's learning rates; the other methods search log-uniformly between their min and max")
+    ap.add_argument("--region", default="log-uniform", choices=REGIONS,
+                    help="what the searchers draw learning rates from: log-uniform between the grid's lowest and "
+                         "highest, or the grid's own values")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default=None, help="folder for curves.json, the plot and the runs (default: a temp dir)")

@@ -90,6 +90,33 @@ def test_search_efficiency_merges_runs_only_when_their_grids_agree(tmp_path):
         se.merge_curves(merged, other, "b.json")
     with pytest.raises(SystemExit, match="c.json: no grid curve"):
         se.merge_curves(merged, {"random/0": grid}, "c.json")
+    log_uniform = {"grid/0": grid, "optuna/0": {**grid, "lr_domain": {"loguniform": [1e-4, 1e-2]}}}
+    values = {"grid/0": grid, "optuna+asha/0": {**grid, "lr_domain": {"choice": [1e-4, 1e-3, 1e-2]}}}
+    with pytest.raises(SystemExit, match="d.json: its searchers drew learning rates from another region"):
+        se.merge_curves(log_uniform, values, "d.json")
+
+
+def test_search_efficiency_grid_values_region_searches_the_grids_own_points(tmp_path):
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import search_efficiency as se
+    from tune_gpt.spaces import load_space
+
+    lrs = (1e-4, 1e-3, 1e-2)
+    for method, region, want in [("grid", "grid-values", {"grid": list(lrs)}),
+                                 ("optuna+asha", "grid-values", {"choice": list(lrs)}),
+                                 ("random", "log-uniform", {"loguniform": [1e-4, 1e-2]})]:
+        path = se.space_file(method, 30, "corpus.txt", 5, {"grace_period": 1}, tmp_path, lrs, region)
+        doc = yaml.safe_load(path.read_text())
+        assert doc["space"]["learning_rate"] == want, (method, region)
+        assert doc["space"]["batch_size"] == {"grid" if method == "grid" else "choice": list(se.BATCH_SIZES)}
+        load_space(path)  # the product reads it
+    grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": {}, "learning_rates": list(lrs)}
+    table, _ = se.summarise({"grid/0": grid, "optuna+asha/0": {**grid, "lr_domain": {"choice": list(lrs)}}}, steps=30)
+    assert 'the searchers\' learning rate: {"choice": [0.0001, 0.001, 0.01]}' in table
 
 
 def test_train_speed_pairs_each_round_with_its_own_reference_run():

@@ -524,3 +524,12 @@ def test_search_summary_counts_trials_as_the_report_classifies_them(tmp_path):
         FakeTrial(2e-3, 16, "errored", [3.0], error="RuntimeError: boom"),
     ])
     assert _status_counts(exp) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"
+    # at the end of a search the report is written first, and the summary counts from its trials.csv
+    from tune_gpt.report import write_report
+    from tune_gpt.search import _csv_statuses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = write_report(exp)
+    assert _status_counts(None, _csv_statuses(out / "trials.csv")) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"
+    assert _csv_statuses(tmp_path / "missing.csv") is None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_space
+from conftest import REPO, TINY_MODEL, tiny_space, write_space
 from tune_gpt.errors import ConfigError, TuneGPTError
 from tune_gpt.search import STATUS_FILE, SearchOptions, plan_search, run_search
 from wandb_offline import offline_runs
@@ -170,3 +170,28 @@ def test_random_search_repeats_with_its_seed(ray_session, tmp_path, corpus_file)
     assert len(first) == 3
     assert drawn(7, "b") == first
     assert drawn(8, "c") != first
+
+
+def test_optuna_trains_each_configuration_of_a_discrete_space_once(ray_session, tmp_path, corpus_file, capsys):
+    """Trials share their training seed, so a repeat would reproduce a known result: two points, five samples -> two trials."""
+    space = write_space(tmp_path / "two.yaml", "name: two\nmethod: optuna\nnum_samples: 5\nscheduler: {type: none}\nfixed:\n"
+                        + TINY_MODEL + "  max_steps: 2\n  eval_interval: 1\n  eval_iters: 1\n  sample_tokens: 0\n"
+                        "space:\n  learning_rate: {choice: [1.0e-3, 2.0e-3]}\n  batch_size: {choice: [4]}\n")
+    out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False, report=False,
+                                   overrides={"data": str(corpus_file)}, verbose=0, summary=False))
+    params = [json.loads((d / "params.json").read_text()) for d in trial_dirs(out.experiment_dir)]
+    assert sorted(p["learning_rate"] for p in params) == [1e-3, 2e-3]
+    assert out.num_trials == 2 and out.best_config is not None
+    assert "proposed only configurations already trained (2 distinct ones)" in capsys.readouterr().err
+
+
+def test_library_search_can_leave_out_the_summary(ray_session, tmp_path, corpus_file, capsys):
+    """run_search(summary=False) prints no end-of-search table; the outcome still carries the best trial."""
+    opts = dict(space=str(tiny_space(tmp_path, n=1, steps=1, every=1)), scheduler="none", storage_path=str(tmp_path / "r"),
+                wandb=False, overrides={"data": str(corpus_file)}, verbose=0)
+    quiet = run_search(SearchOptions(name="quiet", summary=False, **opts))
+    assert quiet.best_config is not None and quiet.num_trials == 1
+    assert "best val/loss" not in capsys.readouterr().out
+    run_search(SearchOptions(name="loud", **opts))  # the report is written: the summary counts from its trials.csv
+    out = capsys.readouterr().out
+    assert "best val/loss" in out and "1 trials in" in out and "(1 finished)" in out

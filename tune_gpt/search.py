@@ -77,7 +77,8 @@ class SearchOptions:
     wandb: bool = True
     dry_run: bool = False
     report: bool = True
-    verbose: int = 1
+    verbose: int = 1  # 0: no plan on stderr and Ray's quiet mode; 2: the trials' own output too
+    summary: bool = True  # print the end-of-search table, best config and replay command (the CLI always does)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Plan:
             "plan:",
             f"  experiment   {self.experiment_dir}",
             f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else ""),
-            f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first)" if self.searcher == "optuna"
+            f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first, no configuration twice)" if self.searcher == "optuna"
                                                 else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",
             f"  objective    {self.metric} ({self.mode}), reported every {self.base_cfg.eval_interval} steps, "
@@ -829,15 +830,16 @@ def _tune_config(plan: Plan):
     search_alg = None
     if plan.searcher == "optuna":
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from tune_gpt._searchers import UniqueOptunaSearch
 
         sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, n_startup_trials=max(2, min(10, plan.num_samples // 3)))
         kwargs: dict[str, Any] = {}
         if opts.optuna_storage:  # Ray's OptunaSearch takes a storage object, not its URL
             kwargs["storage"] = optuna.storages.get_storage(opts.optuna_storage)
             kwargs["study_name"] = plan.name
-        search_alg = OptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
-                                  points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
+        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
+                                        points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
     if search_alg is None:  # random and grid: Tune's generator, seeded so that --seed repeats a random search
         from ray.tune.search import BasicVariantGenerator
@@ -1039,12 +1041,14 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
         col = best.metrics_dataframe[plan.metric]
         best_val = float(col.min() if plan.mode == "min" else col.max())
     trials_csv = None if remote else exp_dir / "trials.csv"
+    statuses = None  # the report's classification of how each trial ended, when it was written
     if plan.opts.report:
         try:
             from tune_gpt.report import write_report
 
             out = write_report(exp_dir)  # a URI: read through a temporary copy, written to ./tune_reports/<name>
             trials_csv = Path(out) / "trials.csv"
+            statuses = _csv_statuses(trials_csv)
         except (ImportError, TuneGPTError) as exc:
             print(f"report not written: {exc}", file=sys.stderr)
             if trials_csv is not None:
@@ -1052,14 +1056,25 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     elif trials_csv is not None:
         df.to_csv(trials_csv, index=False)
     replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
-    _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err)
+    if plan.opts.summary:
+        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses)
     return SearchOutcome(exp_dir, best_cfg, best_val, len(df), n_err, trials_csv, replay)
 
 
-def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err) -> None:
+def _csv_statuses(trials_csv: Path) -> list[str] | None:
+    """The status column of the report's trials.csv (just written), so the summary need not read the experiment again."""
+    import pandas as pd
+
+    try:
+        return [str(s) for s in pd.read_csv(trials_csv, usecols=["status"])["status"]]
+    except (OSError, ValueError):
+        return None
+
+
+def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses=None) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
-    counts = _status_counts(exp_dir)
+    counts = _status_counts(exp_dir, statuses)
     ended = f"{counts}" if counts else f"{n_err} errored"
     print(f"\n{len(df)} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
     if metric in df.columns and len(df):
@@ -1085,18 +1100,21 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
         print(f"replay the best trial as a final run: {replay}")
 
 
-def _status_counts(exp_dir: Any) -> str:
+def _status_counts(exp_dir: Any, statuses: list[str] | None = None) -> str:
     """"3 finished, 1 diverged": how the trials ended, as the report classifies them (local experiments only).
 
     The report's classification, not the trials' status files alone: a trial that ASHA stopped as the
-    search ended has no status file (Ray ended its worker before the trial could write one).
+    search ended has no status file (Ray ended its worker before the trial could write one). `statuses`:
+    that classification already made (the report's trials.csv); otherwise the experiment is read.
     """
-    if not isinstance(exp_dir, Path):
+    if statuses is None and not isinstance(exp_dir, Path):
         return ""
     try:
+        import pandas as pd
+
         from tune_gpt.report import STATUSES, load_results
 
-        seen = load_results(exp_dir)["status"].value_counts()
+        seen = (pd.Series(statuses) if statuses is not None else load_results(exp_dir)["status"]).value_counts()
     except Exception:  # noqa: BLE001 - only a summary line: never let it fail a search that ran
         return ""
     return ", ".join(f"{seen[k]} {k}" for k in (*STATUSES, *sorted(set(seen.index) - set(STATUSES))) if k in seen)

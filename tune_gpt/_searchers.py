@@ -1,0 +1,93 @@
+"""OptunaSearch that never trains the same configuration twice.
+
+Every trial of a search trains with the same seed (``--trial-seed``), so a configuration
+trained again gives the same losses again (exactly on a CPU): a repeat is compute spent for
+nothing. TPE repeats itself readily where the space is discrete (a W&B sweep's ``values``,
+batch sizes, quantized ranges): in a 3 x 3 space it proposed one point three times in twelve
+trials. Here a repeated proposal is not run; the study is told what it already knows and asked
+again:
+
+- a repeat of a finished or stopped trial is told that trial's last reported value (what
+  OptunaSearch itself tells the study when a trial ends), or a failure if it errored;
+- a repeat of a trial still running is told a failure, so that TPE weighs the point only once
+  (its sampler's constant liar already treats the running trial as a poor one).
+
+When every proposal in a row of `max_redraws` is a repeat, the search is over: it ends
+(``Searcher.FINISHED``, before ``num_samples`` trials) if no trial is running, and otherwise
+waits for one to end before asking again.
+
+Imported only when a search runs (it imports Ray Tune and Optuna).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+
+def config_key(params: dict[str, Any]) -> str:
+    """The identity of a configuration: its searched values, in a canonical order."""
+    return json.dumps(params, sort_keys=True, default=repr)
+
+
+class UniqueOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that answers repeated proposals from what is known (see the module docstring).
+
+    Its state (which configurations ran, and how they ended) is pickled with OptunaSearch's own
+    by `save`, so a resumed search keeps not repeating itself.
+    """
+
+    def __init__(self, *args: Any, max_redraws: int = 30, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_redraws = max_redraws
+        self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
+        self._key_of: dict[str, str] = {}  # trial id -> configuration key
+        self._ended: dict[str, tuple[Any, bool]] = {}  # trial id -> (its last result, errored)
+        self._last: dict[str, dict] = {}  # trial id -> its last reported result, while it runs
+        self._waiting = False  # every proposal repeated a running trial: ask again once one ends
+        self.repeats_skipped = 0
+        self.exhausted = False
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._waiting or self.exhausted:
+            return Searcher.FINISHED if self.exhausted else None
+        running_repeat = False
+        for attempt in range(self._max_redraws + 1):
+            ask_id = f"{trial_id}~ask{attempt}"  # a repeat is told under its own id, never the trial's
+            config = super().suggest(ask_id)
+            key = config_key(self._ot_trials[ask_id].params)
+            first = self._trial_of.get(key)
+            if first is None:
+                self._ot_trials[trial_id] = self._ot_trials.pop(ask_id)  # Ray reports under its trial id
+                self._trial_of[key] = trial_id
+                self._key_of[trial_id] = key
+                return config
+            self.repeats_skipped += 1
+            if first in self._ended:
+                result, errored = self._ended[first]
+                super().on_trial_complete(ask_id, result=result, error=errored or not result)
+            else:
+                running_repeat = True
+                super().on_trial_complete(ask_id, result=None, error=True)
+        if running_repeat:
+            self._waiting = True
+            return None
+        self.exhausted = True
+        print(f"tune_gpt.search: the searcher proposed only configurations already trained "
+              f"({len(self._trial_of)} distinct ones) {self._max_redraws + 1} times in a row: the search ends here",
+              file=sys.stderr)
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._last[trial_id] = result
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._ended[trial_id] = (result or self._last.pop(trial_id, None), error)
+        self._last.pop(trial_id, None)
+        self._waiting = False
+        super().on_trial_complete(trial_id, result=result, error=error)

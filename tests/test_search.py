@@ -46,6 +46,17 @@ def test_default_plan_is_optuna_with_asha():
     assert plan.fixed["num_threads"] == 1 and plan.fixed["wandb.enabled"] is False
 
 
+def test_plan_says_when_a_discrete_space_holds_fewer_configurations_than_samples(tmp_path):
+    """A W&B grid sweep turned into `method: bayes`: 9 points, 12 runs asked for; Optuna runs each point once."""
+    sweep = write_space(tmp_path / "bayes.yaml", "method: bayes\nrun_cap: 12\nmetric: {name: val/loss, goal: minimize}\n"
+                        "parameters:\n  batch_size: {values: [8, 16, 32]}\n  learning_rate: {values: [1e-5, 5e-5, 1e-4]}\n")
+    plan = plan_search(SearchOptions(space=str(sweep)))
+    assert plan.searcher == "optuna" and plan.n_trials == 12
+    assert "trials       12 at most: the space holds 9 distinct configurations" in plan.describe()
+    assert "at most" not in plan_search(SearchOptions(space=str(sweep), search="random")).describe()  # random repeats
+    assert "at most" not in plan_search(SearchOptions()).describe()  # the default space's learning rate is continuous
+
+
 @pytest.mark.parametrize(
     "opts, needle",
     [

@@ -612,3 +612,14 @@ def test_file_errors(tmp_path, make, fragment):
         load_space(path)
     msg = str(info.value)
     assert msg.startswith(f"{path}: ") and fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("space, points", [
+    ({"lr": {"choice": [1e-3, 1e-2]}, "bs": {"choice": [8, 16, 32]}}, 6),
+    ({"n_layer": {"randint": [2, 8]}}, 7),  # both bounds included
+    ({"dropout": {"quniform": [0.0, 0.2, 0.05]}, "bs": {"grid": [8, 16]}}, 10),
+    ({"lr": {"choice": [1e-3]}, "dropout": {"uniform": [0.0, 0.2]}}, None),  # continuous: no count
+    ({"lr": {"normal": [1e-3, 1e-4]}}, None),
+])
+def test_distinct_points_counts_discrete_spaces_only(space, points):
+    assert parse_space({"space": space}, "inline").distinct_points() == points

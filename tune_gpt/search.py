@@ -100,6 +100,13 @@ class Plan:
     notes: list[str]
     n_trials: int = 0
 
+    def _trials_note(self) -> str:
+        """Where Optuna cannot run `n_trials` different configurations: the space holds fewer."""
+        points = self.space.distinct_points()
+        if self.searcher != "optuna" or points is None or points >= self.n_trials:
+            return ""
+        return f" at most: the space holds {points} distinct configurations, and none is trained twice"
+
     def describe(self) -> str:
         o = self.opts
         res = f"{o.cpus_per_trial:g} CPU" + (f" + {o.gpus_per_trial:g} GPU" if o.gpus_per_trial else "")
@@ -110,7 +117,7 @@ class Plan:
             "",
             "plan:",
             f"  experiment   {self.experiment_dir}",
-            f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else ""),
+            f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else self._trials_note()),
             f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first, no configuration twice)" if self.searcher == "optuna"
                                                 else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",

@@ -344,6 +344,18 @@ class SearchSpace:
         """Number of grid points (the product of the grid axes; 1 without a grid)."""
         return math.prod(len(d.values) for d in self.domains.values() if isinstance(d, Grid))
 
+    def distinct_points(self) -> int | None:
+        """How many different configurations the space holds; None when a domain is continuous or unbounded."""
+        n = 1
+        for dom in self.domains.values():
+            if isinstance(dom, (Choice, Grid)):
+                n *= len(set(map(repr, dom.values)))
+            elif isinstance(dom, Uniform) and not dom.log and (dom.integer or dom.q is not None):
+                n *= int(math.floor((dom.high - dom.low) / (dom.q or 1) + 1e-9)) + 1
+            else:
+                return None
+        return n
+
     def optuna_unsupported(self) -> list[str]:
         """Searched keys OptunaSearch cannot take, as ``"key (distribution)"``."""
         return [f"{key} ({dom.kind})" for key, dom in self.domains.items() if not dom.optuna_ok]

@@ -57,6 +57,30 @@ def test_plan_says_when_a_discrete_space_holds_fewer_configurations_than_samples
     assert "at most" not in plan_search(SearchOptions()).describe()  # the default space's learning rate is continuous
 
 
+def test_a_signal_as_a_discrete_optuna_search_ends_is_not_an_interruption(tmp_path):
+    """9 points, 12 samples: 9 ended trials are the whole search, not an interrupted one."""
+    from types import SimpleNamespace
+
+    from tune_gpt.search import _all_trials_ended
+
+    sweep = write_space(tmp_path / "bayes.yaml", "method: bayes\nrun_cap: 12\n"
+                        "parameters:\n  batch_size: {values: [8, 16, 32]}\n  learning_rate: {values: [1e-5, 5e-5, 1e-4]}\n")
+    plan = plan_search(SearchOptions(space=str(sweep)))
+
+    class Grid(list):
+        num_errors = 0
+
+        @property
+        def num_terminated(self):
+            return sum(t == "done" for t in self)
+
+    assert _all_trials_ended(Grid(["done"] * 9), plan)
+    assert not _all_trials_ended(Grid(["done"] * 8), plan)
+    assert not _all_trials_ended(Grid(["done"] * 8 + ["running"]), plan)
+    assert _all_trials_ended(Grid(["done"] * 5), plan, SimpleNamespace(exhausted=True))  # the searcher ended it
+    assert not _all_trials_ended(Grid(["done"] * 5), plan, SimpleNamespace(exhausted=False))
+
+
 @pytest.mark.parametrize(
     "opts, needle",
     [

@@ -31,11 +31,13 @@ def test_each_configuration_is_proposed_once_and_the_search_ends_when_none_is_le
     assert s.suggest("t5") == Searcher.FINISHED and s.exhausted  # all three trained: nothing left to learn
     assert s.repeats_skipped > 0
     study = s._ot_study
-    # the three real trials carry their own results; every repeat was told a known value or a failure
-    told = {t.params["lr"]: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
-    assert told == losses
-    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in study.trials)
-    assert s._ot_trials["t1"].params["lr"] == first[1]["lr"]  # Ray's ids still map to the trials that ran
+    for i, c in enumerate(first):  # Ray's trial ids still map to the Optuna trials that ran, told their own results
+        real = study.trials[s._ot_trials[f"t{i}"].number]
+        assert real.params["lr"] == c["lr"] and real.value == losses[c["lr"]] and "repeat_of" not in real.user_attrs
+    repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
+    assert len(repeats) == s.repeats_skipped == len(study.trials) - 3
+    for t in repeats:  # a repeat is told the value of the trial it repeats, or a failure if that one was running
+        assert t.state == optuna.trial.TrialState.FAIL or t.value == losses[t.params["lr"]]
 
 
 def test_a_repeat_of_an_ended_trial_is_told_its_result_and_a_new_point_is_drawn():
@@ -69,8 +71,41 @@ def test_an_errored_trial_is_not_run_again_and_its_state_survives_save_and_resto
 def test_redraws_are_bounded(values):
     s = searcher(values, max_redraws=3)
     for i, _ in enumerate(values):
-        assert s.suggest(f"t{i}") is not None
+        assert isinstance(s.suggest(f"t{i}"), dict)
         s.on_trial_complete(f"t{i}", {"loss": 1.0 + i})
     before = len(s._ot_study.trials)
     assert s.suggest("x") == Searcher.FINISHED
     assert len(s._ot_study.trials) - before == 4  # max_redraws + 1 asks, then it stops
+
+
+def test_a_repeat_of_a_trial_that_errored_after_reporting_is_told_a_failure():
+    s = searcher([1e-3])
+    s.suggest("a")
+    s.on_trial_result("a", {"loss": 3.3, "training_iteration": 1})
+    s.on_trial_complete("a", None, error=True)  # as Tune reports a crash: no result
+    assert s.suggest("b") == Searcher.FINISHED
+    states = {t.state for t in s._ot_study.trials}
+    assert states == {optuna.trial.TrialState.FAIL}  # the crash and its repeats: none told 3.3 as a completed value
+
+
+def test_the_search_waits_rather_than_ends_while_a_trial_runs():
+    s = searcher([1e-3, 1e-2], max_redraws=40)
+    a, b = s.suggest("a"), s.suggest("b")
+    assert {a["lr"], b["lr"]} == {1e-3, 1e-2}
+    s.on_trial_complete("a", {"loss": 2.0})
+    assert s.suggest("c") is None  # only repeats are left, but b still runs: wait, do not end
+    s.on_trial_complete("b", {"loss": 1.0})
+    assert s.suggest("d") == Searcher.FINISHED and s.exhausted
+
+
+def test_stepped_values_with_float_noise_are_the_same_configuration():
+    """Optuna samples low + k * step (0.30000000000000004); the enqueued baseline says 0.3: one configuration."""
+    assert config_key({"wd": 0.30000000000000004, "bs": 8}) == config_key({"bs": 8, "wd": 0.3})
+    assert config_key({"wd": 0}) == config_key({"wd": 0.0}) != config_key({"wd": 0.1})
+    s = UniqueOptunaSearch(space={"wd": tune.quniform(0.15, 0.45, 0.05)}, metric="loss", mode="min",
+                           sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1), points_to_evaluate=[{"wd": 0.3}])
+    seen = []
+    while (c := s.suggest(f"t{len(seen)}")) not in (None, Searcher.FINISHED):
+        seen.append(c["wd"])
+        s.on_trial_complete(f"t{len(seen) - 1}", {"loss": abs(c["wd"] - 0.3)})
+    assert len(seen) == 7 and seen[0] == 0.3  # 0.15, 0.20, ..., 0.45: each once, the baseline first

@@ -620,6 +620,8 @@ def test_file_errors(tmp_path, make, fragment):
     ({"dropout": {"quniform": [0.0, 0.2, 0.05]}, "bs": {"grid": [8, 16]}}, 10),
     ({"lr": {"choice": [1e-3]}, "dropout": {"uniform": [0.0, 0.2]}}, None),  # continuous: no count
     ({"lr": {"normal": [1e-3, 1e-4]}}, None),
+    ({"n_layer": {"lograndint": [2, 6]}}, 5),  # a log-scaled integer range is still finite
 ])
 def test_distinct_points_counts_discrete_spaces_only(space, points):
     assert parse_space({"space": space}, "inline").distinct_points() == points
+    assert parse_space({"fixed": {"lr": 1e-3}}, "inline").distinct_points() is None  # searches nothing

@@ -12,9 +12,11 @@ again:
 - a repeat of a trial still running is told a failure, so that TPE weighs the point only once
   (its sampler's constant liar already treats the running trial as a poor one).
 
-When every proposal in a row of `max_redraws` is a repeat, the search is over: it ends
-(``Searcher.FINISHED``, before ``num_samples`` trials) if no trial is running, and otherwise
-waits for one to end before asking again.
+Each repeat is a trial of the Optuna study (Optuna cannot be asked without one), marked with the
+user attribute ``repeat_of`` (the Tune trial it repeats) for ``--optuna-storage`` dashboards.
+When every proposal in a row of `max_redraws` is a repeat, the search is over: it waits while any
+trial is still running (its result may steer TPE elsewhere), then ends (``Searcher.FINISHED``,
+before ``num_samples`` trials; `exhausted` is then True).
 
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
@@ -29,9 +31,17 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
+def _canonical(value: Any) -> Any:
+    """Numbers as 12 significant digits: Optuna's stepped values carry float noise (low + k * step gives
+    0.30000000000000004 where the enqueued baseline says 0.3), and an int enqueued for a float range is 0 not 0.0."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(f"{value:.12g}")
+    return value
+
+
 def config_key(params: dict[str, Any]) -> str:
     """The identity of a configuration: its searched values, in a canonical order."""
-    return json.dumps(params, sort_keys=True, default=repr)
+    return json.dumps({k: _canonical(v) for k, v in params.items()}, sort_keys=True, default=repr)
 
 
 class UniqueOptunaSearch(OptunaSearch):
@@ -46,16 +56,15 @@ class UniqueOptunaSearch(OptunaSearch):
         self._max_redraws = max_redraws
         self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
         self._key_of: dict[str, str] = {}  # trial id -> configuration key
-        self._ended: dict[str, tuple[Any, bool]] = {}  # trial id -> (its last result, errored)
-        self._last: dict[str, dict] = {}  # trial id -> its last reported result, while it runs
-        self._waiting = False  # every proposal repeated a running trial: ask again once one ends
+        self._ended: dict[str, tuple[dict | None, bool]] = {}  # trial id -> ({metric: last value} or None, errored)
+        self._last: dict[str, Any] = {}  # trial id -> its last reported value of the metric, while it runs
+        self._waiting = False  # only repeats were proposed while trials run: ask again once one ends
         self.repeats_skipped = 0
         self.exhausted = False
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if self._waiting or self.exhausted:
             return Searcher.FINISHED if self.exhausted else None
-        running_repeat = False
         for attempt in range(self._max_redraws + 1):
             ask_id = f"{trial_id}~ask{attempt}"  # a repeat is told under its own id, never the trial's
             config = super().suggest(ask_id)
@@ -67,13 +76,11 @@ class UniqueOptunaSearch(OptunaSearch):
                 self._key_of[trial_id] = key
                 return config
             self.repeats_skipped += 1
-            if first in self._ended:
-                result, errored = self._ended[first]
-                super().on_trial_complete(ask_id, result=result, error=errored or not result)
-            else:
-                running_repeat = True
-                super().on_trial_complete(ask_id, result=None, error=True)
-        if running_repeat:
+            self._ot_trials[ask_id].set_user_attr("repeat_of", first)
+            result, errored = self._ended.get(first, (None, True))  # a running trial's repeat: a failure
+            # OptunaSearch tells COMPLETE whenever the metric is in `result`, whatever `error` says
+            super().on_trial_complete(ask_id, result=None if errored else result, error=errored or not result)
+        if any(t not in self._ended for t in self._key_of):  # trials still running: wait for one to end
             self._waiting = True
             return None
         self.exhausted = True
@@ -83,11 +90,14 @@ class UniqueOptunaSearch(OptunaSearch):
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._last[trial_id] = result
+        if isinstance(self.metric, str) and self.metric in result:
+            self._last[trial_id] = result[self.metric]
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self._ended[trial_id] = (result or self._last.pop(trial_id, None), error)
+        value = result.get(self.metric) if result and isinstance(self.metric, str) else None
+        value = self._last.get(trial_id) if value is None else value
+        self._ended[trial_id] = ({self.metric: value} if value is not None else None, error)
         self._last.pop(trial_id, None)
         self._waiting = False
         super().on_trial_complete(trial_id, result=result, error=error)

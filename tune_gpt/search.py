@@ -620,6 +620,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     stop = _StopRequest()
     started_ray = False
+    searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
     try:
         started_ray = _init_ray(opts)
         _check_gpus(opts)
@@ -627,6 +628,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         if not restore:
             param_space = {**plan.space.to_tune(), **plan.fixed}
             tune_config = _tune_config(plan)  # searcher and scheduler built before anything is written
+            searcher = tune_config.search_alg
             _check_searcher_space(plan, param_space)
         if opts.verbose:
             print(plan.describe(), file=sys.stderr)
@@ -664,15 +666,24 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     finally:
         if started_ray:
             ray.shutdown()
-    if stop.signum is not None and not _all_trials_ended(grid, plan):
+    if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
         raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
     return _summarise(plan, grid, elapsed)
 
 
-def _all_trials_ended(grid: Any, plan: Plan) -> bool:
-    """Every planned trial ran to an end (a signal that came as the search was finishing changes nothing)."""
+def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None) -> bool:
+    """Every planned trial ran to an end (a signal that came as the search was finishing changes nothing).
+
+    Optuna, which trains no configuration twice, plans fewer trials where the space holds fewer points,
+    and none at all once it has ended the search for want of new ones (`exhausted`).
+    """
+    planned = plan.n_trials
+    if getattr(searcher, "exhausted", False):
+        planned = 0
+    elif plan.searcher == "optuna" and plan.space.distinct_points() is not None:
+        planned = min(planned, plan.space.distinct_points())
     try:
-        return len(grid) >= plan.n_trials and grid.num_terminated + grid.num_errors == len(grid)
+        return len(grid) >= planned and grid.num_terminated + grid.num_errors == len(grid)
     except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted
         return False
 
@@ -1073,7 +1084,7 @@ def _csv_statuses(trials_csv: Path) -> list[str] | None:
     import pandas as pd
 
     try:
-        return [str(s) for s in pd.read_csv(trials_csv, usecols=["status"])["status"]]
+        return [str(s) for s in pd.read_csv(trials_csv, usecols=["status"])["status"].fillna("unknown")]
     except (OSError, ValueError):
         return None
 
@@ -1108,7 +1119,7 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
 
 
 def _status_counts(exp_dir: Any, statuses: list[str] | None = None) -> str:
-    """"3 finished, 1 diverged": how the trials ended, as the report classifies them (local experiments only).
+    """"3 finished, 1 diverged": how the trials ended, as the report classifies them.
 
     The report's classification, not the trials' status files alone: a trial that ASHA stopped as the
     search ended has no status file (Ray ended its worker before the trial could write one). `statuses`:

@@ -345,12 +345,15 @@ class SearchSpace:
         return math.prod(len(d.values) for d in self.domains.values() if isinstance(d, Grid))
 
     def distinct_points(self) -> int | None:
-        """How many different configurations the space holds; None when a domain is continuous or unbounded."""
+        """How many different configurations the space holds; None when it searches nothing, or a domain
+        is continuous or unbounded. Integer and quantized ranges count both bounds, as they are sampled."""
+        if not self.domains:
+            return None
         n = 1
         for dom in self.domains.values():
             if isinstance(dom, (Choice, Grid)):
                 n *= len(set(map(repr, dom.values)))
-            elif isinstance(dom, Uniform) and not dom.log and (dom.integer or dom.q is not None):
+            elif isinstance(dom, Uniform) and (dom.integer or dom.q is not None) and not (dom.log and dom.q is not None):
                 n *= int(math.floor((dom.high - dom.low) / (dom.q or 1) + 1e-9)) + 1
             else:
                 return None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tune_gpt.config import TrainConfig
@@ -72,6 +74,28 @@ def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path, local_wan
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("NETRC", str(netrc))
     assert resolve_wandb_mode() == "online"
+
+
+def test_empty_wandb_mode_means_unset_and_an_unknown_one_is_refused(monkeypatch, tmp_path):
+    """W&B itself refuses WANDB_MODE='' (every run would fail to start, silently inside Ray's actors)."""
+    import subprocess
+    import sys
+
+    from tune_gpt.errors import ConfigError
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert resolve_wandb_mode() == "offline"
+    assert "WANDB_MODE" not in os.environ  # removed, so nothing started later inherits it
+    monkeypatch.setenv("WANDB_MODE", "offfline")
+    with pytest.raises(ConfigError, match="WANDB_MODE='offfline'"):
+        resolve_wandb_mode()
+    env = {**os.environ, "WANDB_MODE": "offfline"}
+    p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--name", "x", "--storage-path", str(tmp_path / "r")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "WANDB_MODE='offfline'" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 def test_unreachable_wandb_host_means_offline_within_seconds(monkeypatch, tmp_path, capsys):

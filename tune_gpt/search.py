@@ -589,6 +589,10 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     if opts.dry_run:
         print(plan.describe())
         return plan
+    if opts.wandb:
+        from tune_gpt.tracking import check_wandb_env
+
+        check_wandb_env()  # before Ray starts: its workers, W&B's actors among them, inherit the environment
     fn = trainable if trainable is not None else globals()["trainable"]
 
     from tune_gpt.data import load_corpus

@@ -281,7 +281,25 @@ def resolve_wandb_mode(requested: str | None = None, *, probe: bool = True) -> s
     return mode
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+
+
+def check_wandb_env() -> None:
+    """An empty WANDB_MODE means unset (``export WANDB_MODE=``): it is removed, since W&B itself refuses
+    it (each run would fail to start); a value W&B does not know is a one-line error naming it."""
+    value = os.environ.get("WANDB_MODE")
+    if value is None:
+        return
+    if not value.strip():
+        del os.environ["WANDB_MODE"]
+    elif value not in WANDB_MODES:
+        from tune_gpt.errors import ConfigError
+
+        raise ConfigError(f"WANDB_MODE={value!r}: W&B knows only online, offline or disabled (or unset it)")
+
+
 def _wanted_wandb_mode(requested: str | None) -> str:
+    check_wandb_env()
     if requested:
         return requested
     env = os.environ.get("WANDB_MODE")

@@ -55,7 +55,6 @@ class UniqueOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._max_redraws = max_redraws
         self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
-        self._key_of: dict[str, str] = {}  # trial id -> configuration key
         self._ended: dict[str, tuple[dict | None, bool]] = {}  # trial id -> ({metric: last value} or None, errored)
         self._last: dict[str, Any] = {}  # trial id -> its last reported value of the metric, while it runs
         self._waiting = False  # only repeats were proposed while trials run: ask again once one ends
@@ -73,14 +72,13 @@ class UniqueOptunaSearch(OptunaSearch):
             if first is None:
                 self._ot_trials[trial_id] = self._ot_trials.pop(ask_id)  # Ray reports under its trial id
                 self._trial_of[key] = trial_id
-                self._key_of[trial_id] = key
                 return config
             self.repeats_skipped += 1
             self._ot_trials[ask_id].set_user_attr("repeat_of", first)
             result, errored = self._ended.get(first, (None, True))  # a running trial's repeat: a failure
             # OptunaSearch tells COMPLETE whenever the metric is in `result`, whatever `error` says
             super().on_trial_complete(ask_id, result=None if errored else result, error=errored or not result)
-        if any(t not in self._ended for t in self._key_of):  # trials still running: wait for one to end
+        if any(t not in self._ended for t in self._trial_of.values()):  # trials still running: wait for one to end
             self._waiting = True
             return None
         self.exhausted = True

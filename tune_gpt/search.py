@@ -100,12 +100,15 @@ class Plan:
     notes: list[str]
     n_trials: int = 0
 
+    def max_trials(self) -> int:
+        """`n_trials`, or fewer where Optuna, which trains no configuration twice, searches a space holding fewer."""
+        points = self.space.distinct_points() if self.searcher == "optuna" else None
+        return self.n_trials if points is None else min(self.n_trials, points)
+
     def _trials_note(self) -> str:
-        """Where Optuna cannot run `n_trials` different configurations: the space holds fewer."""
-        points = self.space.distinct_points()
-        if self.searcher != "optuna" or points is None or points >= self.n_trials:
+        if self.max_trials() >= self.n_trials:
             return ""
-        return f" at most: the space holds {points} distinct configurations, and none is trained twice"
+        return f" at most: the space holds {self.max_trials()} distinct configurations, and none is trained twice"
 
     def describe(self) -> str:
         o = self.opts
@@ -681,11 +684,7 @@ def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None) -> bool:
     Optuna, which trains no configuration twice, plans fewer trials where the space holds fewer points,
     and none at all once it has ended the search for want of new ones (`exhausted`).
     """
-    planned = plan.n_trials
-    if getattr(searcher, "exhausted", False):
-        planned = 0
-    elif plan.searcher == "optuna" and plan.space.distinct_points() is not None:
-        planned = min(planned, plan.space.distinct_points())
+    planned = 0 if getattr(searcher, "exhausted", False) else plan.max_trials()
     try:
         return len(grid) >= planned and grid.num_terminated + grid.num_errors == len(grid)
     except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted

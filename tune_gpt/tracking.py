@@ -281,7 +281,8 @@ def resolve_wandb_mode(requested: str | None = None, *, probe: bool = True) -> s
     return mode
 
 
-WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
+WANDB_ALIASES = {"dryrun": "offline", "run": "online"}  # W&B's older names
+WANDB_MODES = ("online", "offline", "disabled", *WANDB_ALIASES, "shared")  # what W&B accepts in WANDB_MODE
 
 
 def check_wandb_env() -> None:
@@ -303,8 +304,8 @@ def _wanted_wandb_mode(requested: str | None) -> str:
     if requested:
         return requested
     env = os.environ.get("WANDB_MODE")
-    if env in ("online", "offline", "disabled", "dryrun", "run"):
-        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if env in WANDB_MODES and env != "shared":  # shared: a W&B multi-process setting, not online/offline
+        return WANDB_ALIASES.get(env, env)
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return "disabled"
     return "online" if wandb_api_key_present() else "offline"

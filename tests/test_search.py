@@ -46,10 +46,19 @@ def test_default_plan_is_optuna_with_asha():
     assert plan.fixed["num_threads"] == 1 and plan.fixed["wandb.enabled"] is False
 
 
+# the guide's W&B grid sweep turned into `method: bayes`: 9 points, 12 runs asked for
+BAYES_SWEEP = """method: bayes
+run_cap: 12
+metric: {name: val/loss, goal: minimize}
+parameters:
+  batch_size: {values: [8, 16, 32]}
+  learning_rate: {values: [1e-5, 5e-5, 1e-4]}
+"""
+
+
 def test_plan_says_when_a_discrete_space_holds_fewer_configurations_than_samples(tmp_path):
     """A W&B grid sweep turned into `method: bayes`: 9 points, 12 runs asked for; Optuna runs each point once."""
-    sweep = write_space(tmp_path / "bayes.yaml", "method: bayes\nrun_cap: 12\nmetric: {name: val/loss, goal: minimize}\n"
-                        "parameters:\n  batch_size: {values: [8, 16, 32]}\n  learning_rate: {values: [1e-5, 5e-5, 1e-4]}\n")
+    sweep = write_space(tmp_path / "bayes.yaml", BAYES_SWEEP)
     plan = plan_search(SearchOptions(space=str(sweep)))
     assert plan.searcher == "optuna" and plan.n_trials == 12
     assert "trials       12 at most: the space holds 9 distinct configurations" in plan.describe()
@@ -63,8 +72,7 @@ def test_a_signal_as_a_discrete_optuna_search_ends_is_not_an_interruption(tmp_pa
 
     from tune_gpt.search import _all_trials_ended
 
-    sweep = write_space(tmp_path / "bayes.yaml", "method: bayes\nrun_cap: 12\n"
-                        "parameters:\n  batch_size: {values: [8, 16, 32]}\n  learning_rate: {values: [1e-5, 5e-5, 1e-4]}\n")
+    sweep = write_space(tmp_path / "bayes.yaml", BAYES_SWEEP)
     plan = plan_search(SearchOptions(space=str(sweep)))
 
     class Grid(list):

@@ -555,6 +555,26 @@ def test_report_shows_a_trial_an_interrupted_search_stopped_as_running(tmp_path)
     assert st[trial_id(0)] == "running" and st[trial_id(1)] == "early-stopped"
 
 
+def test_report_tells_trials_the_time_budget_stopped_from_those_asha_stopped(tmp_path):
+    """Both end TERMINATED short of their steps; the search marks the first kind (tune_gpt_stopped.json)."""
+    from fake_experiment import FakeTrial, make_experiment, trial_id
+
+    from tune_gpt.report import STOPPED_FILE, load_results, warnings_for
+
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "early-stopped", [2.5, 2.2]),
+                                     FakeTrial(2e-3, 8, "early-stopped", [2.9]),
+                                     FakeTrial(3e-3, 8, "early-stopped", [2.6, 2.4])], name="budget")
+    dirs = [next(p for p in exp.iterdir() if trial_id(i) in p.name) for i in range(3)]
+    for d in (dirs[0], dirs[2]):
+        (d / STOPPED_FILE).write_text(json.dumps({"stopped_by": "time budget", "time_budget_s": 60}))
+    (dirs[2] / STATUS_FILE).write_text(json.dumps({"status": "early-stopped", "steps": 20, "total_steps": 30}))
+    df = load_results(exp).set_index("trial_id")
+    assert [df["status"][trial_id(i)] for i in range(3)] == ["out-of-time", "early-stopped", "out-of-time"]
+    assert df["rank"][trial_id(0)] == 1  # ranked like any trial with a result
+    assert any(w.startswith("2 trial(s) were still training when the search's --time-budget ran out")
+               and "the best trial is one of them" in w for w in warnings_for(df.reset_index()))
+
+
 @pytest.mark.slow
 def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session, tmp_path, corpus_file, capsys):
     """A driver killed after writing its experiment file but before Ray's first save leaves only that file."""

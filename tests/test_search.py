@@ -238,3 +238,37 @@ def test_library_search_can_leave_out_the_summary(ray_session, tmp_path, corpus_
     quiet = run_search(SearchOptions(name="quiet", summary=False, **opts))
     assert quiet.best_config is not None and quiet.num_trials == 1
     assert "best val/loss" not in capsys.readouterr().out  # with the summary: the test above
+
+
+@pytest.mark.slow
+def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tmp_path, corpus_file, capsys):
+    """--time-budget stops the trials still running without telling Tune's callbacks or the searcher: the
+    report must not call them early-stopped (ASHA's word), TensorBoard's HParams tab must list them, and the
+    Optuna study kept in a database must not show them running for ever."""
+    import optuna
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tune_gpt.report import STOPPED_FILE, load_results, warnings_for
+
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
+                                   time_budget=10, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
+                                   wandb=False, overrides={"data": str(corpus_file)}, verbose=0))
+    df = load_results(out.experiment_dir)
+    assert len(df) >= 1 and set(df["status"]) == {"out-of-time"}, df[["trial_id", "status"]]
+    assert (df["steps"].dropna() < 100_000).all()  # (a trial can be stopped before its first report)
+    assert any("--time-budget ran out" in w for w in warnings_for(df))
+    for d in trial_dirs(out.experiment_dir):
+        assert (d / STOPPED_FILE).is_file()
+        if not (d / "result.json").is_file() or not (d / "result.json").read_text().strip():
+            continue  # stopped before its first report: no metrics for the HParams tab
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        assert "_hparams_/session_end_info" in acc.PluginTagToContent("hparams")
+    study = optuna.load_study(study_name="budget", storage=db)
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and "COMPLETE" not in states, states
+    pruned = sorted(t.value for t in study.trials if t.state.name == "PRUNED")
+    assert pruned == pytest.approx(sorted(df["final_val_loss"].dropna()))  # each at its last reported value
+    assert f"{len(df)} trials in" in (printed := capsys.readouterr().out)  # also those stopped before their first report
+    assert f"({len(df)} out-of-time)" in printed

@@ -13,6 +13,14 @@ fails and is retried (``--max-failures``), Tune first copies the storage copy ba
 staging one. A trial that fails within a second of an evaluation would lose that evaluation's
 row (seen with Ray 2.60: a history of ``[15, 20]`` instead of ``[5, 10, 15, 20]``). This callback
 uploads the two files the moment a trial fails, before Tune restarts it.
+
+`MarkTimeBudgetStops`: when ``--time-budget`` runs out, Tune stops every trial still running
+without telling the callbacks, the scheduler or the searcher that it ended (Ray 2.60's
+``TuneController._stop_experiment_if_needed``). Such a trial would read as *early-stopped* in the
+report (as if ASHA had cut it for trailing), be missing from TensorBoard's HParams tab, and stay
+RUNNING in an Optuna study kept with ``--optuna-storage``. This callback writes
+``tune_gpt_stopped.json`` into those trials' folders (the report then says *out-of-time*) and ends
+their TensorBoard logging; `tune_gpt.search` closes their Optuna trials after the search.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
+
+from tune_gpt.report import STOPPED_FILE
 
 RESULT_FILES = ("result.json", "progress.csv")
 
@@ -64,6 +74,57 @@ class KeepTrialResults(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         push_trial_results(trial)
+
+
+class MarkTimeBudgetStops(Callback):
+    """Mark the trials the search's time budget stopped (see the module doc).
+
+    A trial that started in this run, was never told complete or errored, and is TERMINATED at the
+    end of one of Tune's steps was stopped by the experiment's stopper, that is the time budget.
+    (Ctrl+C stops trials after the last step instead, and ``--resume`` continues them.)
+    `loggers` (TensorBoard's) are told that those trials ended.
+    """
+
+    def __init__(self, time_budget_s: float, loggers: list | None = None) -> None:
+        self._budget = float(time_budget_s)
+        self._loggers = list(loggers or [])
+        self._live: set[str] = set()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._live.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._live.discard(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._live.discard(trial.trial_id)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if not self._live:
+            return
+        for trial in trials:
+            if trial.trial_id in self._live and trial.status == "TERMINATED":
+                self._live.discard(trial.trial_id)
+                self._mark(trial)
+
+    def _mark(self, trial: Any) -> None:
+        import json
+
+        text = json.dumps({"stopped_by": "time budget", "time_budget_s": self._budget,
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        storage = getattr(trial, "storage", None)
+        try:
+            fs, path = storage.storage_filesystem, storage.trial_fs_path
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{STOPPED_FILE}") as out:
+                out.write(text.encode("utf-8"))
+        except Exception:  # noqa: BLE001 - storage unreachable: the report then says early-stopped
+            pass
+        for logger in self._loggers:
+            try:
+                logger.log_trial_end(trial, failed=False)
+            except Exception:  # noqa: BLE001 - a logger that cannot close does not stop the search
+                pass
 
 
 # Bookkeeping keys Tune or the trial adds to every result: not worth a chart.

@@ -13,6 +13,8 @@ How a trial's ``status`` is decided (first rule that applies):
   out-of-memory error; or the last loss reported is NaN/inf);
 - ``errored``: Ray wrote error.txt (unless a later status file says the trial
   finished after a retry), or the status file says errored;
+- ``out-of-time``: what would read *early-stopped* below, for a trial whose folder holds
+  ``tune_gpt_stopped.json``: it was still training when the search's ``--time-budget`` ran out;
 - ``finished`` / ``early-stopped``: the status file says so (a status file saying
   ``running`` is what a trial stopped by the scheduler can leave: it is ignored;
   ``early-stopped`` while Ray's state says RUNNING/PENDING/PAUSED is a trial an
@@ -62,9 +64,10 @@ __all__ = [
 
 STATUS_FILE = "tune_gpt_status.json"  # written by search.py's trainable in each trial folder
 EXPERIMENT_FILE = "tune_gpt_experiment.json"  # written by search.py in the experiment folder
-STATUSES = ("finished", "early-stopped", "running", "diverged", "oom", "errored")
+STOPPED_FILE = "tune_gpt_stopped.json"  # written by the search in a trial folder when --time-budget stopped it
+STATUSES = ("finished", "early-stopped", "out-of-time", "running", "diverged", "oom", "errored")
 FAILED = ("errored", "diverged", "oom")
-COMPLETED = ("finished", "early-stopped")
+COMPLETED = ("finished", "early-stopped", "out-of-time")
 LR, BATCH = "learning_rate", "batch_size"
 PLOTS = ("heatmap", "lr_scatter", "curves")
 CONTINUOUS_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "normal", "qnormal",
@@ -74,7 +77,7 @@ RANGE_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "l
 DISCRETE_LIMIT = 6  # more distinct learning rates than this: treat them as continuous
 REMOTE_REPORTS = "tune_reports"  # where write_report puts the report of an experiment read from a URI
 # The files of an experiment that the report reads; a URI's checkpoints and W&B runs are not downloaded.
-_REPORT_FILES = ("params.json", "result.json", "error.txt", STATUS_FILE, EXPERIMENT_FILE)
+_REPORT_FILES = ("params.json", "result.json", "error.txt", STATUS_FILE, EXPERIMENT_FILE, STOPPED_FILE)
 
 # Ray's bookkeeping in result.json: not metrics.
 _RAY_FIELDS = {
@@ -102,6 +105,7 @@ class _Trial:
     status_file: dict[str, Any] | None
     error_text: str | None
     ray_status: str | None
+    budget_stopped: bool = False  # the search's time budget stopped it (STOPPED_FILE)
     trial_id: str = ""
     status: str = ""
     error: str = ""
@@ -341,7 +345,8 @@ def _read_experiment(path: str | Path) -> _Experiment:
                 error_text = ""
         sf = _read_json(d / STATUS_FILE)
         t = _Trial(dir=d, params=_flatten(params), records=records,
-                   status_file=sf if isinstance(sf, dict) else None, error_text=error_text, ray_status=None)
+                   status_file=sf if isinstance(sf, dict) else None, error_text=error_text, ray_status=None,
+                   budget_stopped=(d / STOPPED_FILE).is_file())
         rid = next((str(r["trial_id"]) for r in reversed(records) if r.get("trial_id")), None)
         st = state.get("dir:" + d.name) or (state.get("id:" + rid) if rid else None)
         m = _TRIAL_ID.search(d.name)
@@ -408,7 +413,7 @@ def _status(t: _Trial) -> tuple[str, str]:
     if said in ("early-stopped", "stopped", "terminated"):
         if t.ray_status in ("RUNNING", "PENDING", "PAUSED"):
             return "running", ""  # stopped by an interrupted search, not by the scheduler: --resume continues it
-        return "early-stopped", ""
+        return ("out-of-time" if t.budget_stopped else "early-stopped"), ""
     withloss = [r for r in t.records if "val/loss" in r or "train/loss" in r]
     if withloss:
         last = withloss[-1]
@@ -424,7 +429,7 @@ def _status(t: _Trial) -> tuple[str, str]:
         step = max((_num(r.get("step")) or 0 for r in t.records), default=None)
         total = _planned_steps(t)
         if not t.records or (step is not None and total is not None and step < total):
-            return "early-stopped", ""
+            return ("out-of-time" if t.budget_stopped else "early-stopped"), ""
         return "finished", ""
     # Ray has not saved its state yet (or never will, for this trial): it is still going.
     return "running", ""
@@ -755,7 +760,7 @@ def importance(df: "pd.DataFrame", metric: str = "best_val_loss", *, params: Seq
                min_trials: int = 4) -> "pd.Series":
     """How much each searched parameter explains `metric`, by Optuna's importance evaluators.
 
-    Uses the finished and early-stopped trials, put into an in-memory Optuna study with
+    Uses the finished, early-stopped and out-of-time trials, put into an in-memory Optuna study with
     distributions from the search space (or the data). fANOVA when scikit-learn is
     installed, else PED-ANOVA, else the share of variance explained by each parameter on
     its own. Returns a Series (sums to 1, largest first; ``.attrs["evaluator"]``); empty,
@@ -912,6 +917,13 @@ def warnings_for(df: "pd.DataFrame", space: Mapping[str, Any] | None = None) -> 
         shown = "; ".join(f"{r.trial_id}: {r.error}" if r.error else str(r.trial_id) for r in bad.head(5).itertuples())
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
         out.append(f"{len(bad)} trial(s) {verb}: {shown}{more}")
+    cut = df[df["status"] == "out-of-time"]
+    if not cut.empty:
+        msg = (f"{len(cut)} trial(s) were still training when the search's --time-budget ran out (out-of-time): "
+               "their results are partial")
+        if not ranked.empty and str(best["trial_id"]) in set(cut["trial_id"].astype(str)):
+            msg += "; the best trial is one of them, so a longer replay may still improve on its loss"
+        out.append(msg)
     running = int((df["status"] == "running").sum())
     if running:
         out.append(f"{running} trial(s) still running (or the search was interrupted): their results are partial")

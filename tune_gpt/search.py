@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -675,7 +676,28 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
             ray.shutdown()
     if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
         raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+    if opts.optuna_storage and plan.searcher == "optuna":
+        _close_study_trials(plan)
     return _summarise(plan, grid, elapsed)
+
+
+def _close_study_trials(plan: Plan) -> None:
+    """Close the Optuna trials a finished search left RUNNING in ``--optuna-storage``.
+
+    Tune does not tell the searcher about trials it stops when ``--time-budget`` runs out (nor about a
+    trial it created but never started), so a dashboard would show them running for ever. Each becomes
+    PRUNED at its last reported value (Optuna's meaning: stopped before the end), or FAIL if it reported
+    nothing. Only for a search that ended: an interrupted one keeps them, as ``--resume`` continues them.
+    """
+    try:
+        import optuna
+        from optuna.trial import TrialState
+
+        study = optuna.load_study(study_name=plan.name, storage=plan.opts.optuna_storage)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.PRUNED if t.intermediate_values else TrialState.FAIL)
+    except Exception as exc:  # noqa: BLE001 - the search's results stand; only the study's bookkeeping is left
+        warnings.warn(f"--optuna-storage: could not close the study's unfinished trials: {_one_line(exc)}")
 
 
 def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None) -> bool:
@@ -903,7 +925,7 @@ def _scheduler(plan: Plan):
 def _run_config(plan: Plan):
     from ray import tune
 
-    from tune_gpt._tune_callbacks import KeepTrialResults, TrialTensorBoard
+    from tune_gpt._tune_callbacks import KeepTrialResults, MarkTimeBudgetStops, TrialTensorBoard
 
     opts = plan.opts
     callbacks: list[Any] = [KeepTrialResults()]  # a retried trial keeps every row of its history
@@ -911,6 +933,8 @@ def _run_config(plan: Plan):
         callbacks.append(TrialTensorBoard())  # instead of Tune's, which loads torch in the driver
     except ImportError:
         warnings.warn("tensorboard is not installed: no TensorBoard events for the trials (pip install tensorboard)")
+    if opts.time_budget:  # trials still running when it runs out: out-of-time, not early-stopped
+        callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=callbacks[1:]))
     if opts.wandb:
         cb = wandb_callback(plan)
         if cb is not None:
@@ -947,8 +971,6 @@ def wandb_callback(plan: Plan):
     from tune_gpt.tracking import wandb_available
 
     if not wandb_available():
-        import warnings
-
         warnings.warn("wandb is not installed: trials are logged to TensorBoard only (pip install wandb)")
         return None
     mode = _wandb_mode(plan)
@@ -1077,9 +1099,11 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     elif trials_csv is not None:
         df.to_csv(trials_csv, index=False)
     replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
+    # the report also counts trials that ended before their first report (Tune's DataFrame leaves them out)
+    n_trials = len(statuses) if statuses is not None else len(df)
     if plan.opts.summary:
-        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses)
-    return SearchOutcome(exp_dir, best_cfg, best_val, len(df), n_err, trials_csv, replay)
+        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses, n_trials)
+    return SearchOutcome(exp_dir, best_cfg, best_val, n_trials, n_err, trials_csv, replay)
 
 
 def _csv_statuses(trials_csv: Path) -> list[str] | None:
@@ -1092,12 +1116,13 @@ def _csv_statuses(trials_csv: Path) -> list[str] | None:
         return None
 
 
-def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses=None) -> None:
+def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses=None,
+                   n_trials=None) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
     counts = _status_counts(exp_dir, statuses)
     ended = f"{counts}" if counts else f"{n_err} errored"
-    print(f"\n{len(df)} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
+    print(f"\n{len(df) if n_trials is None else n_trials} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
     if metric in df.columns and len(df):
         cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
         top = df.sort_values(metric, ascending=plan.mode == "min").head(5)

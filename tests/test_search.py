@@ -251,8 +251,11 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     from tune_gpt.report import STOPPED_FILE, load_results, warnings_for
 
     db = f"sqlite:///{tmp_path / 'study.db'}"
+    other = optuna.create_study(study_name="budget", storage=db, direction="minimize")  # same --name, other storage
+    running_elsewhere = other.ask()
+    running_elsewhere.set_user_attr("tune_experiment", str(tmp_path / "elsewhere" / "budget"))
     out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
-                                   time_budget=10, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
+                                   time_budget=15, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
                                    wandb=False, overrides={"data": str(corpus_file)}, verbose=0))
     df = load_results(out.experiment_dir)
     assert len(df) >= 1 and set(df["status"]) == {"out-of-time"}, df[["trial_id", "status"]]
@@ -266,9 +269,12 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
         acc.Reload()
         assert "_hparams_/session_end_info" in acc.PluginTagToContent("hparams")
     study = optuna.load_study(study_name="budget", storage=db)
-    states = [t.state.name for t in study.trials]
+    assert study.trials[running_elsewhere.number].state.name == "RUNNING"  # not this search's to close
+    ours = [t for t in study.trials if t.number != running_elsewhere.number]
+    states = [t.state.name for t in ours]
     assert "RUNNING" not in states and "COMPLETE" not in states, states
-    pruned = sorted(t.value for t in study.trials if t.state.name == "PRUNED")
+    assert set(df["trial_id"]) <= {t.user_attrs["tune_trial_id"] for t in ours}
+    pruned = sorted(t.value for t in ours if t.state.name == "PRUNED")
     assert pruned == pytest.approx(sorted(df["final_val_loss"].dropna()))  # each at its last reported value
     assert f"{len(df)} trials in" in (printed := capsys.readouterr().out)  # also those stopped before their first report
     assert f"({len(df)} out-of-time)" in printed

@@ -109,3 +109,43 @@ def test_stepped_values_with_float_noise_are_the_same_configuration():
         seen.append(c["wd"])
         s.on_trial_complete(f"t{len(seen) - 1}", {"loss": abs(c["wd"] - 0.3)})
     assert len(seen) == 7 and seen[0] == 0.3  # 0.15, 0.20, ..., 0.45: each once, the baseline first
+
+
+def test_time_budget_stops_are_told_from_every_other_end(tmp_path):
+    """MarkTimeBudgetStops marks the trials Tune ends without telling the callbacks (its time budget), and only those."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from tune_gpt._tune_callbacks import MarkTimeBudgetStops
+    from tune_gpt.report import STOPPED_FILE
+
+    ended = []
+    logger = SimpleNamespace(log_trial_end=lambda trial, failed=False: ended.append(trial.trial_id))
+    cb = MarkTimeBudgetStops(60, loggers=[logger])
+
+    def trial(tid: str, status: str, last_result: dict | None = None):
+        storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(tmp_path / tid))
+        return SimpleNamespace(trial_id=tid, status=status, last_result=last_result or {}, storage=storage)
+
+    cut, done, failed, never, resumed, early = (trial("cut", "RUNNING"), trial("done", "RUNNING"), trial("failed", "RUNNING"),
+                                                trial("never", "PENDING"), trial("resumed", "PENDING", {"val/loss": 2.0}),
+                                                trial("early", "RUNNING"))
+    trials = [cut, done, failed, never, resumed, early]
+    for t in (cut, done, failed, early):
+        cb.on_trial_start(0, trials, t)
+    cb.on_step_end(1, trials)
+    done.status = "TERMINATED"  # finished: Tune tells the callbacks first, then sets the status
+    cb.on_trial_complete(2, trials, done)
+    early.status = "TERMINATED"  # ASHA's stop goes the same way
+    cb.on_trial_complete(2, trials, early)
+    failed.status = "ERROR"
+    cb.on_trial_error(2, trials, failed)
+    cb.on_step_end(2, trials)
+    for t in (cut, never, resumed):  # the budget runs out: everything left is TERMINATED within one step
+        t.status = "TERMINATED"
+    cb.on_step_end(3, trials)
+    marked = sorted(p.parent.name for p in tmp_path.glob(f"*/{STOPPED_FILE}"))
+    assert marked == ["cut", "resumed"] and sorted(ended) == ["cut", "resumed"]
+    cb.on_step_end(4, trials)  # marked once
+    assert sorted(ended) == ["cut", "resumed"]

@@ -13,7 +13,9 @@ again:
   (its sampler's constant liar already treats the running trial as a poor one).
 
 Each repeat is a trial of the Optuna study (Optuna cannot be asked without one), marked with the
-user attribute ``repeat_of`` (the Tune trial it repeats) for ``--optuna-storage`` dashboards.
+user attribute ``repeat_of`` (the Tune trial it repeats) for ``--optuna-storage`` dashboards. A trial
+that runs carries ``tune_trial_id`` and, given `experiment`, ``tune_experiment`` (which search made it:
+one ``--optuna-storage`` study can serve searches with the same name in different storage paths).
 When every proposal in a row of `max_redraws` is a repeat, the search is over: it waits while any
 trial is still running (its result may steer TPE elsewhere), then ends (``Searcher.FINISHED``,
 before ``num_samples`` trials; `exhausted` is then True).
@@ -51,9 +53,10 @@ class UniqueOptunaSearch(OptunaSearch):
     by `save`, so a resumed search keeps not repeating itself.
     """
 
-    def __init__(self, *args: Any, max_redraws: int = 30, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_redraws: int = 30, experiment: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_redraws = max_redraws
+        self._experiment = experiment  # recorded on each Optuna trial it creates (a study can hold several searches)
         self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
         self._ended: dict[str, tuple[dict | None, bool]] = {}  # trial id -> ({metric: last value} or None, errored)
         self._last: dict[str, Any] = {}  # trial id -> its last reported value of the metric, while it runs
@@ -70,8 +73,11 @@ class UniqueOptunaSearch(OptunaSearch):
             key = config_key(self._ot_trials[ask_id].params)
             first = self._trial_of.get(key)
             if first is None:
-                self._ot_trials[trial_id] = self._ot_trials.pop(ask_id)  # Ray reports under its trial id
+                ot_trial = self._ot_trials[trial_id] = self._ot_trials.pop(ask_id)  # Ray reports under its trial id
                 self._trial_of[key] = trial_id
+                ot_trial.set_user_attr("tune_trial_id", trial_id)
+                if self._experiment:
+                    ot_trial.set_user_attr("tune_experiment", self._experiment)
                 return config
             self.repeats_skipped += 1
             self._ot_trials[ask_id].set_user_attr("repeat_of", first)

@@ -79,10 +79,11 @@ class KeepTrialResults(Callback):
 class MarkTimeBudgetStops(Callback):
     """Mark the trials the search's time budget stopped (see the module doc).
 
-    A trial that started in this run, was never told complete or errored, and is TERMINATED at the
-    end of one of Tune's steps was stopped by the experiment's stopper, that is the time budget.
-    (Ctrl+C stops trials after the last step instead, and ``--resume`` continues them.)
-    `loggers` (TensorBoard's) are told that those trials ended.
+    A trial that started in this run (or, resumed, waits with results from an earlier run), was never
+    told complete or errored, and is TERMINATED at the end of one of Tune's steps was stopped by the
+    experiment's stopper, that is the time budget: Tune sets TERMINATED after telling the callbacks
+    for a trial that ends on its own or by the scheduler, and Ctrl+C stops trials after the last step
+    (``--resume`` continues them). `loggers` (TensorBoard's) are told that those trials ended.
     """
 
     def __init__(self, time_budget_s: float, loggers: list | None = None) -> None:
@@ -100,10 +101,10 @@ class MarkTimeBudgetStops(Callback):
         self._live.discard(trial.trial_id)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if not self._live:
-            return
         for trial in trials:
-            if trial.trial_id in self._live and trial.status == "TERMINATED":
+            if trial.status in ("PENDING", "PAUSED") and trial.last_result:
+                self._live.add(trial.trial_id)  # resumed: trained before, waits to go on
+            elif trial.status == "TERMINATED" and trial.trial_id in self._live:
                 self._live.discard(trial.trial_id)
                 self._mark(trial)
 
@@ -118,8 +119,11 @@ class MarkTimeBudgetStops(Callback):
             fs.create_dir(path, recursive=True)
             with fs.open_output_stream(f"{path}/{STOPPED_FILE}") as out:
                 out.write(text.encode("utf-8"))
-        except Exception:  # noqa: BLE001 - storage unreachable: the report then says early-stopped
-            pass
+        except Exception as exc:  # noqa: BLE001 - storage unreachable: the report then says early-stopped
+            import warnings
+
+            warnings.warn(f"trial {trial.trial_id} was stopped by --time-budget, but {STOPPED_FILE} could not be "
+                          f"written to its folder ({exc}): the report will call it early-stopped")
         for logger in self._loggers:
             try:
                 logger.log_trial_end(trial, failed=False)

@@ -922,7 +922,7 @@ def warnings_for(df: "pd.DataFrame", space: Mapping[str, Any] | None = None) -> 
         msg = (f"{len(cut)} trial(s) were still training when the search's --time-budget ran out (out-of-time): "
                "their results are partial")
         if not ranked.empty and str(best["trial_id"]) in set(cut["trial_id"].astype(str)):
-            msg += "; the best trial is one of them, so a longer replay may still improve on its loss"
+            msg += "; the best trial is one of them, so a longer replay may still improve on its result"
         out.append(msg)
     running = int((df["status"] == "running").sum())
     if running:

@@ -687,14 +687,18 @@ def _close_study_trials(plan: Plan) -> None:
     Tune does not tell the searcher about trials it stops when ``--time-budget`` runs out (nor about a
     trial it created but never started), so a dashboard would show them running for ever. Each becomes
     PRUNED at its last reported value (Optuna's meaning: stopped before the end), or FAIL if it reported
-    nothing. Only for a search that ended: an interrupted one keeps them, as ``--resume`` continues them.
+    nothing. Only for a search that ended (an interrupted one keeps them, as ``--resume`` continues them),
+    and only this search's trials (user attribute ``tune_experiment``).
     """
     try:
         import optuna
         from optuna.trial import TrialState
 
         study = optuna.load_study(study_name=plan.name, storage=plan.opts.optuna_storage)
+        ours = experiment_id(plan)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("tune_experiment") != ours:
+                continue  # another search's trial (same --name, another --storage-path): maybe running now
             study.tell(t.number, state=TrialState.PRUNED if t.intermediate_values else TrialState.FAIL)
     except Exception as exc:  # noqa: BLE001 - the search's results stand; only the study's bookkeeping is left
         warnings.warn(f"--optuna-storage: could not close the study's unfinished trials: {_one_line(exc)}")
@@ -881,7 +885,7 @@ def _tune_config(plan: Plan):
         if opts.optuna_storage:  # Ray's OptunaSearch takes a storage object, not its URL
             kwargs["storage"] = optuna.storages.get_storage(opts.optuna_storage)
             kwargs["study_name"] = plan.name
-        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler,
+        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=experiment_id(plan),
                                         points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
     if search_alg is None:  # random and grid: Tune's generator, seeded so that --seed repeats a random search
@@ -1032,6 +1036,11 @@ def _write_experiment_file(plan: Plan) -> None:
         return
     plan.experiment_dir.mkdir(parents=True, exist_ok=True)
     (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)
+
+
+def experiment_id(plan: Plan) -> str:
+    """Where the experiment lives, as an absolute path or a URI: the same for a search and its --resume."""
+    return experiment_uri(plan) if "://" in plan.opts.storage_path else str(plan.experiment_dir.resolve())
 
 
 def experiment_uri(plan: Plan) -> str:

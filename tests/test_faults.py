@@ -130,6 +130,11 @@ def make_faulty(marks: str):
 @pytest.mark.slow
 def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure_is_reported(
         ray_session, tmp_path, corpus_file):
+    """Optuna search (sqlite study) over three seeds: two trials raise twice each and resume from their last
+    checkpoint; one always raises and ends errored. Then, the cause fixed, --resume --retry-errored runs only
+    that one again, and the study learns its result (OptunaSearch alone drops what a FAILed trial reports)."""
+    import optuna
+
     _pickle_by_value()
     rng = random.Random(SEED)
     marks = tmp_path / "marks"
@@ -142,10 +147,13 @@ def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure
     for seed in (1, 2):
         (marks / f"seed{seed}.json").write_text(json.dumps({"fail_at": faults[seed]}))
     (marks / "seed3.json").write_text(json.dumps({"always_at": 3}))
-    out = run_search(SearchOptions(space=str(fault_space(tmp_path, "faults", "seed", [1, 2, 3])),
-                                   storage_path=str(tmp_path / "r"), max_failures=2, wandb=False, cpus_per_trial=0.5,
-                                   overrides={"data": str(corpus_file)}, verbose=0),
-                     trainable=make_faulty(str(marks)))
+    space = write_space(tmp_path / "faults.yaml", FAULT_SPACE.replace("method: grid", "method: optuna\nnum_samples: 3")
+                        .replace("{{grid: {values}}}", "{{choice: {values}}}").format(name="faults", axis="seed",
+                                                                                     values=[1, 2, 3], extra=""))
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    opts = dict(space=str(space), storage_path=str(tmp_path / "r"), max_failures=2, optuna_storage=db, wandb=False,
+                cpus_per_trial=0.5, overrides={"data": str(corpus_file)}, verbose=0)
+    out = run_search(SearchOptions(**opts), trainable=make_faulty(str(marks)))
     exp = out.experiment_dir
     by_seed = {params(d)["seed"]: d for d in trial_dirs(exp)}
     assert sorted(by_seed) == [1, 2, 3]
@@ -176,6 +184,16 @@ def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure
     report_dir = write_report(exp)
     md = (Path(report_dir) / "report.md").read_text()
     assert "errored" in md and "persistent fault at step 3" in md
+
+    (marks / "seed3.json").unlink()  # the cause is fixed
+    again = run_search(SearchOptions(resume=True, retry_errored=True, **opts), trainable=make_faulty(str(marks)))
+    assert [calls(marks, f"seed{seed}") for seed in (1, 2, 3)] == [3, 3, 4]  # only the errored trial ran again
+    assert status(d3)["status"] == "finished" and [r["step"] for r in rows(d3)] == [5, 10, 15, 20]
+    assert set(load_results(again.experiment_dir)["status"]) == {"finished"}
+    tried = [t for t in optuna.load_study(study_name="faults", storage=db).trials if t.params.get("seed") == 3]
+    assert [t.state.name for t in tried] == ["FAIL", "COMPLETE"], [t.state.name for t in tried]
+    assert tried[1].user_attrs["retry_of"] == tried[0].number
+    assert tried[1].value == pytest.approx(rows(d3)[-1]["val/loss"])
 
 
 def test_a_failed_trial_uploads_its_history_before_tune_restores_it(tmp_path):

@@ -93,12 +93,27 @@ class UniqueOptunaSearch(OptunaSearch):
               file=sys.stderr)
         return Searcher.FINISHED
 
+    def _reopen_if_retried(self, trial_id: str) -> None:
+        """``--retry-errored`` runs an errored trial again under its Tune id, but its Optuna trial was told
+        FAIL, and OptunaSearch drops what a finished trial reports (with a warning per result). Optuna
+        cannot reopen a finished trial: the retry gets a new one with the same parameters (``retry_of``)."""
+        if trial_id not in self._completed_trials or not self._ended.get(trial_id, (None, False))[1]:
+            return
+        old = self._ot_trials[trial_id]
+        attrs = {k: v for k, v in old.user_attrs.items() if k in ("tune_trial_id", "tune_experiment")}
+        self._ot_study.enqueue_trial(old.params, user_attrs={**attrs, "retry_of": old.number})
+        self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=old.distributions)
+        self._completed_trials.discard(trial_id)
+        self._ended.pop(trial_id, None)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._reopen_if_retried(trial_id)
         if isinstance(self.metric, str) and self.metric in result:
             self._last[trial_id] = result[self.metric]
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._reopen_if_retried(trial_id)  # (a retry that fails again before its first report)
         value = result.get(self.metric) if result and isinstance(self.metric, str) else None
         value = self._last.get(trial_id) if value is None else value
         self._ended[trial_id] = ({self.metric: value} if value is not None else None, error)

@@ -190,8 +190,10 @@ def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure
     assert [calls(marks, f"seed{seed}") for seed in (1, 2, 3)] == [3, 3, 4]  # only the errored trial ran again
     assert status(d3)["status"] == "finished" and [r["step"] for r in rows(d3)] == [5, 10, 15, 20]
     assert set(load_results(again.experiment_dir)["status"]) == {"finished"}
-    tried = [t for t in optuna.load_study(study_name="faults", storage=db).trials if t.params.get("seed") == 3]
+    study = optuna.load_study(study_name="faults", storage=db)
+    tried = [t for t in study.trials if t.user_attrs.get("tune_trial_id") == d3.name.removeprefix("trial_")]
     assert [t.state.name for t in tried] == ["FAIL", "COMPLETE"], [t.state.name for t in tried]
+    assert not [t for t in study.trials if t.state.name in ("WAITING", "RUNNING")]
     assert tried[1].user_attrs["retry_of"] == tried[0].number
     assert tried[1].value == pytest.approx(rows(d3)[-1]["val/loss"])
 

@@ -111,6 +111,23 @@ def test_stepped_values_with_float_noise_are_the_same_configuration():
     assert len(seen) == 7 and seen[0] == 0.3  # 0.15, 0.20, ..., 0.45: each once, the baseline first
 
 
+def test_a_retried_errored_trial_reports_to_a_new_study_trial_and_leaves_waiting_ones_alone():
+    """--retry-errored runs trial "a" again under its id: Optuna cannot reopen its FAILed trial, so the retry's
+    results go to a new one with the same parameters; a WAITING trial in a shared study is not taken for it."""
+    s = searcher([1e-3, 1e-2], experiment="/r/exp")
+    a = s.suggest("a")
+    s.on_trial_complete("a", None, error=True)
+    study = s._ot_study
+    study.enqueue_trial({"lr": 1e-2, "bs": 8})  # e.g. another search's baseline, not asked yet
+    s.on_trial_result("a", {"loss": 2.5, "training_iteration": 1})  # the retry reports
+    s.on_trial_complete("a", {"loss": 2.2, "training_iteration": 2})
+    failed, waiting, retry = study.trials
+    assert failed.state.name == "FAIL" and waiting.state.name == "WAITING"
+    assert retry.state.name == "COMPLETE" and retry.value == 2.2 and retry.intermediate_values == {1: 2.5}
+    assert retry.params == failed.params == {"lr": a["lr"], "bs": 8}
+    assert retry.user_attrs == {"retry_of": failed.number, "tune_trial_id": "a", "tune_experiment": "/r/exp"}
+
+
 def test_time_budget_stops_are_told_from_every_other_end(tmp_path):
     """MarkTimeBudgetStops marks the trials Tune ends without telling the callbacks (its time budget), and only those."""
     from types import SimpleNamespace

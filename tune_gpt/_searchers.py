@@ -99,10 +99,15 @@ class UniqueOptunaSearch(OptunaSearch):
         cannot reopen a finished trial: the retry gets a new one with the same parameters (``retry_of``)."""
         if trial_id not in self._completed_trials or not self._ended.get(trial_id, (None, False))[1]:
             return
-        old = self._ot_trials[trial_id]
+        from optuna.trial import Trial, TrialState, create_trial
+
+        old, study = self._ot_trials[trial_id], self._ot_study
         attrs = {k: v for k, v in old.user_attrs.items() if k in ("tune_trial_id", "tune_experiment")}
-        self._ot_study.enqueue_trial(old.params, user_attrs={**attrs, "retry_of": old.number})
-        self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=old.distributions)
+        # made RUNNING directly: enqueue_trial + ask would take the study's oldest WAITING trial, which in a
+        # study shared by several searches may be another search's
+        template = create_trial(state=TrialState.RUNNING, params=old.params, distributions=old.distributions,
+                                user_attrs={**attrs, "retry_of": old.number})
+        self._ot_trials[trial_id] = Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
         self._completed_trials.discard(trial_id)
         self._ended.pop(trial_id, None)
 

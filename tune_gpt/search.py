@@ -937,12 +937,19 @@ def _run_config(plan: Plan):
         callbacks.append(TrialTensorBoard())  # instead of Tune's, which loads torch in the driver
     except ImportError:
         warnings.warn("tensorboard is not installed: no TensorBoard events for the trials (pip install tensorboard)")
+    budget_loggers: list[Any] = []
     if opts.time_budget:  # trials still running when it runs out: out-of-time, not early-stopped
-        callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=callbacks[1:]))
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+        # Tune's own result.json / progress.csv writers, made here (Tune then adds none) so that they too
+        # close the files of the trials the budget stops (else: ResourceWarnings at exit)
+        budget_loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
+        callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=callbacks[1:] + budget_loggers))
     if opts.wandb:
         cb = wandb_callback(plan)
         if cb is not None:
             callbacks.append(cb)
+    callbacks += budget_loggers  # where Tune would have put them: after the others
     return tune.RunConfig(
         name=plan.name,
         storage_path=_storage_uri(opts.storage_path),

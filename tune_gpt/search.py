@@ -1118,7 +1118,7 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     # the report also counts trials that ended before their first report (Tune's DataFrame leaves them out)
     n_trials = len(statuses) if statuses is not None else len(df)
     if plan.opts.summary:
-        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses, n_trials)
+        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err, statuses)
     return SearchOutcome(exp_dir, best_cfg, best_val, n_trials, n_err, trials_csv, replay)
 
 
@@ -1132,13 +1132,13 @@ def _csv_statuses(trials_csv: Path) -> list[str] | None:
         return None
 
 
-def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_err, statuses=None,
-                   n_trials=None) -> None:
+def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
+                   statuses=None) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
     counts = _status_counts(exp_dir, statuses)
     ended = f"{counts}" if counts else f"{n_err} errored"
-    print(f"\n{len(df) if n_trials is None else n_trials} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
+    print(f"\n{n_trials} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
     if metric in df.columns and len(df):
         cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
         top = df.sort_values(metric, ascending=plan.mode == "min").head(5)

@@ -113,12 +113,11 @@ class MarkTimeBudgetStops(Callback):
 
         text = json.dumps({"stopped_by": "time budget", "time_budget_s": self._budget,
                            "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        from tune_gpt.search import write_storage_file
+
         storage = getattr(trial, "storage", None)
         try:
-            fs, path = storage.storage_filesystem, storage.trial_fs_path
-            fs.create_dir(path, recursive=True)
-            with fs.open_output_stream(f"{path}/{STOPPED_FILE}") as out:
-                out.write(text.encode("utf-8"))
+            write_storage_file(storage.storage_filesystem, storage.trial_fs_path, STOPPED_FILE, text)
         except Exception as exc:  # noqa: BLE001 - storage unreachable: the report then says early-stopped
             import warnings
 

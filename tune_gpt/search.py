@@ -542,12 +542,16 @@ def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
         from ray import tune
 
         storage = tune.get_context().get_storage()
-        fs, path = storage.storage_filesystem, storage.trial_fs_path
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{name}") as out:
-            out.write(text.encode("utf-8"))
+        write_storage_file(storage.storage_filesystem, storage.trial_fs_path, name, text)
     except Exception:  # noqa: BLE001 - storage unreachable: the staged copy may still be synced
         pass
+
+
+def write_storage_file(fs: Any, folder: str, name: str, text: str) -> None:
+    """Write `text` as ``<folder>/<name>`` on a pyarrow filesystem (local, s3://, gs://), creating the folder."""
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{name}") as out:
+        out.write(text.encode("utf-8"))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -1036,10 +1040,7 @@ def _write_experiment_file(plan: Plan) -> None:
     if "://" in plan.opts.storage_path:
         import pyarrow.fs as pafs
 
-        fs, path = pafs.FileSystem.from_uri(experiment_uri(plan))
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{EXPERIMENT_FILE}") as out:
-            out.write(text.encode("utf-8"))
+        write_storage_file(*pafs.FileSystem.from_uri(experiment_uri(plan)), EXPERIMENT_FILE, text)
         return
     plan.experiment_dir.mkdir(parents=True, exist_ok=True)
     (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)

@@ -127,6 +127,30 @@ def make_faulty(marks: str):
     return faulty
 
 
+def test_trial_files_go_to_storage_not_to_the_local_folder_ray_uploads(tmp_path, monkeypatch):
+    """Ray uploads the driver's local folder of a trial to storage about once a second, and a retry run in a
+    reused actor writes to another local folder: a status an earlier attempt left in the first one was uploaded
+    over the retry's (seen: a retried trial that finished, reported as errored). Storage only; local if it fails."""
+    import types
+
+    import pyarrow.fs
+    from ray import tune
+
+    from tune_gpt.search import _save_trial_file
+
+    local, remote = tmp_path / "staged", tmp_path / "storage" / "trial_x"
+    local.mkdir()
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(remote))
+    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: storage))
+    _save_trial_file(local, STATUS_FILE, '{"status": "finished"}')
+    assert (remote / STATUS_FILE).read_text() == '{"status": "finished"}'
+    assert not (local / STATUS_FILE).exists()
+    storage.storage_filesystem = None  # storage unreachable: the local copy is all there is
+    _save_trial_file(local, STATUS_FILE, '{"status": "errored"}')
+    assert (local / STATUS_FILE).read_text() == '{"status": "errored"}'
+    assert (remote / STATUS_FILE).read_text() == '{"status": "finished"}'
+
+
 @pytest.mark.slow
 def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure_is_reported(
         ray_session, tmp_path, corpus_file):

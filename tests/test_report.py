@@ -144,6 +144,24 @@ def test_status_file_beats_error_txt_after_a_retry(tmp_path):
     assert report.load_results(exp)["status"].tolist() == ["finished"]
 
 
+@pytest.mark.parametrize("losses,ray_status,expected", [
+    ([2.0, 1.8, 1.6], "TERMINATED", "finished"),  # the retry reached its last step; ASHA ended it in that report
+    ([2.0, 1.8], "TERMINATED", "early-stopped"),  # the retry was cut by the scheduler
+    ([2.0, 1.8], "ERROR", "errored"),  # the retry's actor died: Ray's ERROR stands
+])
+def test_retried_trial_whose_last_attempt_wrote_only_running(tmp_path, losses, ray_status, expected):
+    # Each attempt writes {"status": "running"} first; Tune may end the actor before the attempt writes more.
+    status = {"TERMINATED": "finished", "ERROR": "errored"}[ray_status]
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, status, losses, error="RuntimeError: node died")])
+    d = next(exp.glob("trainable_*"))
+    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
+    (d / "tune_gpt_status.json").write_text('{"status": "running", "device": "cpu"}')
+    row = report.load_results(exp).iloc[0]
+    assert row["status"] == expected
+    if expected == "errored":
+        assert row["error"] == "RuntimeError: node died"
+
+
 def test_errored_status_file_message_is_used(tmp_path):
     # search.py writes {"status": "errored", "message": ...} and Ray writes error.txt.
     exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "errored", [], error="KeyError: 'x'", status_file=True)])

@@ -401,7 +401,10 @@ def _status(t: _Trial) -> tuple[str, str]:
     if said in ("diverged", "oom"):
         return said, message or err or said
     if t.error_text is not None:
-        retried_ok = said == "finished" and (t.ray_status == "TERMINATED" or _newer(t.dir / STATUS_FILE, t.dir / "error.txt"))
+        # Ray retried the trial after the error: its last attempt finished, or was stopped by the scheduler
+        # before it could write more than "running" (written first by every attempt).
+        retried_ok = (said == "finished" or (said == "running" and t.ray_status != "ERROR")) and (
+            t.ray_status == "TERMINATED" or _newer(t.dir / STATUS_FILE, t.dir / "error.txt"))
         if not retried_ok:
             if _looks_oom(t.error_text):
                 return "oom", err

@@ -357,15 +357,40 @@ def max_evaluations(plan: Plan, train_tokens: int) -> int:
 
 
 class TuneReporter:
-    """Reports each evaluation to Tune (with its checkpoint) and resumes from Tune's checkpoint."""
+    """Reports each evaluation to Tune (with its checkpoint), resumes from Tune's checkpoint, and keeps
+    the trial's status file (`STATUS_FILE`) and ``sample.txt``.
 
-    def __init__(self, total_steps_hint: int | None = None) -> None:
-        self.total_steps = total_steps_hint
+    Tune stops a trial's actor without waiting for its training thread (``FunctionTrainable.cleanup``
+    finishes the session with ``timeout=0``): when the scheduler ends a trial inside `tune.report`
+    (ASHA at its last rung, for one), what the thread does after that report may never happen. So
+    `train()` writes the sample before its last report, and a trial that diverged or ran out of
+    memory says so before reporting it. ``finished`` is written only after the last report returns
+    (a status that says finished must mean its last evaluation was recorded: a resumed search does
+    not train it again); the report tells a trial ASHA ended at its last step by the steps reported.
+    """
+
+    def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None) -> None:
+        self.trial_dir = trial_dir
+        self.where = dict(where or {})
+        self.total_steps: int | None = None
         self.last_step = 0
         self.start_step: int | None = None  # where the first attempt in this trial run began (a resume: > 0)
+        self.cfg: TrainConfig | None = None  # the config of the latest train() call (smaller after an OOM retry)
+        self.oom_retries: list[dict[str, Any]] = []  # filled by train_with_oom_retry
         self._restore_dirs: list[str] = []
 
+    def save_status(self, status: str, **fields: Any) -> None:
+        """Write the status file: `status`, `fields`, where the trial runs and what OOM retries changed."""
+        if self.trial_dir is None:
+            return
+        record = {"status": status, **fields, "steps": fields.get("steps", self.last_step),
+                  "total_steps": self.total_steps, "start_step": self.start_step}
+        if (self.oom_retries or status == "oom") and self.cfg is not None:
+            record.update(_oom_info(self.oom_retries, self.cfg))
+        _save_trial_file(self.trial_dir, STATUS_FILE, json.dumps({**record, **self.where}))
+
     def start(self, cfg, info):
+        self.cfg = cfg
         self.total_steps = info["total_steps"]
         if self.start_step is None:
             self.start_step = int(info.get("start_step", 0))
@@ -385,7 +410,8 @@ class TuneReporter:
             tune.report(metrics)
 
     def sample(self, text):
-        pass
+        if self.trial_dir is not None and text:
+            _save_trial_file(self.trial_dir, "sample.txt", text)
 
     def finish(self, result):
         pass
@@ -423,6 +449,10 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     - ``errored``: any other exception goes up to Tune, which retries the trial from its last
       checkpoint up to ``--max-failures`` times.
 
+    Each attempt first writes ``running`` (an earlier attempt's ``errored`` no longer holds). A trial
+    the scheduler stops may be left at ``running``: its actor can end before the ``finally`` below
+    runs; the report then tells early-stopped from Tune's state and the steps reported.
+
     A trial whose status file already says finished, diverged or oom returns at once: the search
     was resumed from a saved state older than the trial's end, and it must not train again.
     """
@@ -448,39 +478,34 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
 
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), "device": cfg.device}
+    reporter = TuneReporter(trial_dir, where)
+    reporter.save_status("running")
     status: dict[str, Any] = {"status": "running"}
-    reporter = TuneReporter()
-    extra: dict[str, Any] = {}
     try:
         try:
-            result, final_cfg, retries = train_with_oom_retry(cfg, reporter, corpus=corpus, oom_retry=oom_retry)
+            result, _, _ = train_with_oom_retry(cfg, reporter, corpus=corpus, oom_retry=oom_retry,
+                                                retries=reporter.oom_retries)
         except OutOfMemory as exc:
-            extra = _oom_info(exc.retries, exc.cfg)
-            status = {"status": "oom", "message": str(exc), "steps": reporter.last_step,
-                      "total_steps": reporter.total_steps}
+            reporter.cfg = exc.cfg
+            status = {"status": "oom", "message": str(exc)}
+            reporter.save_status(**status)  # before the last report, in which the scheduler may end the trial
             _report_failed(reporter, "oom", objective)
             return
-        extra = _oom_info(retries, final_cfg) if retries else {}
-        status = {"status": result.status, "message": result.message, "total_steps": reporter.total_steps,
-                  "steps": result.steps}
+        status = {"status": result.status, "message": result.message, "steps": result.steps}
         if result.status == "diverged":
+            reporter.save_status(**status)
             _report_failed(reporter, "diverged", objective, step=result.steps)
-        if result.sample:
-            _save_trial_file(trial_dir, "sample.txt", result.sample)
     except Exception as exc:
-        status = {"status": "errored", "message": _one_line(exc), "steps": reporter.last_step,
-                  "total_steps": reporter.total_steps}
+        status = {"status": "errored", "message": _one_line(exc)}
         raise
     except BaseException:
         if status["status"] in ("running",):
             # Tune ends a trial the scheduler stopped by raising inside `tune.report`.
             done = reporter.total_steps is not None and reporter.last_step >= reporter.total_steps
-            status = {"status": "finished" if done else "early-stopped", "steps": reporter.last_step,
-                      "total_steps": reporter.total_steps}
+            status = {"status": "finished" if done else "early-stopped"}
         raise
     finally:
-        info = {"start_step": reporter.start_step, **extra}
-        _save_trial_file(trial_dir, STATUS_FILE, json.dumps({**status, **info, **where}))
+        reporter.save_status(**status)
         shutil.rmtree(scratch, ignore_errors=True)
         reporter.cleanup()
 
@@ -528,22 +553,25 @@ def _read_trial_status(trial_dir: Path) -> dict[str, Any]:
 
 
 def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
-    """Write a file into the trial folder Ray gave us and into the trial's folder in storage.
+    """Write a file into the trial's folder in storage (the local folder Ray gave us if storage fails).
 
-    Ray 2.60 stages a trial's files in a local folder that only the driver's node syncs to
-    storage (and, after an actor is reused, nobody does): on a multi-node cluster or with
-    s3:// storage a file written there alone can be lost, so it goes to storage directly too.
+    Not into that local folder as well: Ray 2.60 stages a trial's files in the driver's folder for it
+    and uploads that folder to storage about once a second, and a trial retried in a reused actor is
+    given another local folder. A copy left in the first one by an earlier attempt (its ``errored``
+    status) would then be uploaded over what the retry wrote to storage (seen: a retried trial that
+    finished, reported as errored).
     """
-    try:
-        (trial_dir / name).write_text(text, encoding="utf-8")
-    except OSError:
-        pass
     try:
         from ray import tune
 
         storage = tune.get_context().get_storage()
         write_storage_file(storage.storage_filesystem, storage.trial_fs_path, name, text)
-    except Exception:  # noqa: BLE001 - storage unreachable: the staged copy may still be synced
+        return
+    except Exception:  # noqa: BLE001 - storage unreachable: the driver's node may still upload the local copy
+        pass
+    try:
+        (trial_dir / name).write_text(text, encoding="utf-8")
+    except OSError:
         pass
 
 

@@ -403,6 +403,10 @@ def train(
                 result.final_val_loss, result.final_val_bpc = losses["val"], bpc
                 result.best_val_loss = best_val
                 result.best_val_bpc = best_val / math.log(2) / corpus.chars_per_token
+                if last and cfg.sample_tokens > 0:  # before the last report: a search's scheduler may end the trial in it
+                    result.sample = sample_text(raw_model, corpus.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                                cfg.seed, device)
+                    reporter.sample(result.sample)
                 reporter.evaluate(step, metrics, saved)
         result.status = "finished"
     except Diverged as exc:
@@ -413,9 +417,6 @@ def train(
     result.tokens_per_s = _rate(tokens, result.train_s)
 
     if result.status == "finished":
-        if cfg.sample_tokens > 0:
-            result.sample = sample_text(raw_model, corpus.tokenizer, cfg.sample_prompt, cfg.sample_tokens, cfg.seed, device)
-            reporter.sample(result.sample)
         if cfg.checkpoint:
             model_path = out_dir / MODEL_NAME
             save_checkpoint(model_path, {
@@ -465,14 +466,16 @@ def free_accelerator_memory() -> None:
 
 
 def train_with_oom_retry(cfg: TrainConfig, reporter: Reporter | None = None, *, corpus: Corpus | None = None,
-                         oom_retry: bool = False) -> tuple[TrainResult, TrainConfig, list[dict[str, Any]]]:
+                         oom_retry: bool = False, retries: list[dict[str, Any]] | None = None,
+                         ) -> tuple[TrainResult, TrainConfig, list[dict[str, Any]]]:
     """`train()`, and on out-of-memory retry with `smaller_micro_batch` from the last checkpoint.
 
     Returns (result, the config that finished, the retries made). Each retry resumes from the
     run's own last checkpoint (``<output_dir>/checkpoint``) when it wrote one, so no evaluation is
     reported twice. Raises `OutOfMemory` when `oom_retry` is off or the micro-batch is already 1.
+    `retries`, when given, is the list the retries are appended to (a caller can read it while training).
     """
-    retries: list[dict[str, Any]] = []
+    retries = [] if retries is None else retries
     resume_from: Path | None = None
     ckpt_dir = Path(cfg.output_dir).expanduser().resolve() / "checkpoint"
     while True:

@@ -42,6 +42,7 @@ def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path):
     vals = [row["val/loss"] for row in run.history if "val/loss" in row]
     assert vals[-1] == pytest.approx(res.final_val_loss, rel=1e-6)
     assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
+    assert "sample/_type" in run.history_keys  # logged (as HTML) at the last step, before the last evaluation
 
 
 @pytest.fixture

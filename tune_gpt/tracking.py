@@ -93,6 +93,7 @@ class ConsoleReporter(Reporter):
         self.stream = stream or sys.stderr
         self.bar = None
         self.last_step = 0
+        self._sample: str | None = None
 
     def start(self, cfg, info):
         self._print(
@@ -127,12 +128,15 @@ class ConsoleReporter(Reporter):
         )
 
     def sample(self, text):
-        self._print("sample:\n" + text)
+        self._sample = text  # generated before the last evaluation; printed after it, with the result
 
     def finish(self, result):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self._sample is not None:
+            self._print("sample:\n" + self._sample)
+            self._sample = None
         self._print(
             f"{result.status}: {result.steps} steps, best val loss "
             f"{_fmt(result.best_val_loss)}, {result.tokens_per_s:,.0f} tokens/s, {result.wall_s:.1f} s"
@@ -337,6 +341,7 @@ class WandbReporter(Reporter):
         self.run = None
         self.mode = "disabled"
         self.log_model = False
+        self._step = 0  # the last step logged: W&B drops a row logged at a step lower than the last one
 
     def start(self, cfg, info):
         if not cfg.wandb.enabled:
@@ -377,10 +382,12 @@ class WandbReporter(Reporter):
 
     def log(self, step, metrics):
         if self.run is not None:
+            self._step = step
             self.run.log(_numeric(metrics), step=step)
 
     def evaluate(self, step, metrics, checkpoint_dir):
         if self.run is not None:
+            self._step = step
             self.run.log(_numeric(metrics), step=step)
 
     def sample(self, text):
@@ -388,7 +395,9 @@ class WandbReporter(Reporter):
             import wandb
 
             self.run.summary["sample"] = text
-            self.run.log({"sample": wandb.Html("<pre>" + _html_escape(text) + "</pre>")})
+            # At the last step logged: without a step W&B moves past it, and the last evaluation (reported
+            # after the sample) would be dropped as out of order.
+            self.run.log({"sample": wandb.Html("<pre>" + _html_escape(text) + "</pre>")}, step=self._step)
 
     def finish(self, result):
         if self.run is None:

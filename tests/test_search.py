@@ -247,6 +247,39 @@ def test_library_search_can_leave_out_the_summary(ray_session, tmp_path, corpus_
     assert "best val/loss" not in capsys.readouterr().out  # with the summary: the test above
 
 
+def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file, capsys):
+    """Ray restores a resumed search's own settings: a different --time-budget is said to be unused; a search
+    the budget ended (a trial holds its marker) is refused, as Ray saved it finished (the end-to-end case: below)."""
+    import warnings
+
+    from tune_gpt.cli import run_main
+    from tune_gpt.report import STOPPED_FILE
+    from tune_gpt.search import EXPERIMENT_FILE, _check_resumable, plan_search
+
+    def check(**kw):
+        plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), name="b", storage_path=str(tmp_path / "r"),
+                                         resume=True, overrides={"data": str(corpus_file)}, **kw))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _check_resumable(plan)
+        return [str(w.message) for w in seen]
+
+    exp = tmp_path / "r" / "b"
+    (exp / "trial_1").mkdir(parents=True)
+    (exp / EXPERIMENT_FILE).write_text(json.dumps({"name": "b", "time_budget_s": 600.0}))
+    assert check(time_budget=600) == [] and check() == []
+    (said,) = check(time_budget=60)
+    assert "--time-budget 60 is not applied" in said and "(600 s)" in said
+    plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), name="b", storage_path=str(tmp_path / "r"),
+                                     resume=True, time_budget=60, overrides={"data": str(corpus_file)}))
+    assert run_main(lambda: _check_resumable(plan) or 0, "tune_gpt.search") == 0
+    assert capsys.readouterr().err == f"tune_gpt.search: warning: {said}\n"  # the CLI's warnings: one line each
+    (exp / "trial_1" / STOPPED_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match="time budget ran out .1 trial.s. out-of-time"):
+        check()
+    assert check(retry_errored=True) == []  # errored trials can still be re-run
+
+
 @pytest.mark.slow
 def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tmp_path, corpus_file, capsys):
     """--time-budget stops the trials still running without telling Tune's callbacks or the searcher: the
@@ -285,3 +318,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     assert pruned == pytest.approx(sorted(df["final_val_loss"].dropna()))  # each at its last reported value
     assert f"{len(df)} trials in" in (printed := capsys.readouterr().out)  # also those stopped before their first report
     assert f"({len(df)} out-of-time)" in printed
+    # Ray saved the search as finished: --resume would start nothing, so it says so instead (before Ray starts)
+    with pytest.raises(ConfigError, match=r"--resume: the search .*budget.* ran out .*--name NEW"):
+        run_search(SearchOptions(space=str(tmp_path / "tiny.yaml"), name="budget", storage_path=str(tmp_path / "r"),
+                                 resume=True, time_budget=60, overrides={"data": str(corpus_file)}, verbose=0))

@@ -1,9 +1,11 @@
-"""Shared command-line plumbing: flags generated from the config fields, one-line errors."""
+"""Shared command-line plumbing: flags generated from the config fields, one-line errors and warnings."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 from tune_gpt.config import FIELD_TYPES, TrainConfig, coerce, field_help
@@ -17,8 +19,23 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
 def run_main(fn: Callable[[], int], prog: str) -> int:
-    """Run an entry point: TuneGPTError -> one line and exit 2; Ctrl-C -> one line and 130."""
+    """Run an entry point: TuneGPTError -> one line and exit 2; Ctrl-C -> one line and 130.
+
+    tune_gpt's own warnings print as one line, ``<prog>: warning: ...`` (others as Python shows them).
+    """
+    shown = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' hook
+        if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         return fn()
     except TuneGPTError as exc:
@@ -29,6 +46,8 @@ def run_main(fn: Callable[[], int], prog: str) -> int:
         detail = " ".join(str(exc).split())
         print(f"{prog}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr, flush=True)
         return int(getattr(exc, "exit_code", 130))
+    finally:
+        warnings.showwarning = shown
 
 
 def flag_name(key: str) -> str:

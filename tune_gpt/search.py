@@ -646,6 +646,8 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         )
     if remote:
         _check_remote_experiment(plan)
+    if opts.resume:
+        _check_resumable(plan)
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage)
 
@@ -1061,6 +1063,7 @@ def _write_experiment_file(plan: Plan) -> None:
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "fixed": {k: v for k, v in plan.fixed.items()},
+        "time_budget_s": plan.opts.time_budget,
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *sys.argv[1:]]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -1083,6 +1086,41 @@ def experiment_uri(plan: Plan) -> str:
     """``<storage URI>/<name>``, keeping a query string (``?endpoint_override=…``) at the end."""
     base, _, query = plan.opts.storage_path.partition("?")
     return f"{base.rstrip('/')}/{plan.name}" + (f"?{query}" if query else "")
+
+
+def _check_resumable(plan: Plan) -> None:
+    """--resume of a search its time budget ended is refused; a changed --time-budget is said to be unused.
+
+    When the budget runs out Ray 2.60 marks the search's generator finished and the trials it stopped
+    TERMINATED, and saves both: a resumed search would start nothing (it printed the old summary
+    after a second). Errored trials are still re-run with ``--retry-errored``.
+    """
+    import pyarrow.fs as pafs
+
+    from tune_gpt.report import STOPPED_FILE
+
+    where = experiment_id(plan)
+    stopped, info = 0, {}
+    try:  # unreadable: Ray's restore says what is wrong
+        fs, path = pafs.FileSystem.from_uri(where)
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if i.type == pafs.FileType.Directory]
+        markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in dirs]) if dirs else []
+        stopped = sum(m.type == pafs.FileType.File for m in markers)
+        with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        pass
+    if stopped and not plan.opts.retry_errored:
+        raise ConfigError(
+            f"--resume: the search {where} ended when its time budget ran out ({stopped} trial(s) out-of-time) and "
+            f"Ray cannot reopen it; start another with --name NEW, or replay its best trial: "
+            f"python -m tune_gpt.replay {shlex.quote(where)}")
+    started = info.get("time_budget_s", "not recorded") if isinstance(info, dict) else "not recorded"
+    if plan.opts.time_budget is not None and started != plan.opts.time_budget:
+        had = "none" if started is None else f"{started:g} s" if isinstance(started, (int, float)) else started
+        warnings.warn(f"--time-budget {plan.opts.time_budget:g} is not applied to a resumed search: Ray restores the "
+                      f"search's own settings, so each run of it has the budget it was started with ({had})")
 
 
 def _check_remote_experiment(plan: Plan) -> None:

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,10 +146,16 @@ def test_trial_files_go_to_storage_not_to_the_local_folder_ray_uploads(tmp_path,
     _save_trial_file(local, STATUS_FILE, '{"status": "finished"}')
     assert (remote / STATUS_FILE).read_text() == '{"status": "finished"}'
     assert not (local / STATUS_FILE).exists()
-    storage.storage_filesystem = None  # storage unreachable: the local copy is all there is
+    fs, storage.storage_filesystem = storage.storage_filesystem, None  # unreachable: the local copy is all there is
     _save_trial_file(local, STATUS_FILE, '{"status": "errored"}')
     assert (local / STATUS_FILE).read_text() == '{"status": "errored"}'
     assert (remote / STATUS_FILE).read_text() == '{"status": "finished"}'
+    # storage back (given as the trainable keeps it: the session is gone once Tune stops the trial): the local
+    # copy goes, or Ray would upload it over the newer file
+    monkeypatch.setattr(tune, "get_context", lambda: types.SimpleNamespace(get_storage=lambda: None))
+    _save_trial_file(local, STATUS_FILE, '{"status": "early-stopped"}', types.SimpleNamespace(
+        storage_filesystem=fs, trial_fs_path=str(remote)))
+    assert (remote / STATUS_FILE).read_text() == '{"status": "early-stopped"}' and not (local / STATUS_FILE).exists()
 
 
 @pytest.mark.slow
@@ -277,6 +284,37 @@ space:
   learning_rate: {choice: [1.0e+6, 3.0e-3]}   # the first value is the baseline Optuna runs first
   batch_size: {choice: [4, 8]}
 """
+
+
+@pytest.mark.parametrize("ended", ["diverged", "oom", "finished"])
+def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp_path, monkeypatch, ended):
+    """A resumed search restarts a trial whose status file says it ended: it trains nothing. A diverged or oom
+    trial writes that status before its worst-value report, which an interruption can keep from being
+    recorded, so it reports the worst value again (finished is written only after its last report)."""
+    import types
+
+    import pyarrow.fs
+    from ray import tune
+
+    import tune_gpt.search as search
+    import tune_gpt.train as train_mod
+
+    trial = tmp_path / "trial_x"
+    trial.mkdir()
+    (trial / STATUS_FILE).write_text(json.dumps({"status": ended, "steps": 15, "total_steps": 20}))
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial))
+    context = types.SimpleNamespace(get_trial_dir=lambda: str(tmp_path / "staged"), get_storage=lambda: storage)
+    reported = []
+    monkeypatch.setattr(tune, "get_context", lambda: context)
+    monkeypatch.setattr(tune, "report", lambda metrics, **kw: reported.append(metrics))
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a trial that had ended trained again"))
+    assert search.trainable({"learning_rate": 1e-3}, objective=("val/loss", "min")) is None
+    if ended == "finished":
+        assert reported == []
+    else:
+        (last,) = reported
+        assert last["val/loss"] == math.inf and last[ended] == 1 and last["step"] == 15 and last["total_steps"] == 20
+    assert json.loads((trial / STATUS_FILE).read_text())["status"] == ended  # left as it was
 
 
 @pytest.mark.slow
@@ -632,7 +670,10 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
     plan = plan_search(opts)
     _write_experiment_file(plan)
     assert [p.name for p in plan.experiment_dir.iterdir()] == ["tune_gpt_experiment.json"]
-    out = run_search(replace(opts, resume=True))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = run_search(replace(opts, resume=True, time_budget=600))  # a fresh start: this budget applies
+    assert not [w for w in seen if "--time-budget" in str(w.message)]
     assert "starting the search from its beginning" in capsys.readouterr().err
     assert out.num_trials == 2 and out.num_errors == 0
     assert [status(d)["status"] for d in trial_dirs(out.experiment_dir)] == ["finished", "finished"]

@@ -254,14 +254,17 @@ def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file,
 
     from tune_gpt.cli import run_main
     from tune_gpt.report import STOPPED_FILE
-    from tune_gpt.search import EXPERIMENT_FILE, _check_resumable, plan_search
+    from tune_gpt.search import EXPERIMENT_FILE, _check_resumable, _warn_budget_not_applied, plan_search
 
-    def check(**kw):
-        plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), name="b", storage_path=str(tmp_path / "r"),
+    def plan(**kw):
+        return plan_search(SearchOptions(space=str(tiny_space(tmp_path)), name="b", storage_path=str(tmp_path / "r"),
                                          resume=True, overrides={"data": str(corpus_file)}, **kw))
+
+    def check(**kw):  # what run_search does when Ray saved a state to restore
+        p = plan(**kw)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            _check_resumable(plan)
+            _warn_budget_not_applied(p, _check_resumable(p))
         return [str(w.message) for w in seen]
 
     exp = tmp_path / "r" / "b"
@@ -270,12 +273,11 @@ def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file,
     assert check(time_budget=600) == [] and check() == []
     (said,) = check(time_budget=60)
     assert "--time-budget 60 is not applied" in said and "(600 s)" in said
-    plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), name="b", storage_path=str(tmp_path / "r"),
-                                     resume=True, time_budget=60, overrides={"data": str(corpus_file)}))
-    assert run_main(lambda: _check_resumable(plan) or 0, "tune_gpt.search") == 0
+    p = plan(time_budget=60)
+    assert run_main(lambda: _warn_budget_not_applied(p, _check_resumable(p)) or 0, "tune_gpt.search") == 0
     assert capsys.readouterr().err == f"tune_gpt.search: warning: {said}\n"  # the CLI's warnings: one line each
     (exp / "trial_1" / STOPPED_FILE).write_text("{}")
-    with pytest.raises(ConfigError, match="time budget ran out .1 trial.s. out-of-time"):
+    with pytest.raises(ConfigError, match="time budget ran out .1 trial.s. out-of-time.*--retry-errored"):
         check()
     assert check(retry_errored=True) == []  # errored trials can still be re-run
 

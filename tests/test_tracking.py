@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,17 @@ def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path):
     assert vals[-1] == pytest.approx(res.final_val_loss, rel=1e-6)
     assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
     assert "sample/_type" in run.history_keys  # logged (as HTML) at the last step, before the last evaluation
+
+
+def test_wandb_logs_the_sample_with_the_last_evaluation(tiny_cfg):
+    """train() makes the sample just before its last evaluation: W&B gets both at the last step, even when
+    that step is no logging step (25 here, logging every 15), and the evaluation is not dropped."""
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=25, eval_interval=10, log_interval=15, tensorboard=False)
+    res = train(cfg, default_reporters(cfg))
+    (run,) = offline_runs(Path(cfg.output_dir))
+    (row,) = [r for r in run.history if "sample/_type" in r]
+    assert row["_step"] == 25 and row["val/loss"] == pytest.approx(res.final_val_loss, rel=1e-6), row
+    assert run.summary["sample"] == res.sample and res.sample
 
 
 @pytest.fixture

@@ -369,9 +369,10 @@ class TuneReporter:
     not train it again); the report tells a trial ASHA ended at its last step by the steps reported.
     """
 
-    def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None) -> None:
+    def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None, storage: Any = None) -> None:
         self.trial_dir = trial_dir
         self.where = dict(where or {})
+        self.storage = storage  # Tune's StorageContext, kept: get_storage() is None once Tune stops the trial
         self.total_steps: int | None = None
         self.last_step = 0
         self.start_step: int | None = None  # where the first attempt in this trial run began (a resume: > 0)
@@ -387,7 +388,7 @@ class TuneReporter:
                   "total_steps": self.total_steps, "start_step": self.start_step}
         if (self.oom_retries or status == "oom") and self.cfg is not None:
             record.update(_oom_info(self.oom_retries, self.cfg))
-        _save_trial_file(self.trial_dir, STATUS_FILE, json.dumps({**record, **self.where}))
+        _save_trial_file(self.trial_dir, STATUS_FILE, json.dumps({**record, **self.where}), self.storage)
 
     def start(self, cfg, info):
         self.cfg = cfg
@@ -411,7 +412,7 @@ class TuneReporter:
 
     def sample(self, text):
         if self.trial_dir is not None and text:
-            _save_trial_file(self.trial_dir, "sample.txt", text)
+            _save_trial_file(self.trial_dir, "sample.txt", text, self.storage)
 
     def finish(self, result):
         pass
@@ -461,8 +462,13 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     from tune_gpt.train import OutOfMemory, train_with_oom_retry
 
     trial_dir = Path(tune.get_context().get_trial_dir())
+    storage = tune.get_context().get_storage()
     previous = _read_trial_status(trial_dir)
     if previous.get("status") in DONE_STATUSES:
+        if previous["status"] in ("diverged", "oom"):  # its worst-value report may not have been recorded
+            done = TuneReporter()
+            done.last_step, done.total_steps = int(previous.get("steps") or 0), previous.get("total_steps")
+            _report_failed(done, previous["status"], objective)
         return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
     scratch = Path(tempfile.mkdtemp(prefix="tune_gpt_trial_"))
@@ -478,7 +484,7 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
 
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), "device": cfg.device}
-    reporter = TuneReporter(trial_dir, where)
+    reporter = TuneReporter(trial_dir, where, storage)
     reporter.save_status("running")
     status: dict[str, Any] = {"status": "running"}
     try:
@@ -552,25 +558,32 @@ def _read_trial_status(trial_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def _save_trial_file(trial_dir: Path, name: str, text: str) -> None:
+def _save_trial_file(trial_dir: Path, name: str, text: str, storage: Any = None) -> None:
     """Write a file into the trial's folder in storage (the local folder Ray gave us if storage fails).
 
     Not into that local folder as well: Ray 2.60 stages a trial's files in the driver's folder for it
     and uploads that folder to storage about once a second, and a trial retried in a reused actor is
     given another local folder. A copy left in the first one by an earlier attempt (its ``errored``
     status) would then be uploaded over what the retry wrote to storage (seen: a retried trial that
-    finished, reported as errored).
+    finished, reported as errored); so a local copy is removed once storage has the file.
+    `storage` is the trial's StorageContext (default: the running session's).
     """
+    local = trial_dir / name
     try:
-        from ray import tune
+        if storage is None:
+            from ray import tune
 
-        storage = tune.get_context().get_storage()
+            storage = tune.get_context().get_storage()
         write_storage_file(storage.storage_filesystem, storage.trial_fs_path, name, text)
-        return
     except Exception:  # noqa: BLE001 - storage unreachable: the driver's node may still upload the local copy
-        pass
+        try:
+            local.write_text(text, encoding="utf-8")
+        except OSError:
+            pass
+        return
     try:
-        (trial_dir / name).write_text(text, encoding="utf-8")
+        if Path(storage.trial_fs_path, name).resolve() != local.resolve():  # (not where storage put it)
+            local.unlink(missing_ok=True)
     except OSError:
         pass
 
@@ -646,8 +659,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         )
     if remote:
         _check_remote_experiment(plan)
-    if opts.resume:
-        _check_resumable(plan)
+    experiment_file = _check_resumable(plan) if opts.resume else {}
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage)
 
@@ -667,6 +679,8 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         started_ray = _init_ray(opts)
         _check_gpus(opts)
         restore = opts.resume and _can_restore(plan)
+        if restore:
+            _warn_budget_not_applied(plan, experiment_file)
         if not restore:
             param_space = {**plan.space.to_tune(), **plan.fixed}
             tune_config = _tune_config(plan)  # searcher and scheduler built before anything is written
@@ -1088,8 +1102,8 @@ def experiment_uri(plan: Plan) -> str:
     return f"{base.rstrip('/')}/{plan.name}" + (f"?{query}" if query else "")
 
 
-def _check_resumable(plan: Plan) -> None:
-    """--resume of a search its time budget ended is refused; a changed --time-budget is said to be unused.
+def _check_resumable(plan: Plan) -> dict[str, Any]:
+    """--resume of a search its time budget ended is refused. Returns the experiment file's content.
 
     When the budget runs out Ray 2.60 marks the search's generator finished and the trials it stopped
     TERMINATED, and saves both: a resumed search would start nothing (it printed the old summary
@@ -1114,9 +1128,14 @@ def _check_resumable(plan: Plan) -> None:
     if stopped and not plan.opts.retry_errored:
         raise ConfigError(
             f"--resume: the search {where} ended when its time budget ran out ({stopped} trial(s) out-of-time) and "
-            f"Ray cannot reopen it; start another with --name NEW, or replay its best trial: "
-            f"python -m tune_gpt.replay {shlex.quote(where)}")
-    started = info.get("time_budget_s", "not recorded") if isinstance(info, dict) else "not recorded"
+            f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
+            f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
+    return info if isinstance(info, dict) else {}
+
+
+def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:
+    """Ray restores a resumed search's own TuneConfig: say so when --time-budget asks for another budget."""
+    started = info.get("time_budget_s", "not recorded")
     if plan.opts.time_budget is not None and started != plan.opts.time_budget:
         had = "none" if started is None else f"{started:g} s" if isinstance(started, (int, float)) else started
         warnings.warn(f"--time-budget {plan.opts.time_budget:g} is not applied to a resumed search: Ray restores the "

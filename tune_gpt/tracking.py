@@ -341,7 +341,8 @@ class WandbReporter(Reporter):
         self.run = None
         self.mode = "disabled"
         self.log_model = False
-        self._step = 0  # the last step logged: W&B drops a row logged at a step lower than the last one
+        self._step = 0  # the last step logged
+        self._sample = None  # the sample, logged with the evaluation that follows it (train() makes it just before)
 
     def start(self, cfg, info):
         if not cfg.wandb.enabled:
@@ -388,21 +389,28 @@ class WandbReporter(Reporter):
     def evaluate(self, step, metrics, checkpoint_dir):
         if self.run is not None:
             self._step = step
-            self.run.log(_numeric(metrics), step=step)
+            data = _numeric(metrics)
+            if self._sample is not None:
+                data["sample"], self._sample = self._sample, None
+            self.run.log(data, step=step)
 
     def sample(self, text):
         if self.run is not None:
             import wandb
 
             self.run.summary["sample"] = text
-            # At the last step logged: without a step W&B moves past it, and the last evaluation (reported
-            # after the sample) would be dropped as out of order.
-            self.run.log({"sample": wandb.Html("<pre>" + _html_escape(text) + "</pre>")}, step=self._step)
+            # Logged with the last evaluation, at its step: logged now without a step, it moved W&B past that
+            # step and the evaluation was dropped as out of order.
+            self._sample = wandb.Html("<pre>" + _html_escape(text) + "</pre>")
 
     def finish(self, result):
         if self.run is None:
             return
         import wandb
+
+        if self._sample is not None:
+            self.run.log({"sample": self._sample}, step=self._step)
+            self._sample = None
 
         for k in ("status", "best_val_loss", "final_val_loss", "steps", "tokens", "wall_s", "tokens_per_s"):
             v = getattr(result, k)

@@ -461,14 +461,12 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
 
     from tune_gpt.train import OutOfMemory, train_with_oom_retry
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    storage = tune.get_context().get_storage()
+    context = tune.get_context()
+    trial_dir, storage = Path(context.get_trial_dir()), context.get_storage()
     previous = _read_trial_status(trial_dir)
     if previous.get("status") in DONE_STATUSES:
         if previous["status"] in ("diverged", "oom"):  # its worst-value report may not have been recorded
-            done = TuneReporter()
-            done.last_step, done.total_steps = int(previous.get("steps") or 0), previous.get("total_steps")
-            _report_failed(done, previous["status"], objective)
+            _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
         return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
     scratch = Path(tempfile.mkdtemp(prefix="tune_gpt_trial_"))
@@ -495,12 +493,12 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
             reporter.cfg = exc.cfg
             status = {"status": "oom", "message": str(exc)}
             reporter.save_status(**status)  # before the last report, in which the scheduler may end the trial
-            _report_failed(reporter, "oom", objective)
+            _report_failed("oom", objective, reporter.last_step, reporter.total_steps)
             return
         status = {"status": result.status, "message": result.message, "steps": result.steps}
         if result.status == "diverged":
             reporter.save_status(**status)
-            _report_failed(reporter, "diverged", objective, step=result.steps)
+            _report_failed("diverged", objective, result.steps, reporter.total_steps)
     except Exception as exc:
         status = {"status": "errored", "message": _one_line(exc)}
         raise
@@ -522,14 +520,13 @@ def _oom_info(retries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def _report_failed(reporter: "TuneReporter", why: str, objective: tuple[str, str], step: int | None = None) -> None:
+def _report_failed(why: str, objective: tuple[str, str], step: int, total_steps: int | None) -> None:
     """The last report of a trial that diverged or ran out of memory: the worst objective there is."""
     from ray import tune
 
     metric, mode = objective
     worst = {metric: float("-inf") if mode == "max" else float("inf")}
-    tune.report({**FAILED_METRICS, **worst, "step": reporter.last_step if step is None else step, why: 1,
-                 "total_steps": reporter.total_steps})
+    tune.report({**FAILED_METRICS, **worst, "step": step, why: 1, "total_steps": total_steps})
 
 
 def _read_trial_status(trial_dir: Path) -> dict[str, Any]:

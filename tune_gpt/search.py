@@ -463,7 +463,7 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
 
     context = tune.get_context()
     trial_dir, storage = Path(context.get_trial_dir()), context.get_storage()
-    previous = _read_trial_status(trial_dir)
+    previous = _read_trial_status(trial_dir, storage)
     if previous.get("status") in DONE_STATUSES:
         if previous["status"] in ("diverged", "oom"):  # its worst-value report may not have been recorded
             _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
@@ -529,15 +529,13 @@ def _report_failed(why: str, objective: tuple[str, str], step: int, total_steps:
     tune.report({**FAILED_METRICS, **worst, "step": step, why: 1, "total_steps": total_steps})
 
 
-def _read_trial_status(trial_dir: Path) -> dict[str, Any]:
-    """The trial's status file from an earlier run of this trial (storage first, then the local folder)."""
+def _read_trial_status(trial_dir: Path, storage: Any) -> dict[str, Any]:
+    """The trial's status file from an earlier run of this trial (storage first, then the local folder).
+
+    `storage` is the trial's StorageContext (None: the local folder only)."""
     texts = []
     try:
-        from ray import tune
-
-        storage = tune.get_context().get_storage()
-        fs, path = storage.storage_filesystem, storage.trial_fs_path
-        with fs.open_input_stream(f"{path}/{STATUS_FILE}") as f:
+        with storage.storage_filesystem.open_input_stream(f"{storage.trial_fs_path}/{STATUS_FILE}") as f:
             texts.append(f.read().decode("utf-8"))
     except Exception:  # noqa: BLE001 - no earlier run, or storage unreachable
         pass

@@ -82,6 +82,20 @@ def test_generate_refuses_a_missing_checkpoint(tmp_path):
     assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(tmp_path / "nope")), "nope")
 
 
+@pytest.mark.parametrize("args", [
+    ["-m", "tune_gpt.train", "--model_size", "huge"],
+    ["-m", "tune_gpt.train", "--data", "missing.txt"],
+    ["-m", "tune_gpt.train", "--bf16", "--device", "cpu"],
+    ["-m", "tune_gpt.generate", "--checkpoint", "nope"],
+])
+def test_mistakes_are_answered_before_torch_loads(args, tmp_path):
+    """A typo costs a fraction of a second, not torch's few seconds of import."""
+    p = run("-X", "importtime", *args, cwd=tmp_path)
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")}
+    assert p.returncode == 2 and "tune_gpt.cli" in imported, p.stderr[-2000:]
+    assert "torch" not in imported, "torch was imported before the error"
+
+
 def test_import_is_light():
     code = ("import sys, tune_gpt; heavy = [m for m in ('torch', 'ray', 'wandb', 'tensorboard', 'matplotlib', "
             "'pandas', 'optuna') if m in sys.modules]; print(heavy)")

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_gpt.config import FIELD_TYPES, TrainConfig, coerce, field_help
-from tune_gpt.errors import TuneGPTError
+from tune_gpt.config import CKPT_NAME, FIELD_TYPES, TrainConfig, check_precision, coerce, field_help
+from tune_gpt.errors import ConfigError, TuneGPTError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -107,4 +107,43 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_flat(overrides_from_args(args))
 
 
-__all__ = ["OneLineParser", "run_main", "add_config_flags", "overrides_from_args", "field_help"]
+def train_main(argv: list[str] | None = None) -> int:
+    """``python -m tune_gpt.train``. Flags, config and corpus are checked before torch is imported, so a
+    mistake is answered in a fraction of a second instead of after torch's few seconds of start-up."""
+
+    def _run() -> int:
+        from tune_gpt.data import load_corpus
+
+        cfg = config_from_args(build_train_parser().parse_args(argv))
+        if cfg.device != "auto":
+            check_precision(cfg, cfg.device.split(":")[0])  # "auto" needs torch to know
+        out = Path(cfg.output_dir).expanduser()
+        if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
+            raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
+        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+
+        from tune_gpt.tracking import default_reporters
+        from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
+
+        resolve_device(cfg)  # a GPU that is not there, bf16 where it is unsupported: before anything is written
+        try:
+            result = train(cfg, default_reporters(cfg), corpus=corpus)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here
+            if not is_oom(exc):
+                raise
+            smaller = smaller_micro_batch(cfg)
+            again = " --resume" if (out / "checkpoint" / CKPT_NAME).is_file() else ""
+            hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
+                    f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
+                    if smaller is not None else "")
+            print(f"tune_gpt.train: out of memory at batch_size {cfg.batch_size} "
+                  f"({' '.join(str(exc).split())[:200]}){hint}", file=sys.stderr)
+            return 3
+        print(f"output: {result.output_dir}", file=sys.stderr)
+        return 0 if result.status == "finished" else 3
+
+    return run_main(_run, prog="tune_gpt.train")
+
+
+__all__ = ["OneLineParser", "run_main", "train_main", "add_config_flags", "overrides_from_args", "field_help"]

@@ -31,6 +31,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CKPT_NAME = "ckpt.pt"  # <output_dir>/checkpoint/ckpt.pt: everything needed to resume
+MODEL_NAME = "model.pt"  # <output_dir>/model.pt: the final model, for tune_gpt.generate
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -249,6 +251,14 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------- flat keys
+
+
+def check_precision(cfg: TrainConfig, device_type: str) -> None:
+    """bf16 / fp16 autocast needs a CUDA GPU: ConfigError naming the precision otherwise."""
+    if cfg.precision == "bf16" and device_type != "cuda":
+        raise ConfigError(f"bf16: needs a CUDA GPU with bf16 support; this run is on {device_type}")
+    if cfg.precision == "fp16" and device_type != "cuda":
+        raise ConfigError(f"fp16: needs a CUDA GPU; this run is on {device_type}")
 
 
 def _field_types() -> dict[str, tuple[Any, dict]]:

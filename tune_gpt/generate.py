@@ -27,9 +27,9 @@ def find_model(path: str | Path) -> Path:
 def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """Return `num_samples` continuations of `prompt` (prompt included)."""
+    path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
     from tune_gpt.train import load_checkpoint, model_from_checkpoint, sample_text
 
-    path = find_model(checkpoint)
     state = load_checkpoint(path, map_location=device)
     model, tok = model_from_checkpoint(state, device, source=path)
     unknown = tok.unknown_chars(prompt)

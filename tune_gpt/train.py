@@ -7,6 +7,13 @@ already type (``--model_size tiny --use_chinese --epochs 5 --batch_size 16
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the CLI checks flags and corpus before torch loads (seconds), then imports this module
+    import sys
+
+    from tune_gpt.cli import train_main
+
+    sys.exit(train_main())
+
 import contextlib
 import math
 import os
@@ -23,14 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_gpt.config import TrainConfig
+from tune_gpt.config import CKPT_NAME, MODEL_NAME, TrainConfig, check_precision
 from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
 from tune_gpt.errors import ConfigError, TuneGPTError
 from tune_gpt.model import GPT, GPTConfig
 from tune_gpt.tracking import Reporter, SystemMetrics
 
-CKPT_NAME = "ckpt.pt"
-MODEL_NAME = "model.pt"
 EVAL_BATCH_SIZE = 12  # sequences per evaluation batch, whatever the run's batch size
 EVAL_SEED = 20240601  # eval windows do not depend on the run's seed: every trial is scored on the same text
 
@@ -98,13 +103,9 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
         raise ConfigError(f"device: {cfg.device!r} requested but no CUDA GPU is available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device: {cfg.device!r} does not exist ({torch.cuda.device_count()} GPUs visible)")
-    if cfg.precision == "bf16":
-        if device.type != "cuda":
-            raise ConfigError(f"bf16: needs a CUDA GPU with bf16 support; this run is on {device.type}")
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(f"fp16: needs a CUDA GPU; this run is on {device.type}")
+    check_precision(cfg, device.type)
+    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
     return device
 
 
@@ -552,39 +553,7 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tune_gpt.cli import build_train_parser, config_from_args, run_main
+    """``python -m tune_gpt.train`` (kept here for callers of ``tune_gpt.train.main``)."""
+    from tune_gpt.cli import train_main
 
-    def _run() -> int:
-        parser = build_train_parser()
-        args = parser.parse_args(argv)
-        cfg = config_from_args(args)
-        resolve_device(cfg)  # fail before anything is written
-        if cfg.resume:
-            out = Path(cfg.output_dir).expanduser()
-            if not (out / "checkpoint" / CKPT_NAME).is_file():
-                raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
-        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
-        from tune_gpt.tracking import default_reporters
-
-        try:
-            result = train(cfg, default_reporters(cfg), corpus=corpus)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here
-            if not is_oom(exc):
-                raise
-            smaller = smaller_micro_batch(cfg)
-            again = " --resume" if (Path(cfg.output_dir).expanduser() / "checkpoint" / CKPT_NAME).is_file() else ""
-            hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
-                    f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
-                    if smaller is not None else "")
-            print(f"tune_gpt.train: out of memory at batch_size {cfg.batch_size} "
-                  f"({' '.join(str(exc).split())[:200]}){hint}", file=sys.stderr)
-            return 3
-        print(f"output: {result.output_dir}", file=sys.stderr)
-        return 0 if result.status == "finished" else 3
-
-    return run_main(_run, prog="tune_gpt.train")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return train_main(argv)

@@ -621,7 +621,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     Everything is checked (space, flags, corpus, storage, searcher) before the experiment folder
     is created, so bad input leaves nothing behind. SIGINT or SIGTERM stops the trials, saves the
     search state and raises `SearchInterrupted` with the command that resumes it; a second signal
-    quits at once.
+    quits at once. Before the trials start (corpus, Ray's start-up) a signal raises it at once.
 
     `trainable` replaces the function Tune runs for each trial (default: `tune_gpt.search.trainable`).
     Tune calls it as ``trainable(config, **kwargs)`` (``corpus``, ``oom_retry``, ``objective``); a
@@ -633,6 +633,18 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     if opts.dry_run:
         print(plan.describe())
         return plan
+    stop = _StopRequest()
+    with _stop_on_signals(stop, plan):
+        try:
+            return _run_search(plan, trainable, stop)
+        except SearchInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
+
+
+def _run_search(plan: Plan, trainable: Callable[..., None] | None, stop: _StopRequest) -> SearchOutcome:
+    opts = plan.opts
     if opts.wandb:
         from tune_gpt.tracking import check_wandb_env
 
@@ -667,11 +679,10 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
-    stop = _StopRequest()
-    started_ray = False
     searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
+    own_ray = not ray.is_initialized()
     try:
-        started_ray = _init_ray(opts)
+        _init_ray(opts)
         _check_gpus(opts)
         restore = opts.resume and _can_restore(plan)
         if restore:
@@ -688,35 +699,30 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
             tune.with_parameters(fn, corpus=corpus, oom_retry=bool(opts.oom_retry), objective=(plan.metric, plan.mode)),
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
-        with _stop_on_signals(stop, plan):
-            if restore:
-                if opts.wandb:
-                    _wandb_mode(plan)  # the restored W&B callback needs WANDB_MODE=offline when it is offline
-                tuner = tune.Tuner.restore(
-                    str(plan.experiment_dir) if not remote else experiment_uri(plan),
-                    trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
-                )
-            else:
-                if opts.resume:
-                    print(f"--resume: Ray saved no state in {plan.experiment_dir} before the interruption; "
-                          "starting the search from its beginning", file=sys.stderr)
-                run_config = _run_config(plan)
-                _write_experiment_file(plan)
-                tuner = tune.Tuner(trainable_fn, param_space=param_space, tune_config=tune_config,
-                                   run_config=run_config)
-                del run_config, tune_config
-            t0 = time.time()
-            grid = tuner.fit()
-            elapsed = time.time() - t0
+        if restore:
+            if opts.wandb:
+                _wandb_mode(plan)  # the restored W&B callback needs WANDB_MODE=offline when it is offline
+            tuner = tune.Tuner.restore(
+                str(plan.experiment_dir) if not remote else experiment_uri(plan),
+                trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
+            )
+        else:
+            if opts.resume:
+                print(f"--resume: Ray saved no state in {plan.experiment_dir} before the interruption; "
+                      "starting the search from its beginning", file=sys.stderr)
+            run_config = _run_config(plan)
+            _write_experiment_file(plan)
+            tuner = tune.Tuner(trainable_fn, param_space=param_space, tune_config=tune_config,
+                               run_config=run_config)
+            del run_config, tune_config
+        t0 = time.time()
+        grid = tuner.fit()
+        elapsed = time.time() - t0
         del tuner
         gc.collect()  # W&B's callback must be collected while Ray is still up (it closes the runs)
-    except SearchInterrupted:
-        raise
-    except KeyboardInterrupt:
-        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
     finally:
-        if started_ray:
-            ray.shutdown()
+        if own_ray:
+            ray.shutdown()  # also after a ray.init a signal cut short: its processes go too
     if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
         raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
     if opts.optuna_storage and plan.searcher == "optuna":
@@ -860,27 +866,49 @@ def _check_optuna_storage(url: str) -> None:
         raise ConfigError(f"--optuna-storage {url}: cannot open it ({_one_line(exc)})") from None
 
 
-def _init_ray(opts: SearchOptions) -> bool:
+def _init_ray(opts: SearchOptions) -> None:
+    """Start a local Ray, or join ``--address``; nothing when this process already has Ray."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
                               "configure_logging": True, "logging_level": "WARNING"}
-    if opts.address:
-        try:
-            ray.init(address=opts.address, **kwargs)
-        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
-            token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
-                     "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
-            chain = [exc, exc.__cause__, exc.__context__]
-            if any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e) for e in chain):
-                raise ConfigError(f"--address {opts.address}: the cluster refused this driver's token; {token}") from None
-            raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); check the "
-                              f"address, and for token authentication (Ray's default) {token}") from None
-    else:
-        ray.init(**kwargs)
-    return True
+    with _keep_sigterm_handler():
+        if opts.address:
+            try:
+                ray.init(address=opts.address, **kwargs)
+            except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+                token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
+                         "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
+                chain = [exc, exc.__cause__, exc.__context__]
+                refused = any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e)
+                              for e in chain)
+                if refused:
+                    raise ConfigError(f"--address {opts.address}: the cluster refused this driver's token; "
+                                      f"{token}") from None
+                raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
+                                  f"check the address, and for token authentication (Ray's default) {token}") from None
+        else:
+            ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the SIGTERM handler with its own ``sys.exit(SIGTERM)``, first thing: put ours
+    back afterwards, and treat a SIGTERM that came during ray.init as ours would have."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM and callable(ours):
+            ours(signal.SIGTERM, None)  # _stop_on_signals' handler raises KeyboardInterrupt
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, ours if ours is not None else signal.SIG_DFL)
 
 
 def _check_local_gpu(opts: SearchOptions) -> None:

@@ -657,6 +657,7 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
     """A driver killed after writing its experiment file but before Ray's first save leaves only that file."""
     from dataclasses import replace
 
+    from tune_gpt.report import STOPPED_FILE
     from tune_gpt.search import _write_experiment_file, plan_search
 
     opts = SearchOptions(space=str(tiny_space(tmp_path, steps=5, every=5)),
@@ -672,6 +673,7 @@ def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session,
     assert "starting the search from its beginning" in capsys.readouterr().err
     assert out.num_trials == 2 and out.num_errors == 0
     assert [status(d)["status"] for d in trial_dirs(out.experiment_dir)] == ["finished", "finished"]
+    assert not (out.experiment_dir / STOPPED_FILE).exists()  # it ended within its budget
 
 
 # ------------------------------------------------------------ 5. W&B unreachable

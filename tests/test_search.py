@@ -249,7 +249,8 @@ def test_library_search_can_leave_out_the_summary(ray_session, tmp_path, corpus_
 
 def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file, capsys):
     """Ray restores a resumed search's own settings: a different --time-budget is said to be unused; a search
-    the budget ended (a trial holds its marker) is refused, as Ray saved it finished (the end-to-end case: below)."""
+    the budget ended (a trial, or the search, holds its marker) is refused, as Ray saved it finished (the end-to-end
+    case: below)."""
     import warnings
 
     from tune_gpt.cli import run_main
@@ -280,6 +281,10 @@ def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file,
     with pytest.raises(ConfigError, match="time budget ran out .1 trial.s. out-of-time.*--retry-errored"):
         check()
     assert check(retry_errored=True) == []  # errored trials can still be re-run
+    (exp / "trial_1" / STOPPED_FILE).unlink()
+    (exp / STOPPED_FILE).write_text("{}")  # the budget ran out between two trials: only the search's marker
+    with pytest.raises(ConfigError, match=r"time budget ran out and Ray cannot reopen it"):
+        check()
 
 
 @pytest.mark.slow
@@ -320,6 +325,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     assert pruned == pytest.approx(sorted(df["final_val_loss"].dropna()))  # each at its last reported value
     assert f"{len(df)} trials in" in (printed := capsys.readouterr().out)  # also those stopped before their first report
     assert f"({len(df)} out-of-time)" in printed
+    assert json.loads((out.experiment_dir / STOPPED_FILE).read_text())["time_budget_s"] == 15  # the search's own
     # Ray saved the search as finished: --resume would start nothing, so it says so instead (before Ray starts)
     with pytest.raises(ConfigError, match=r"--resume: the search .*budget.* ran out .*--name NEW"):
         run_search(SearchOptions(space=str(tmp_path / "tiny.yaml"), name="budget", storage_path=str(tmp_path / "r"),

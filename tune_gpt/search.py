@@ -723,8 +723,12 @@ def _run_search(plan: Plan, trainable: Callable[..., None] | None, stop: _StopRe
     finally:
         if own_ray:
             ray.shutdown()  # also after a ray.init a signal cut short: its processes go too
-    if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
-        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+    if not _all_trials_ended(grid, plan, searcher):
+        if stop.signum is not None:
+            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+        budget = experiment_file.get("time_budget_s") if restore else opts.time_budget
+        if budget is not None:  # Tune's stopper ended the search before its plan: only the budget does that
+            _mark_budget_ended(plan, budget, len(grid))
     if opts.optuna_storage and plan.searcher == "optuna":
         _close_study_trials(plan)
     return _summarise(plan, grid, elapsed)
@@ -1137,23 +1141,40 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
     from tune_gpt.report import STOPPED_FILE
 
     where = experiment_id(plan)
-    stopped, info = 0, {}
+    ended, stopped, info = False, 0, {}
     try:  # unreadable: Ray's restore says what is wrong
         fs, path = pafs.FileSystem.from_uri(where)
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
                 if i.type == pafs.FileType.Directory]
-        markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in dirs]) if dirs else []
-        stopped = sum(m.type == pafs.FileType.File for m in markers)
+        markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in [path, *dirs]])  # the search's, its trials'
+        ended, stopped = markers[0].type == pafs.FileType.File, sum(m.type == pafs.FileType.File for m in markers[1:])
         with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
             info = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         pass
-    if stopped and not plan.opts.retry_errored:
+    if (ended or stopped) and not plan.opts.retry_errored:
         raise ConfigError(
-            f"--resume: the search {where} ended when its time budget ran out ({stopped} trial(s) out-of-time) and "
+            f"--resume: the search {where} ended when its time budget ran out"
+            f"{f' ({stopped} trial(s) out-of-time)' if stopped else ''} and "
             f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
             f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
     return info if isinstance(info, dict) else {}
+
+
+def _mark_budget_ended(plan: Plan, budget: float, trials: int) -> None:
+    """The search's own out-of-time marker (its trials have theirs, but the budget can run out between two
+    trials): `_check_resumable` reads it."""
+    import pyarrow.fs as pafs
+
+    from tune_gpt.report import STOPPED_FILE
+
+    text = json.dumps({"stopped_by": "time budget", "time_budget_s": budget, "trials": trials,
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    try:
+        write_storage_file(*pafs.FileSystem.from_uri(experiment_id(plan)), STOPPED_FILE, text)
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"the time budget ended the search, but {STOPPED_FILE} could not be written to "
+                      f"{experiment_id(plan)} ({_one_line(exc)})")
 
 
 def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:

@@ -288,9 +288,10 @@ space:
 
 @pytest.mark.parametrize("ended", ["diverged", "oom", "finished"])
 def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp_path, monkeypatch, ended):
-    """A resumed search restarts a trial whose status file says it ended: it trains nothing. A diverged or oom
-    trial writes that status before its worst-value report, which an interruption can keep from being
-    recorded, so it reports the worst value again (finished is written only after its last report)."""
+    """A resumed search restarts a trial whose status file says it ended: it trains nothing, and reports its
+    last evaluation again, which an interruption can keep from being recorded: a diverged or oom trial its
+    worst value (written before that report), a finished one the report its status file keeps (written
+    after the report returned, which does not mean the driver recorded it: seen with Ctrl+C)."""
     import types
 
     import pyarrow.fs
@@ -301,7 +302,9 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
 
     trial = tmp_path / "trial_x"
     trial.mkdir()
-    (trial / STATUS_FILE).write_text(json.dumps({"status": ended, "steps": 15, "total_steps": 20}))
+    last_report = {"val/loss": 2.5, "step": 20, "total_steps": 20}
+    (trial / STATUS_FILE).write_text(json.dumps({"status": ended, "steps": 15, "total_steps": 20,
+                                                 **({"last_report": last_report} if ended == "finished" else {})}))
     storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial))
     context = types.SimpleNamespace(get_trial_dir=lambda: str(tmp_path / "staged"), get_storage=lambda: storage)
     reported = []
@@ -310,7 +313,7 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a trial that had ended trained again"))
     assert search.trainable({"learning_rate": 1e-3}, objective=("val/loss", "min")) is None
     if ended == "finished":
-        assert reported == []
+        assert reported == [last_report]
     else:
         (last,) = reported
         assert last["val/loss"] == math.inf and last[ended] == 1 and last["step"] == 15 and last["total_steps"] == 20
@@ -721,24 +724,36 @@ def test_unreachable_wandb_host_costs_little_and_says_how_to_sync(tmp_path, corp
         assert took - plain_s <= 15, f"W&B ({variant}) added {took - plain_s:.0f} s to a {plain_s:.0f} s search"
 
 
-def test_a_sigterm_during_ray_start_up_stops_the_search_like_one_later(tmp_path):
-    """ray.init puts in its own SIGTERM handler (``sys.exit(15)``) before it starts anything: a
-    SIGTERM then must still end the search as an interruption (exit 143, the resume hint), and the
-    search's handler must be back in place once Ray is up."""
-    from tune_gpt.search import _keep_sigterm_handler, _stop_on_signals, _StopRequest
+def test_a_signal_during_ray_start_up_waits_for_it_then_stops_the_search(tmp_path):
+    """ray.init puts in its own SIGTERM handler (``sys.exit(15)``), and a signal raised inside it leaves
+    Ray half started (the process then aborts at exit): a SIGTERM or Ctrl+C there must wait until
+    ray.init returns and then stop the search like one a moment later (exit 143 / 130, the resume hint);
+    a second one while it waits quits at once."""
+    import ray._private.utils as ray_utils
+
+    from tune_gpt.search import _signals_held_during_ray_start, _stop_on_signals, _StopRequest
 
     plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), storage_path=str(tmp_path / "r")))
-    default = signal.getsignal(signal.SIGTERM)
+    default = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        stop, got_through = _StopRequest(), []
+        with _stop_on_signals(stop, plan):
+            ours = {s: signal.getsignal(s) for s in default}
+            with pytest.raises(KeyboardInterrupt):
+                with _signals_held_during_ray_start():  # what ray.init does, and a signal while it runs
+                    ray_utils.set_sigterm_handler(lambda s, f: sys.exit(s))
+                    os.kill(os.getpid(), signum)
+                    time.sleep(0.2)
+                    got_through.append(True)  # ray.init was not cut short
+            assert got_through and stop.signum == signum
+            assert {s: signal.getsignal(s) for s in default} == ours  # Ray's sys.exit handler was kept out
+        assert {s: signal.getsignal(s) for s in default} == default
     stop = _StopRequest()
-    with _stop_on_signals(stop, plan):
-        ours = signal.getsignal(signal.SIGTERM)
-        with _keep_sigterm_handler():  # what ray.init does, then a SIGTERM arriving while it runs
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-        assert signal.getsignal(signal.SIGTERM) is ours
-        with pytest.raises(KeyboardInterrupt):
-            with _keep_sigterm_handler():
-                signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(1)  # the handler runs at the next bytecode; never reached
-        assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is ours
-    assert signal.getsignal(signal.SIGTERM) == default
+    with _stop_on_signals(stop, plan), pytest.raises(KeyboardInterrupt):
+        with _signals_held_during_ray_start():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # the user insists
+            time.sleep(5)
+            pytest.fail("a second signal while ray.init runs must quit at once")
+    assert stop.signum is None  # it did not wait for the search's handler

@@ -196,6 +196,7 @@ def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corp
     for s in st.values():
         assert s["resources"]["GPU"] == pytest.approx(0.25) and s["resources"]["CPU"] == pytest.approx(0.5)
         assert s["status"] == "finished" and s["device"] == "cpu"  # logical GPU: trains on the CPU here
+        assert s["last_report"]["step"] == 10 and s["last_report"]["val/loss"] > 0  # a resume reports it again
 
 
 def test_existing_experiment_needs_resume(finished_search):

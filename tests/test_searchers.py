@@ -166,3 +166,34 @@ def test_time_budget_stops_are_told_from_every_other_end(tmp_path):
     assert marked == ["cut", "resumed"] and sorted(ended) == ["cut", "resumed"]
     cb.on_step_end(4, trials)  # marked once
     assert sorted(ended) == ["cut", "resumed"]
+
+
+def test_a_budget_that_runs_out_between_trials_marks_the_search(tmp_path, monkeypatch):
+    """No trial running when the budget runs out: no trial is marked, so the search marks itself (--resume
+    reads it); a search that ends before its budget, or with every planned trial, leaves no such mark."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    import tune_gpt._tune_callbacks as cbs
+    from tune_gpt.report import STOPPED_FILE
+
+    clock = [1000.0]
+    monkeypatch.setattr(cbs.time, "time", lambda: clock[0])
+    storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "exp"))
+    done = [SimpleNamespace(trial_id=t, status="TERMINATED", last_result={"val/loss": 2.0}, storage=storage)
+            for t in ("a", "b")]
+    marker = tmp_path / "exp" / STOPPED_FILE
+
+    def run(budget_s: float, ran_s: float, planned: int) -> bool:
+        cb = cbs.MarkTimeBudgetStops(600)  # the budget Ray applies comes with setup (a restored search's own)
+        cb.setup(stop=None, num_samples=planned, total_num_samples=planned, time_budget_s=budget_s)
+        clock[0] += ran_s
+        cb.on_experiment_end(trials=done)
+        found = marker.is_file()
+        marker.unlink(missing_ok=True)
+        return found
+
+    assert run(budget_s=30, ran_s=31, planned=4)  # 2 of 4 trials, then the budget ran out between trials
+    assert not run(budget_s=30, ran_s=12, planned=4)  # interrupted before its budget: --resume continues it
+    assert not run(budget_s=30, ran_s=31, planned=2)  # every planned trial ran: done, whatever the clock says

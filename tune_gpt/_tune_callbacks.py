@@ -20,7 +20,9 @@ without telling the callbacks, the scheduler or the searcher that it ended (Ray 
 report (as if ASHA had cut it for trailing), be missing from TensorBoard's HParams tab, and stay
 RUNNING in an Optuna study kept with ``--optuna-storage``. This callback writes
 ``tune_gpt_stopped.json`` into those trials' folders (the report then says *out-of-time*) and ends
-their TensorBoard logging; `tune_gpt.search` closes their Optuna trials after the search.
+their TensorBoard logging; `tune_gpt.search` closes their Optuna trials after the search. The budget
+can also run out between two trials (none running, none marked): the search then writes the same
+file into the experiment folder, so that ``--resume`` can say the search ended (Ray saved it finished).
 """
 
 from __future__ import annotations
@@ -90,6 +92,24 @@ class MarkTimeBudgetStops(Callback):
         self._budget = float(time_budget_s)
         self._loggers = list(loggers or [])
         self._live: set[str] = set()
+        self._started: float | None = None
+        self._planned: int | None = None
+        self._marked = 0
+
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
+        """Tune's start of a run (a resumed search's too; Ray restarts the budget's clock with it)."""
+        self._started, self._planned, self._marked = time.time(), total_num_samples, 0
+        if isinstance(info.get("time_budget_s"), (int, float)):
+            self._budget = float(info["time_budget_s"])  # the budget Ray applies: a restored search's own
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._started is None or time.time() - self._started < self._budget or not trials:
+            return  # ended before its budget (done, or interrupted: --resume goes on)
+        if self._marked or (self._planned is not None and len(trials) < self._planned):
+            storage = trials[0].storage
+            self._write(storage.storage_filesystem, storage.experiment_fs_path, "the search",
+                        ": --resume cannot tell it ended")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._live.add(trial.trial_id)
@@ -109,25 +129,30 @@ class MarkTimeBudgetStops(Callback):
                 self._mark(trial)
 
     def _mark(self, trial: Any) -> None:
-        import json
-
-        text = json.dumps({"stopped_by": "time budget", "time_budget_s": self._budget,
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        from tune_gpt.search import write_storage_file
-
+        self._marked += 1
         storage = getattr(trial, "storage", None)
-        try:
-            write_storage_file(storage.storage_filesystem, storage.trial_fs_path, STOPPED_FILE, text)
-        except Exception as exc:  # noqa: BLE001 - storage unreachable: the report then says early-stopped
-            import warnings
-
-            warnings.warn(f"trial {trial.trial_id} was stopped by --time-budget, but {STOPPED_FILE} could not be "
-                          f"written to its folder ({exc}): the report will call it early-stopped")
+        self._write(getattr(storage, "storage_filesystem", None), getattr(storage, "trial_fs_path", None),
+                    f"trial {trial.trial_id}", ": the report will call it early-stopped")
         for logger in self._loggers:
             try:
                 logger.log_trial_end(trial, failed=False)
             except Exception:  # noqa: BLE001 - a logger that cannot close does not stop the search
                 pass
+
+    def _write(self, fs: Any, folder: str | None, what: str, consequence: str) -> None:
+        import json
+
+        from tune_gpt.search import write_storage_file
+
+        text = json.dumps({"stopped_by": "time budget", "time_budget_s": self._budget,
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        try:
+            write_storage_file(fs, folder, STOPPED_FILE, text)
+        except Exception as exc:  # noqa: BLE001 - storage unreachable: said, and the search goes on
+            import warnings
+
+            warnings.warn(f"{what} was stopped by --time-budget, but {STOPPED_FILE} could not be written to its "
+                          f"folder ({exc}){consequence}")
 
 
 # Bookkeeping keys Tune or the trial adds to every result: not worth a chart.

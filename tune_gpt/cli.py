@@ -115,8 +115,13 @@ def train_main(argv: list[str] | None = None) -> int:
         from tune_gpt.data import load_corpus
 
         cfg = config_from_args(build_train_parser().parse_args(argv))
-        if cfg.device != "auto":
-            check_precision(cfg, cfg.device.split(":")[0])  # "auto" needs torch to know
+        kind = cfg.device.split(":")[0]
+        if kind == "cpu":
+            check_precision(cfg, kind)
+        elif kind != "auto":  # cuda / mps: torch is needed to know, and a missing GPU is said first
+            from tune_gpt.train import resolve_device
+
+            resolve_device(cfg)
         out = Path(cfg.output_dir).expanduser()
         if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
@@ -126,7 +131,7 @@ def train_main(argv: list[str] | None = None) -> int:
         from tune_gpt.tracking import default_reporters
         from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
 
-        resolve_device(cfg)  # a GPU that is not there, bf16 where it is unsupported: before anything is written
+        resolve_device(cfg)  # "auto": bf16 / fp16 where no GPU is: before the run writes anything
         try:
             result = train(cfg, default_reporters(cfg), corpus=corpus)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here

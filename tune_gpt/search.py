@@ -364,9 +364,11 @@ class TuneReporter:
     finishes the session with ``timeout=0``): when the scheduler ends a trial inside `tune.report`
     (ASHA at its last rung, for one), what the thread does after that report may never happen. So
     `train()` writes the sample before its last report, and a trial that diverged or ran out of
-    memory says so before reporting it. ``finished`` is written only after the last report returns
-    (a status that says finished must mean its last evaluation was recorded: a resumed search does
-    not train it again); the report tells a trial ASHA ended at its last step by the steps reported.
+    memory says so before reporting it. ``finished`` is written once the last report returned or Tune
+    ended the trial inside it, with that report (``last_report``): a resumed search does not train the
+    trial again, but that evaluation may never have been recorded (Ctrl+C ends trials inside their
+    report, before the driver records it), so the resumed trial reports it again. The report tells a
+    trial ASHA ended at its last step by the steps reported.
     """
 
     def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None, storage: Any = None) -> None:
@@ -378,6 +380,7 @@ class TuneReporter:
         self.start_step: int | None = None  # where the first attempt in this trial run began (a resume: > 0)
         self.cfg: TrainConfig | None = None  # the config of the latest train() call (smaller after an OOM retry)
         self.oom_retries: list[dict[str, Any]] = []  # filled by train_with_oom_retry
+        self.last_report: dict[str, Any] | None = None  # the metrics of the latest evaluation reported
         self._restore_dirs: list[str] = []
 
     def save_status(self, status: str, **fields: Any) -> None:
@@ -404,7 +407,7 @@ class TuneReporter:
         from ray import tune
 
         metrics = {**metrics, "total_steps": self.total_steps}
-        self.last_step = step
+        self.last_step, self.last_report = step, metrics
         if checkpoint_dir is not None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
         else:
@@ -454,8 +457,9 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     the scheduler stops may be left at ``running``: its actor can end before the ``finally`` below
     runs; the report then tells early-stopped from Tune's state and the steps reported.
 
-    A trial whose status file already says finished, diverged or oom returns at once: the search
-    was resumed from a saved state older than the trial's end, and it must not train again.
+    A trial whose status file already says finished, diverged or oom reports its last evaluation
+    again and returns: the search was resumed from a saved state older than the trial's end, and it
+    must not train again.
     """
     from ray import tune
 
@@ -464,9 +468,11 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     context = tune.get_context()
     trial_dir, storage = Path(context.get_trial_dir()), context.get_storage()
     previous = _read_trial_status(trial_dir, storage)
-    if previous.get("status") in DONE_STATUSES:
-        if previous["status"] in ("diverged", "oom"):  # its worst-value report may not have been recorded
+    if previous.get("status") in DONE_STATUSES:  # its last report may not have been recorded: again
+        if previous["status"] in ("diverged", "oom"):
             _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
+        elif isinstance(previous.get("last_report"), dict):
+            tune.report(previous["last_report"])
         return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
     scratch = Path(tempfile.mkdtemp(prefix="tune_gpt_trial_"))
@@ -509,6 +515,8 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
             status = {"status": "finished" if done else "early-stopped"}
         raise
     finally:
+        if status["status"] == "finished":  # also when Tune ended it inside its last report (ASHA, or Ctrl+C:
+            status["last_report"] = reporter.last_report  # then the driver never recorded that report)
         reporter.save_status(**status)
         shutil.rmtree(scratch, ignore_errors=True)
         reporter.cleanup()
@@ -634,16 +642,23 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         print(plan.describe())
         return plan
     stop = _StopRequest()
-    with _stop_on_signals(stop, plan):
+    with _stop_on_signals(stop, plan):  # until Tune has ended and Ray is down; the summary is Ctrl+C's as usual
         try:
-            return _run_search(plan, trainable, stop)
+            grid, elapsed, searcher = _run_tune(plan, trainable)
         except SearchInterrupted:
             raise
         except KeyboardInterrupt:
             raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
+    if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
+        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+    if opts.optuna_storage and plan.searcher == "optuna":
+        _close_study_trials(plan)
+    return _summarise(plan, grid, elapsed)
 
 
-def _run_search(plan: Plan, trainable: Callable[..., None] | None, stop: _StopRequest) -> SearchOutcome:
+def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, float, Any]:
+    """Check what needs the corpus, start Ray, run Tune (new or restored). Returns the result grid, the
+    seconds fit() took and the searcher built here (None for a restored search: Tune unpickles its own)."""
     opts = plan.opts
     if opts.wandb:
         from tune_gpt.tracking import check_wandb_env
@@ -722,16 +737,8 @@ def _run_search(plan: Plan, trainable: Callable[..., None] | None, stop: _StopRe
         gc.collect()  # W&B's callback must be collected while Ray is still up (it closes the runs)
     finally:
         if own_ray:
-            ray.shutdown()  # also after a ray.init a signal cut short: its processes go too
-    if not _all_trials_ended(grid, plan, searcher):
-        if stop.signum is not None:
-            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
-        budget = experiment_file.get("time_budget_s") if restore else opts.time_budget
-        if budget is not None:  # Tune's stopper ended the search before its plan: only the budget does that
-            _mark_budget_ended(plan, budget, len(grid))
-    if opts.optuna_storage and plan.searcher == "optuna":
-        _close_study_trials(plan)
-    return _summarise(plan, grid, elapsed)
+            ray.shutdown()  # also after a ray.init that failed part-way: its processes go too
+    return grid, elapsed, searcher
 
 
 def _close_study_trials(plan: Plan) -> None:
@@ -878,7 +885,7 @@ def _init_ray(opts: SearchOptions) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
                               "configure_logging": True, "logging_level": "WARNING"}
-    with _keep_sigterm_handler():
+    with _signals_held_during_ray_start():
         if opts.address:
             try:
                 ray.init(address=opts.address, **kwargs)
@@ -898,21 +905,39 @@ def _init_ray(opts: SearchOptions) -> None:
 
 
 @contextlib.contextmanager
-def _keep_sigterm_handler():
-    """ray.init replaces the SIGTERM handler with its own ``sys.exit(SIGTERM)``, first thing: put ours
-    back afterwards, and treat a SIGTERM that came during ray.init as ours would have."""
+def _signals_held_during_ray_start():
+    """A Ctrl+C or SIGTERM must not cut ray.init short: raised inside it, it leaves Ray's core worker half
+    made and the process aborts at exit (SIGABRT / SIGSEGV with Ray 2.60, after the resume hint was
+    printed). Such a signal waits until ray.init returns, then goes to the handler that was in place
+    (the search's: stop, with the resume hint); a second one while waiting quits at once. ray.init's own
+    SIGTERM handler (``sys.exit(15)``, set first thing) is kept out."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    ours = signal.getsignal(signal.SIGTERM)
+    import ray._private.utils as ray_utils
+
+    held: list[int] = []
+
+    def hold(signum, frame):  # noqa: ANN001 - a signal handler
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, hold)
+    ray_sets = getattr(ray_utils, "set_sigterm_handler", None)
+    if ray_sets is not None:
+        ray_utils.set_sigterm_handler = lambda handler: None
     try:
         yield
-    except SystemExit as exc:
-        if exc.code == signal.SIGTERM and callable(ours):
-            ours(signal.SIGTERM, None)  # _stop_on_signals' handler raises KeyboardInterrupt
-        raise
     finally:
-        signal.signal(signal.SIGTERM, ours if ours is not None else signal.SIG_DFL)
+        if ray_sets is not None:
+            ray_utils.set_sigterm_handler = ray_sets
+        for s, h in before.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    if held:
+        signal.raise_signal(held[0])  # now, to the handler in place before
 
 
 def _check_local_gpu(opts: SearchOptions) -> None:
@@ -1159,22 +1184,6 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
             f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
             f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
     return info if isinstance(info, dict) else {}
-
-
-def _mark_budget_ended(plan: Plan, budget: float, trials: int) -> None:
-    """The search's own out-of-time marker (its trials have theirs, but the budget can run out between two
-    trials): `_check_resumable` reads it."""
-    import pyarrow.fs as pafs
-
-    from tune_gpt.report import STOPPED_FILE
-
-    text = json.dumps({"stopped_by": "time budget", "time_budget_s": budget, "trials": trials,
-                       "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    try:
-        write_storage_file(*pafs.FileSystem.from_uri(experiment_id(plan)), STOPPED_FILE, text)
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"the time budget ended the search, but {STOPPED_FILE} could not be written to "
-                      f"{experiment_id(plan)} ({_one_line(exc)})")
 
 
 def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:

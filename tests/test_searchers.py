@@ -170,7 +170,7 @@ def test_time_budget_stops_are_told_from_every_other_end(tmp_path):
 
 def test_a_budget_that_runs_out_between_trials_marks_the_search(tmp_path, monkeypatch):
     """No trial running when the budget runs out: no trial is marked, so the search marks itself (--resume
-    reads it); a search that ends before its budget, or with every planned trial, leaves no such mark."""
+    reads it); a search that ends before its budget, or with every planned trial run, leaves no such mark."""
     from types import SimpleNamespace
 
     import pyarrow.fs
@@ -181,19 +181,26 @@ def test_a_budget_that_runs_out_between_trials_marks_the_search(tmp_path, monkey
     clock = [1000.0]
     monkeypatch.setattr(cbs.time, "time", lambda: clock[0])
     storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "exp"))
-    done = [SimpleNamespace(trial_id=t, status="TERMINATED", last_result={"val/loss": 2.0}, storage=storage)
-            for t in ("a", "b")]
+
+    def trial(tid: str, ran: bool = True):
+        return SimpleNamespace(trial_id=tid, status="TERMINATED", last_result={"val/loss": 2.0} if ran else {},
+                               storage=storage)
+
     marker = tmp_path / "exp" / STOPPED_FILE
 
-    def run(budget_s: float, ran_s: float, planned: int) -> bool:
+    def run(last_step_s: float, trials: list, planned: int, end_s: float = 5) -> bool:
         cb = cbs.MarkTimeBudgetStops(600)  # the budget Ray applies comes with setup (a restored search's own)
-        cb.setup(stop=None, num_samples=planned, total_num_samples=planned, time_budget_s=budget_s)
-        clock[0] += ran_s
-        cb.on_experiment_end(trials=done)
+        cb.setup(stop=None, num_samples=planned, total_num_samples=planned, time_budget_s=30)
+        clock[0] += last_step_s
+        cb.on_step_end(1, trials)  # Tune's last step: where its stopper found the budget spent, or not
+        clock[0] += end_s  # the trials' actors stop, then the experiment ends
+        cb.on_experiment_end(trials=trials)
         found = marker.is_file()
         marker.unlink(missing_ok=True)
         return found
 
-    assert run(budget_s=30, ran_s=31, planned=4)  # 2 of 4 trials, then the budget ran out between trials
-    assert not run(budget_s=30, ran_s=12, planned=4)  # interrupted before its budget: --resume continues it
-    assert not run(budget_s=30, ran_s=31, planned=2)  # every planned trial ran: done, whatever the clock says
+    two = [trial("a"), trial("b")]
+    assert run(31, two, planned=4)  # Optuna made 2 of 4 trials, then the budget ran out between trials
+    assert run(31, [*two, trial("c", ran=False), trial("d", ran=False)], planned=4)  # random/grid: made, never ran
+    assert not run(28, two, planned=4)  # Ctrl+C 2 s before the budget, ended 5 s later: --resume continues it
+    assert not run(31, two, planned=2)  # every planned trial ran: done, whatever the clock says

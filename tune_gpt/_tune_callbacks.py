@@ -93,20 +93,26 @@ class MarkTimeBudgetStops(Callback):
         self._loggers = list(loggers or [])
         self._live: set[str] = set()
         self._started: float | None = None
+        self._last_step_at: float | None = None
         self._planned: int | None = None
         self._marked = 0
 
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
         """Tune's start of a run (a resumed search's too; Ray restarts the budget's clock with it)."""
-        self._started, self._planned, self._marked = time.time(), total_num_samples, 0
+        self._started, self._last_step_at, self._planned, self._marked = time.time(), None, total_num_samples, 0
         if isinstance(info.get("time_budget_s"), (int, float)):
             self._budget = float(info["time_budget_s"])  # the budget Ray applies: a restored search's own
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._started is None or time.time() - self._started < self._budget or not trials:
-            return  # ended before its budget (done, or interrupted: --resume goes on)
-        if self._marked or (self._planned is not None and len(trials) < self._planned):
+        # The budget is checked in Tune's steps: the last step's time says whether it ran out (the end
+        # comes seconds later, after the trials' actors stop, also after a Ctrl+C, which --resume continues).
+        if self._started is None or self._last_step_at is None or not trials:
+            return
+        if self._last_step_at - self._started < self._budget:
+            return  # ended before its budget: done, or interrupted
+        never_ran = any(t.status == "TERMINATED" and not t.last_result for t in trials)  # random/grid make all first
+        if self._marked or never_ran or (self._planned is not None and len(trials) < self._planned):
             storage = trials[0].storage
             self._write(storage.storage_filesystem, storage.experiment_fs_path, "the search",
                         ": --resume cannot tell it ended")
@@ -121,6 +127,7 @@ class MarkTimeBudgetStops(Callback):
         self._live.discard(trial.trial_id)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._last_step_at = time.time()
         for trial in trials:
             if trial.status in ("PENDING", "PAUSED") and trial.last_result:
                 self._live.add(trial.trial_id)  # resumed: trained before, waits to go on

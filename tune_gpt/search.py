@@ -917,13 +917,16 @@ def _signals_held_during_ray_start():
     import ray._private.utils as ray_utils
 
     held: list[int] = []
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def hold(signum, frame):  # noqa: ANN001 - a signal handler
-        if held:
+        if held:  # the user insists: the handler in place before, at once
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, frame)
             raise KeyboardInterrupt
         held.append(signum)
 
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in before:
         signal.signal(s, hold)
     ray_sets = getattr(ray_utils, "set_sigterm_handler", None)
@@ -936,8 +939,8 @@ def _signals_held_during_ray_start():
             ray_utils.set_sigterm_handler = ray_sets
         for s, h in before.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
-    if held:
-        signal.raise_signal(held[0])  # now, to the handler in place before
+        if held:  # now, to the handler in place before (it wins over an error ray.init raised meanwhile)
+            signal.raise_signal(held[0])
 
 
 def _check_local_gpu(opts: SearchOptions) -> None:

@@ -131,7 +131,8 @@ def train_main(argv: list[str] | None = None) -> int:
         from tune_gpt.tracking import default_reporters
         from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
 
-        resolve_device(cfg)  # "auto": bf16 / fp16 where no GPU is: before the run writes anything
+        if kind == "auto":
+            resolve_device(cfg)  # bf16 / fp16 where no GPU is: before the run writes anything
         try:
             result = train(cfg, default_reporters(cfg), corpus=corpus)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here

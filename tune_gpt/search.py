@@ -629,7 +629,8 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     Everything is checked (space, flags, corpus, storage, searcher) before the experiment folder
     is created, so bad input leaves nothing behind. SIGINT or SIGTERM stops the trials, saves the
     search state and raises `SearchInterrupted` with the command that resumes it; a second signal
-    quits at once. Before the trials start (corpus, Ray's start-up) a signal raises it at once.
+    quits at once. Before Tune starts (the corpus, Ray's start-up) a signal raises it without waiting
+    for anything but ray.init, which must not be cut short.
 
     `trainable` replaces the function Tune runs for each trial (default: `tune_gpt.search.trainable`).
     Tune calls it as ``trainable(config, **kwargs)`` (``corpus``, ``oom_retry``, ``objective``); a

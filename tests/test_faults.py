@@ -764,3 +764,20 @@ def test_a_signal_during_ray_start_up_waits_for_it_then_stops_the_search(tmp_pat
             time.sleep(0.2)
             raise ConnectionError("cannot join the Ray cluster")
     assert stop.signum == signal.SIGTERM
+
+
+def test_the_driver_starts_ray_without_its_failure_signal_handler(tmp_path, monkeypatch):
+    """Abseil's failure-signal handler in the driver's core worker took a SIGTERM late in ray.init and the
+    process then aborted at exit (-6) after stopping cleanly: the search starts Ray without it in the driver
+    (Ray's RAY_DISABLE_FAILURE_SIGNAL_HANDLER, read when the core worker is made)."""
+    import ray
+    from ray._private import ray_constants
+
+    from tune_gpt.search import _init_ray
+
+    seen = []
+    monkeypatch.setattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER))
+    _init_ray(SearchOptions(space=str(tiny_space(tmp_path))))
+    assert seen == [True]

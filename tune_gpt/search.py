@@ -886,6 +886,14 @@ def _init_ray(opts: SearchOptions) -> None:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
                               "configure_logging": True, "logging_level": "WARNING"}
+    # The driver's C++ failure-signal handler (Abseil) also takes SIGTERM once its core worker starts and,
+    # having handed it on, made the process abort at exit (-6) after the search had stopped cleanly (2 of
+    # 6 SIGTERMs late in ray.init, Ray 2.60). The search handles SIGTERM itself, so this process goes
+    # without it: Ray's own switch (RAY_DISABLE_FAILURE_SIGNAL_HANDLER), for the driver only; the workers
+    # keep theirs, and with them the C++ stack of a crash in a trial.
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     with _signals_held_during_ray_start():
         if opts.address:
             try:

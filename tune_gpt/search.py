@@ -891,9 +891,12 @@ def _init_ray(opts: SearchOptions) -> None:
     # 6 SIGTERMs late in ray.init, Ray 2.60). The search handles SIGTERM itself, so this process goes
     # without it: Ray's own switch (RAY_DISABLE_FAILURE_SIGNAL_HANDLER), for the driver only; the workers
     # keep theirs, and with them the C++ stack of a crash in a trial.
-    from ray._private import ray_constants
-
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        from ray._private import ray_constants
+    except ImportError:  # a Ray that moved it: its handler stays, and the search still runs
+        pass
+    else:
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     with _signals_held_during_ray_start():
         if opts.address:
             try:
@@ -923,8 +926,10 @@ def _signals_held_during_ray_start():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    import ray._private.utils as ray_utils
-
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:  # a Ray that moved it: its SIGTERM handler may come back, the rest holds
+        ray_utils = None
     held: list[int] = []
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 

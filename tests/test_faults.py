@@ -286,12 +286,15 @@ space:
 """
 
 
-@pytest.mark.parametrize("ended", ["diverged", "oom", "finished"])
-def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp_path, monkeypatch, ended):
+@pytest.mark.parametrize(("ended", "restored_step"), [("diverged", None), ("oom", None), ("finished", None),
+                                                     ("finished", 10), ("finished", 20)])
+def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp_path, monkeypatch, ended,
+                                                                              restored_step):
     """A resumed search restarts a trial whose status file says it ended: it trains nothing, and reports its
     last evaluation again, which an interruption can keep from being recorded: a diverged or oom trial its
     worst value (written before that report), a finished one the report its status file keeps (written
-    after the report returned, which does not mean the driver recorded it: seen with Ctrl+C)."""
+    after the report returned, which does not mean the driver recorded it: seen with Ctrl+C and SIGKILL),
+    unless Tune restores the trial from the checkpoint of that very report (then it was recorded)."""
     import types
 
     import pyarrow.fs
@@ -310,10 +313,16 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
     reported = []
     monkeypatch.setattr(tune, "get_context", lambda: context)
     monkeypatch.setattr(tune, "report", lambda metrics, **kw: reported.append(metrics))
+    checkpoint = None
+    if restored_step is not None:  # what TuneReporter.evaluate leaves with each checkpoint it reports
+        (tmp_path / "ckpt").mkdir()
+        checkpoint = tune.Checkpoint.from_directory(str(tmp_path / "ckpt"))
+        checkpoint.set_metadata({"step": restored_step})
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: checkpoint)
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a trial that had ended trained again"))
     assert search.trainable({"learning_rate": 1e-3}, objective=("val/loss", "min")) is None
     if ended == "finished":
-        assert reported == [last_report]
+        assert reported == ([] if restored_step == last_report["step"] else [last_report])
     else:
         (last,) = reported
         assert last["val/loss"] == math.inf and last[ended] == 1 and last["step"] == 15 and last["total_steps"] == 20
@@ -521,16 +530,18 @@ def n_reports(exp: Path) -> int:
                if (d / "result.json").is_file())
 
 
-def assert_not_run_again(name: str, before: str, after: str | None) -> None:
-    """A finished trial's result.json is kept as it was, but for one more copy of its last evaluation: a
-    trial Ray's saved state did not yet count as ended is restarted, trains nothing and reports that
-    evaluation again (the driver may not have recorded it: Ctrl+C ends trials inside their report)."""
+def assert_not_run_again(name: str, before: str, after: str | None, last_report: dict) -> None:
+    """A finished trial's result.json is kept as it was, but for one more copy of its last evaluation
+    (``last_report`` in its status file): a trial Ray's saved state did not yet count as ended is
+    restarted, trains nothing and reports that evaluation again. The driver may not have recorded it:
+    Ctrl+C ends trials inside their report, and a trial's report returns before the driver writes it
+    to result.json, so a SIGKILL in between loses that row until the resume."""
     assert after is not None and after.startswith(before), f"finished trial {name} was rewritten"
     added = [json.loads(x) for x in after[len(before):].splitlines() if x.strip()]
-    last = json.loads(before.strip().splitlines()[-1])
     assert len(added) <= 1, f"finished trial {name} ran again: {len(added)} new reports"
     for row in added:
-        assert (row["step"], row["val/loss"]) == (last["step"], last["val/loss"]), f"finished trial {name} ran again"
+        assert (row["step"], row["val/loss"]) == (last_report["step"], last_report["val/loss"]), \
+            f"finished trial {name} ran again"
 
 
 def group_alive(pgid: int) -> bool:
@@ -606,7 +617,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
         now = finished_trials(exp)
         history.append(len(now))
         for name, text in seen.items():
-            assert_not_run_again(name, text, now.get(name))
+            assert_not_run_again(name, text, now.get(name), status(exp / name)["last_report"])
         seen.update(now)
         if proc.returncode == 0:
             break

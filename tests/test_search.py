@@ -193,10 +193,13 @@ def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corp
                                    report=False, overrides={"data": str(corpus_file)}, verbose=0))
     st = statuses(out.experiment_dir)
     assert len(st) == 4
-    for s in st.values():
+    for name, s in st.items():
         assert s["resources"]["GPU"] == pytest.approx(0.25) and s["resources"]["CPU"] == pytest.approx(0.5)
         assert s["status"] == "finished" and s["device"] == "cpu"  # logical GPU: trains on the CPU here
-        assert s["last_report"]["step"] == 10 and s["last_report"]["val/loss"] > 0  # a resume reports it again
+        assert s["last_report"]["step"] == 10 and s["last_report"]["val/loss"] > 0  # a resume may report it again
+        # ... unless Tune restores the trial from that report's checkpoint, which says its step
+        latest = max((out.experiment_dir / name).glob("checkpoint_*"), key=lambda p: p.name)
+        assert json.loads((latest / ".metadata.json").read_text()) == {"step": 10}
 
 
 def test_existing_experiment_needs_resume(finished_search):

@@ -367,7 +367,9 @@ class TuneReporter:
     memory says so before reporting it. ``finished`` is written once the last report returned or Tune
     ended the trial inside it, with that report (``last_report``): a resumed search does not train the
     trial again, but that evaluation may never have been recorded (Ctrl+C ends trials inside their
-    report, before the driver records it), so the resumed trial reports it again. The report tells a
+    report, before the driver records it; a SIGKILL can land between the two), so the resumed trial
+    reports it again unless the checkpoint Tune restores it from is that report's (its metadata keeps
+    the step). The report tells a
     trial ASHA ended at its last step by the steps reported.
     """
 
@@ -409,7 +411,9 @@ class TuneReporter:
         metrics = {**metrics, "total_steps": self.total_steps}
         self.last_step, self.last_report = step, metrics
         if checkpoint_dir is not None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+            checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir))
+            checkpoint.set_metadata({"step": step})  # a resume tells whether the driver recorded this report
+            tune.report(metrics, checkpoint=checkpoint)
         else:
             tune.report(metrics)
 
@@ -458,8 +462,9 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     runs; the report then tells early-stopped from Tune's state and the steps reported.
 
     A trial whose status file already says finished, diverged or oom reports its last evaluation
-    again and returns: the search was resumed from a saved state older than the trial's end, and it
-    must not train again.
+    again (a finished one only if Tune's saved state does not show that report recorded, see
+    `_recorded`) and returns: the search was resumed from a saved state older than the trial's end,
+    and it must not train again.
     """
     from ray import tune
 
@@ -471,7 +476,7 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     if previous.get("status") in DONE_STATUSES:  # its last report may not have been recorded: again
         if previous["status"] in ("diverged", "oom"):
             _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
-        elif isinstance(previous.get("last_report"), dict):
+        elif isinstance(previous.get("last_report"), dict) and not _recorded(previous["last_report"]):
             tune.report(previous["last_report"])
         return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -520,6 +525,20 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
         reporter.save_status(**status)
         shutil.rmtree(scratch, ignore_errors=True)
         reporter.cleanup()
+
+
+def _recorded(report: dict[str, Any]) -> bool:
+    """Whether the driver recorded `report`, a finished trial's last: the checkpoint Tune restores the
+    trial from is the one that report carried. (Tune registers a checkpoint when it records the report
+    carrying it, and saves its state every second: an older checkpoint cannot tell, so the report is
+    made again, at worst a second copy of it in result.json.)"""
+    from ray import tune
+
+    try:
+        checkpoint = tune.get_checkpoint()
+        return checkpoint is not None and checkpoint.get_metadata().get("step") == report.get("step")
+    except Exception:  # unreadable metadata: report again rather than lose the evaluation
+        return False
 
 
 def _oom_info(retries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:

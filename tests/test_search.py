@@ -181,10 +181,16 @@ def test_every_trial_has_tensorboard_events_and_an_offline_wandb_run(finished_se
         assert start.hparams["batch_size"].number_value == params["batch_size"]
     runs = offline_runs(exp)
     assert len(runs) == 4
+    from tune_gpt.report import load_results
+
+    status = load_results(exp).set_index("trial_id")["status"]
     for run in runs:
         assert run.group == exp.name and set(run.tags) >= {"tiny", "single-gpu"}
         assert "learning_rate" in run.config and "batch_size" in run.config
         assert {"val/loss", "val/bpc", "train/loss", "step"} <= run.history_keys
+        # how the trial ended, in the report's words (ASHA cuts some), and the run was finished
+        assert run.summary["trial_status"] == status[run.path.parent.name.rsplit("-", 1)[1]]
+        assert run.exit_code == 0
 
 
 def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corpus_file):
@@ -307,7 +313,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     running_elsewhere.set_user_attr("tune_experiment", str(tmp_path / "elsewhere" / "budget"))
     out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
                                    time_budget=15, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
-                                   wandb=False, overrides={"data": str(corpus_file)}, verbose=0))
+                                   overrides={"data": str(corpus_file)}, verbose=0))  # W&B offline
     df = load_results(out.experiment_dir)
     assert len(df) >= 1 and set(df["status"]) == {"out-of-time"}, df[["trial_id", "status"]]
     assert (df["steps"].dropna() < 100_000).all()  # (a trial can be stopped before its first report)
@@ -319,6 +325,9 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
         acc = EventAccumulator(str(d))
         acc.Reload()
         assert "_hparams_/session_end_info" in acc.PluginTagToContent("hparams")
+    runs = offline_runs(out.experiment_dir)  # W&B: a finished run that says so, for each trial that reported
+    assert runs and {r.summary.get("trial_status") for r in runs} == {"out-of-time"}
+    assert all(r.exit_code == 0 for r in runs)
     study = optuna.load_study(study_name="budget", storage=db)
     assert study.trials[running_elsewhere.number].state.name == "RUNNING"  # not this search's to close
     ours = [t for t in study.trials if t.number != running_elsewhere.number]
@@ -334,3 +343,60 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     with pytest.raises(ConfigError, match=r"--resume: the search .*budget.* ran out .*--name NEW"):
         run_search(SearchOptions(space=str(tmp_path / "tiny.yaml"), name="budget", storage_path=str(tmp_path / "r"),
                                  resume=True, time_budget=60, overrides={"data": str(corpus_file)}, verbose=0))
+
+
+def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypatch):
+    """Ray's W&B callback ends a run when Tune says the trial completed or errored, all alike, and waits at
+    the experiment's end (then kills the logging actor) for runs Tune never ended (time budget, Ctrl+C).
+    TrialStatusWandb puts the trial's end into the summary and ends every run once."""
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from tune_gpt import _wandb_callback as wb
+
+    class Trial:
+        def __init__(self, name, last_result):
+            self.name, self.last_result = name, last_result
+
+    class Queue(list):
+        put = list.append
+
+    ended, experiment_end = [], []
+    monkeypatch.setattr(WandbLoggerCallback, "log_trial_end",
+                        lambda self, trial, failed=False: (ended.append((trial.name, failed)),
+                                                           self._trial_queues.pop(trial)))
+    monkeypatch.setattr(WandbLoggerCallback, "on_experiment_end", lambda self, trials, **kw: experiment_end.append(1))
+    cb = wb.TrialStatusWandb(project="p", mode="offline")
+    result = {"val/loss": 2.0, "total_steps": 100, "training_iteration": 7}
+    trials = {"done": Trial("done", {**result, "step": 100}), "cut": Trial("cut", {**result, "step": 30}),
+              "nan": Trial("nan", {**result, "step": 40, "diverged": 1}), "err": Trial("err", {**result, "step": 50}),
+              "budget": Trial("budget", {**result, "step": 60}), "ctrl-c": Trial("ctrl-c", {**result, "step": 70}),
+              "never": Trial("never", {})}
+    queues = {name: Queue() for name in trials}
+    for name, trial in trials.items():
+        if name != "never":  # a trial that never reported has no run
+            cb._trial_queues[trial] = queues[name]
+    cb.on_trial_complete(0, [], trials["done"])
+    cb.on_trial_complete(0, [], trials["cut"])  # ASHA
+    cb.on_trial_complete(0, [], trials["nan"])
+    cb.on_trial_error(0, [], trials["err"])
+    cb.end_trial(trials["budget"], "out-of-time")  # MarkTimeBudgetStops
+    cb.end_trial(trials["budget"], "out-of-time")  # once only
+    cb.log_trial_end(trials["never"])
+    cb.on_experiment_end(list(trials.values()))
+    said = {name: [item for kind, item in q] for name, q in queues.items()}
+    expected = {"done": "finished", "cut": "early-stopped", "nan": "diverged", "err": "errored",
+                "budget": "out-of-time", "ctrl-c": "interrupted"}
+    for name, status in expected.items():
+        assert said[name] == [{wb.STATUS_KEY: status, "training_iteration": 7}], name
+    assert said["never"] == []
+    assert sorted(ended) == sorted([(n, n == "err") for n in expected]) and experiment_end == [1]
+    assert not cb._trial_queues  # every run was ended before Ray's end waits for them
+
+    class Run:
+        summary: dict = {}
+
+    actor = wb._StatusLoggingActor.__new__(wb._StatusLoggingActor)  # what the logging actor does with the item
+    actor._wandb, actor._exclude, actor._to_config = type("W", (), {"run": Run()}), set(), set()
+    log, config = actor._handle_result({wb.STATUS_KEY: "early-stopped", "training_iteration": 7})
+    assert Run.summary == {wb.SUMMARY_KEY: "early-stopped"} and log == {"training_iteration": 7} and config == {}
+    assert actor._handle_result({"val/loss": 2.0})[0] == {"val/loss": 2.0}

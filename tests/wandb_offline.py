@@ -28,6 +28,7 @@ class OfflineRun:
     name: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None  # None: the run was never finished (no exit record)
 
     @property
     def history_keys(self) -> set[str]:
@@ -89,6 +90,8 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             out.history.append(row)
+        elif kind == "exit":
+            out.exit_code = rec.exit.exit_code
         elif kind == "summary":
             for item in rec.summary.update:
                 key = item.key or "/".join(item.nested_key)

@@ -20,7 +20,7 @@ without telling the callbacks, the scheduler or the searcher that it ended (Ray 
 report (as if ASHA had cut it for trailing), be missing from TensorBoard's HParams tab, and stay
 RUNNING in an Optuna study kept with ``--optuna-storage``. This callback writes
 ``tune_gpt_stopped.json`` into those trials' folders (the report then says *out-of-time*) and ends
-their TensorBoard logging; `tune_gpt.search` closes their Optuna trials after the search. The budget
+their TensorBoard logging and their W&B runs (marked out-of-time); `tune_gpt.search` closes their Optuna trials after the search. The budget
 can also run out between two trials (none running, none marked): the search then writes the same
 file into the experiment folder, so that ``--resume`` can say the search ended (Ray saved it finished).
 """
@@ -85,7 +85,8 @@ class MarkTimeBudgetStops(Callback):
     told complete or errored, and is TERMINATED at the end of one of Tune's steps was stopped by the
     experiment's stopper, that is the time budget: Tune sets TERMINATED after telling the callbacks
     for a trial that ends on its own or by the scheduler, and Ctrl+C stops trials after the last step
-    (``--resume`` continues them). `loggers` (TensorBoard's) are told that those trials ended.
+    (``--resume`` continues them). `loggers` (TensorBoard, W&B, Tune's result files) are told that those
+    trials ended.
     """
 
     def __init__(self, time_budget_s: float, loggers: list | None = None) -> None:
@@ -142,7 +143,10 @@ class MarkTimeBudgetStops(Callback):
                     f"trial {trial.trial_id}", ": the report will call it early-stopped")
         for logger in self._loggers:
             try:
-                logger.log_trial_end(trial, failed=False)
+                if hasattr(logger, "end_trial"):  # TrialStatusWandb: the W&B run says so
+                    logger.end_trial(trial, "out-of-time")
+                else:
+                    logger.log_trial_end(trial, failed=False)
             except Exception:  # noqa: BLE001 - a logger that cannot close does not stop the search
                 pass
 

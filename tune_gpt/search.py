@@ -1073,6 +1073,7 @@ def _run_config(plan: Plan):
         callbacks.append(TrialTensorBoard())  # instead of Tune's, which loads torch in the driver
     except ImportError:
         warnings.warn("tensorboard is not installed: no TensorBoard events for the trials (pip install tensorboard)")
+    wandb = wandb_callback(plan) if opts.wandb else None
     budget_loggers: list[Any] = []
     if opts.time_budget:  # trials still running when it runs out: out-of-time, not early-stopped
         from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -1080,11 +1081,10 @@ def _run_config(plan: Plan):
         # Tune's own result.json / progress.csv writers, made here (Tune then adds none) so that they too
         # close the files of the trials the budget stops (else: ResourceWarnings at exit)
         budget_loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
-        callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=callbacks[1:] + budget_loggers))
-    if opts.wandb:
-        cb = wandb_callback(plan)
-        if cb is not None:
-            callbacks.append(cb)
+        loggers = callbacks[1:] + ([wandb] if wandb is not None else []) + budget_loggers
+        callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=loggers))
+    if wandb is not None:
+        callbacks.append(wandb)
     callbacks += budget_loggers  # where Tune would have put them: after the others
     return tune.RunConfig(
         name=plan.name,
@@ -1114,7 +1114,8 @@ def _storage_uri(storage: str) -> str:
 
 
 def wandb_callback(plan: Plan):
-    """One W&B run per trial, grouped by experiment; offline when no key is found."""
+    """One W&B run per trial, grouped by experiment, its summary saying how the trial ended
+    (``trial_status``); offline when no key is found."""
     from tune_gpt.tracking import wandb_available
 
     if not wandb_available():
@@ -1123,7 +1124,7 @@ def wandb_callback(plan: Plan):
     mode = _wandb_mode(plan)
     if mode == "disabled":
         return None
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from tune_gpt._wandb_callback import TrialStatusWandb
 
     w = plan.base_cfg.wandb
     tags = [plan.base_cfg.model_size, "single-gpu", plan.space.name]
@@ -1136,7 +1137,7 @@ def wandb_callback(plan: Plan):
         # choice, the driver's staging folder, is synced before the last run is closed).
         (plan.experiment_dir / "wandb").mkdir(parents=True, exist_ok=True)
         extra["dir"] = str(plan.experiment_dir)
-    cb = WandbLoggerCallback(
+    cb = TrialStatusWandb(
         project=w.project, group=w.group or plan.name, log_config=True, upload_checkpoints=False,
         upload_timeout=30, tags=list(dict.fromkeys(tags)), mode=mode, job_type="trial",
         excludes=["wandb.enabled", "progress", "tensorboard", "checkpoint"], **extra,

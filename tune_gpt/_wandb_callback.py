@@ -1,0 +1,86 @@
+"""The search's W&B callback: Ray's `WandbLoggerCallback`, plus how each trial ended, and no run left open.
+
+Ray 2.60's callback ends a trial's W&B run when Tune tells it the trial completed or errored, and
+finishes every run the same way, so W&B cannot tell a trial ASHA cut from one that ran to its end. It
+also never hears of the trials Tune stops without telling the callbacks (the time budget, Ctrl+C): at
+the experiment's end it waits ``upload_timeout`` seconds for their runs, which never end, then kills
+their logging actors before ``wandb.finish()``.
+
+`TrialStatusWandb` puts the trial's end into its run's summary as ``trial_status`` (the report's
+words: finished, early-stopped, diverged, oom, errored, out-of-time; ``interrupted`` for a trial a
+Ctrl+C stopped, which ``--resume`` continues), so W&B's runs table can filter and colour by it, and
+ends every run it started: `MarkTimeBudgetStops` ends those the budget stopped as out-of-time, and
+the experiment's end the rest.
+
+Imported only when a search logs to W&B (``ray.air.integrations.wandb`` imports wandb).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
+
+STATUS_KEY = "_tune_gpt_trial_status"  # the queue item that carries a trial's end (never logged as a metric)
+SUMMARY_KEY = "trial_status"
+
+
+def ended_status(result: dict[str, Any] | None, failed: bool) -> str:
+    """How a trial Tune says completed (or errored: `failed`) ended, from its last result."""
+    if failed:
+        return "errored"
+    result = result or {}
+    for why in ("diverged", "oom"):  # the worst-value report of tune_gpt.search._report_failed
+        if result.get(why):
+            return why
+    step, total = result.get("step"), result.get("total_steps")
+    if isinstance(step, (int, float)) and isinstance(total, (int, float)) and step < total:
+        return "early-stopped"
+    return "finished"
+
+
+class _StatusLoggingActor(_WandbLoggingActor):
+    """Ray's logging actor; a status item goes into the run's summary instead of its history."""
+
+    def _handle_result(self, result: dict) -> tuple[dict, dict]:
+        if STATUS_KEY not in result:
+            return super()._handle_result(result)
+        run = self._wandb.run
+        if run is not None:
+            run.summary[SUMMARY_KEY] = result[STATUS_KEY]
+        # Ray logs what this returns at the step it names: the last result's, so nothing new is drawn
+        step = result.get("training_iteration")
+        return ({"training_iteration": step} if step is not None else {}), {}
+
+
+class TrialStatusWandb(WandbLoggerCallback):
+    """A `WandbLoggerCallback` that records how each trial ended and closes every run (module doc)."""
+
+    _logger_actor_cls = _StatusLoggingActor
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ended: set[Any] = set()
+
+    def log_trial_start(self, trial: Any) -> None:
+        self._ended.discard(trial)  # a trial restarted after an error, or by a resumed search
+        super().log_trial_start(trial)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        self.end_trial(trial, ended_status(trial.last_result, failed))
+
+    def end_trial(self, trial: Any, status: str) -> None:
+        """Write `status` into the trial's run and finish the run (nothing if it has none open)."""
+        if trial in self._ended or trial not in self._trial_queues:
+            return
+        self._ended.add(trial)
+        item: dict[str, Any] = {STATUS_KEY: status}
+        if trial.last_result and "training_iteration" in trial.last_result:
+            item["training_iteration"] = trial.last_result["training_iteration"]
+        self._trial_queues[trial].put((_QueueItem.RESULT, item))
+        super().log_trial_end(trial, failed=status == "errored")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for trial in list(self._trial_queues):  # never told it ended: Ctrl+C stopped it (--resume goes on)
+            self.end_trial(trial, "interrupted")
+        super().on_experiment_end(trials, **info)

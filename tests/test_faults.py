@@ -29,6 +29,7 @@ import pytest
 
 from conftest import REPO, TINY_MODEL, closed_port, tiny_space, write_space
 from tune_gpt.search import STATUS_FILE, SearchOptions, plan_search, run_search
+from wandb_offline import offline_runs
 
 SEED = int(os.environ.get("TUNE_GPT_FAULT_SEED", "20240611"))  # the random fault steps and kill moments
 # In-process searches run their trials at half a CPU each: all of a test's trials at once on the
@@ -557,12 +558,14 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
     """SIGINT (Ctrl+C), SIGKILL (a crash) and SIGTERM at random moments, each followed by
     ``--resume``: every trial runs once to its end, progress never goes back, and a resumed trial
     continues from its last checkpoint: it repeats at most the few evaluations reported after the
-    experiment state was last saved (every second), never its whole history."""
+    experiment state was last saved (every second), never its whole history. W&B (offline) logs every
+    trial: Ctrl+C and SIGTERM finish the trials' runs (as ``interrupted``) without holding the exit up,
+    and each run the last search makes says its trial finished."""
     STEPS, EVERY, SLACK = 1200, 100, 4  # 12 evaluations a trial; SLACK: evaluations one interruption may repeat
     rng = random.Random(SEED)
     space = tiny_space(tmp_path, n=4, steps=STEPS, every=EVERY)  # without ASHA: --scheduler none
     exp = tmp_path / "r" / "drv"
-    cmd = search_cmd(space, tmp_path / "r", corpus_file, "--name", "drv", "--max-concurrent", "1", "--no-wandb",
+    cmd = search_cmd(space, tmp_path / "r", corpus_file, "--name", "drv", "--max-concurrent", "1",
                      "--no-report", "--scheduler", "none", "-q")
     # Ctrl+C, a crash and `docker stop`, in a random order; the crash while trials train. When: after a
     # random number of new evaluations (one of them late enough that a trial finishes before it), plus a
@@ -577,9 +580,13 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
     if plan[0][1] == "start-up":  # the first run must create the experiment before it can be resumed
         plan[0], plan[1] = plan[1], plan[0]
     interruptions, history, seen, durations = [], [], {}, []
+    runs_by: list[tuple[str, signal.Signals | None]] = []  # each search's start (as W&B names its runs), how it ended
     resume: list[str] = []
     while True:
+        if runs_by:
+            time.sleep(1.1)  # W&B names a run by the second it started: no second shared by two searches
         t = time.perf_counter()
+        runs_by.append((time.strftime("%Y%m%d_%H%M%S"), None))
         reports_before = n_reports(exp)
         proc = subprocess.Popen(cmd + resume, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -601,6 +608,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
                 _, err = proc.communicate(timeout=180)
                 quit_s = time.perf_counter() - sent
                 interruptions.append((sig.name, kind, round(sent - t, 1), proc.returncode))
+                runs_by[-1] = (runs_by[-1][0], sig)
                 if sig != signal.SIGKILL:
                     last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
                     assert proc.returncode == 128 + sig, err[-3000:]  # 130 / 143, as a shell reports them
@@ -620,6 +628,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
             assert_not_run_again(name, text, now.get(name), status(exp / name)["last_report"])
         seen.update(now)
         if proc.returncode == 0:
+            assert "Exception ignored" not in err, err[-3000:]  # e.g. in a restored W&B callback's __del__
             break
         assert proc.returncode in (130, 143, -signal.SIGKILL), (proc.returncode, err[-3000:])
         resume = ["--resume"]
@@ -640,6 +649,22 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
             assert after > before - SLACK * EVERY, f"{name} went back from step {before} to {after}: {seq}"
     repeated = sum(map(len, steps.values())) - 4 * (STEPS // EVERY)
     assert repeated <= SLACK * len(interruptions), f"{repeated} evaluations were repeated: {steps}"
+
+    def made_by(run) -> tuple[int, signal.Signals | None]:  # offline-run-YYYYMMDD_HHMMSS-<trial id>
+        started = run.path.parent.name.split("-")[2]
+        i = max(i for i, (since, _) in enumerate(runs_by) if since <= started)
+        return i, runs_by[i][1]
+
+    runs = offline_runs(exp / "wandb")
+    for run in runs:
+        i, sig = made_by(run)
+        if sig == signal.SIGKILL:
+            continue  # killed with the search: never finished
+        how = sig.name if sig else "ran to its end"
+        assert run.exit_code == 0, f"run {run.path.parent.name} of search {i} ({how}) was not finished"
+        expected = "finished" if sig is None else ("interrupted", "finished")
+        assert run.summary.get("trial_status") in expected, (run.path.parent.name, sig, run.summary)
+    assert {run.path.parent.name.rsplit("-", 1)[1] for run in runs} == {d.name.split("_", 1)[1] for d in trial_dirs(exp)}
 
 
 def test_report_shows_a_trial_an_interrupted_search_stopped_as_running(tmp_path):

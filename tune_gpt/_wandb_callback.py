@@ -84,3 +84,13 @@ class TrialStatusWandb(WandbLoggerCallback):
         for trial in list(self._trial_queues):  # never told it ended: Ctrl+C stopped it (--resume goes on)
             self.end_trial(trial, "interrupted")
         super().on_experiment_end(trials, **info)
+
+    def __del__(self) -> None:
+        # Ray's __del__ asks ray.is_initialized(). A resumed search's callback (unpickled by
+        # Tuner.restore) outlives the search: a frame of the restore stays referenced. So it can run at
+        # interpreter exit, when the ray module's globals are gone: "Exception ignored ... AttributeError".
+        # By then on_experiment_end has ended every run.
+        try:
+            super().__del__()
+        except Exception:  # noqa: BLE001 - nothing left to close
+            pass

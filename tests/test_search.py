@@ -400,3 +400,24 @@ def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypa
     log, config = actor._handle_result({wb.STATUS_KEY: "early-stopped", "training_iteration": 7})
     assert Run.summary == {wb.SUMMARY_KEY: "early-stopped"} and log == {"training_iteration": 7} and config == {}
     assert actor._handle_result({"val/loss": 2.0})[0] == {"val/loss": 2.0}
+
+
+@pytest.mark.parametrize(("statuses", "budget", "says"), [
+    (["out-of-time", "out-of-time"], 20, "before the time budget (20 s) ran out; nothing to replay: give it a larger --time-budget"),
+    (["errored", "errored"], None, "every trial errored (see the trials table and each trial's error.txt)"),
+    (["diverged", "oom"], None, "every trial diverged, ran out of memory or errored"),
+    ([], None, "no trial ran"),
+])
+def test_a_search_without_a_best_trial_says_why_last(statuses, budget, says, capsys):
+    """No trial with a finite objective: the search exits 1, and its last line on stderr says why (not
+    Ray's "Could not find best trial. Did you pass the correct `metric` parameter?")."""
+    import pandas as pd
+
+    from tune_gpt.search import _print_summary
+
+    plan = plan_search(SearchOptions(time_budget=budget))
+    _print_summary(plan, pd.DataFrame(), None, None, Path("/nonexistent"), None, None, 12.0, len(statuses), 0, statuses)
+    out, err = capsys.readouterr()
+    assert "replay the best trial" not in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("no trial reported a finite val/loss") and says in last, last

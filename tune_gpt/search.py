@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import re
@@ -662,18 +663,33 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         print(plan.describe())
         return plan
     stop = _StopRequest()
-    with _stop_on_signals(stop, plan):  # until Tune has ended and Ray is down; the summary is Ctrl+C's as usual
-        try:
-            grid, elapsed, searcher = _run_tune(plan, trainable)
-        except SearchInterrupted:
-            raise
-        except KeyboardInterrupt:
-            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
-    if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
-        raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
-    if opts.optuna_storage and plan.searcher == "optuna":
-        _close_study_trials(plan)
-    return _summarise(plan, grid, elapsed)
+    with _quiet_ray_analysis():
+        with _stop_on_signals(stop, plan):  # until Tune has ended and Ray is down; the summary is Ctrl+C's as usual
+            try:
+                grid, elapsed, searcher = _run_tune(plan, trainable)
+            except SearchInterrupted:
+                raise
+            except KeyboardInterrupt:
+                raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
+        if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
+            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+        if opts.optuna_storage and plan.searcher == "optuna":
+            _close_study_trials(plan)
+        return _summarise(plan, grid, elapsed)
+
+
+@contextlib.contextmanager
+def _quiet_ray_analysis():
+    """Ray's result analysis warns of trials that never started ("Failed to fetch metrics": the time
+    budget ran out first) and, when no trial has a result, asks whether the metric name is right. The
+    summary says what happened instead (`_no_best`); real errors still show."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, float, Any]:
@@ -1336,6 +1352,25 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
         print(f"W&B runs are offline; upload them with: wandb sync {exp_dir / 'wandb'}/offline-run-*")
     if replay:
         print(f"replay the best trial as a final run: {replay}")
+    if best_cfg is None:
+        print(_no_best(plan, statuses, n_trials), file=sys.stderr)
+
+
+def _no_best(plan: Plan, statuses: list[str] | None, n_trials: int) -> str:
+    """The line a search with no best trial ends with (it exits 1): why there is nothing to replay."""
+    line = f"no trial reported a finite {plan.metric}"
+    seen = set(statuses or [])
+    if not n_trials:
+        return f"{line}: no trial ran; nothing to replay"
+    if seen and seen <= {"errored"}:
+        return f"{line}: every trial errored (see the trials table and each trial's error.txt); nothing to replay"
+    if seen and seen <= {"diverged", "oom", "errored"}:
+        return (f"{line}: every trial diverged, ran out of memory or errored (see the trials table); "
+                "nothing to replay")
+    if "out-of-time" in seen and plan.opts.time_budget:
+        return (f"{line} before the time budget ({plan.opts.time_budget:g} s) ran out; nothing to replay: "
+                "give it a larger --time-budget, or evaluate sooner (eval_interval)")
+    return f"{line}; nothing to replay"
 
 
 def _status_counts(exp_dir: Any, statuses: list[str] | None = None) -> str:

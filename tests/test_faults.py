@@ -287,15 +287,18 @@ space:
 """
 
 
-@pytest.mark.parametrize(("ended", "restored_step"), [("diverged", None), ("oom", None), ("finished", None),
-                                                     ("finished", 10), ("finished", 20)])
+@pytest.mark.parametrize(("ended", "restored_step", "rows"), [
+    ("diverged", None, []), ("oom", None, []), ("finished", None, [10]), ("finished", 10, [10]),
+    ("finished", 20, [10, 20]),  # recorded: Tune restores that report's checkpoint, and result.json has its row
+    ("finished", 20, [10]),  # the state reached storage, the row did not (a crash during the copy)
+])
 def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp_path, monkeypatch, ended,
-                                                                              restored_step):
+                                                                              restored_step, rows):
     """A resumed search restarts a trial whose status file says it ended: it trains nothing, and reports its
     last evaluation again, which an interruption can keep from being recorded: a diverged or oom trial its
     worst value (written before that report), a finished one the report its status file keeps (written
     after the report returned, which does not mean the driver recorded it: seen with Ctrl+C and SIGKILL),
-    unless Tune restores the trial from the checkpoint of that very report (then it was recorded)."""
+    unless Tune restores the trial from the checkpoint of that very report and result.json has its row."""
     import types
 
     import pyarrow.fs
@@ -309,6 +312,7 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
     last_report = {"val/loss": 2.5, "step": 20, "total_steps": 20}
     (trial / STATUS_FILE).write_text(json.dumps({"status": ended, "steps": 15, "total_steps": 20,
                                                  **({"last_report": last_report} if ended == "finished" else {})}))
+    (trial / "result.json").write_text("".join(json.dumps({"val/loss": 3.0, "step": r}) + "\n" for r in rows))
     storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(trial))
     context = types.SimpleNamespace(get_trial_dir=lambda: str(tmp_path / "staged"), get_storage=lambda: storage)
     reported = []
@@ -323,11 +327,25 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a trial that had ended trained again"))
     assert search.trainable({"learning_rate": 1e-3}, objective=("val/loss", "min")) is None
     if ended == "finished":
-        assert reported == ([] if restored_step == last_report["step"] else [last_report])
+        assert reported == ([] if restored_step == 20 and 20 in rows else [last_report])
     else:
         (last,) = reported
         assert last["val/loss"] == math.inf and last[ended] == 1 and last["step"] == 15 and last["total_steps"] == 20
     assert json.loads((trial / STATUS_FILE).read_text())["status"] == ended  # left as it was
+
+
+def test_the_rows_at_the_end_of_a_long_result_file_are_read_whole(tmp_path):
+    """`_recorded` reads only the end of a trial's result.json (it can be megabytes): whole rows only."""
+    import types
+
+    import pyarrow.fs
+
+    from tune_gpt.search import _last_result_rows
+
+    (tmp_path / "result.json").write_text("".join(json.dumps({"step": i, "pad": "x" * 100}) + "\n" for i in range(2000)))
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(tmp_path))
+    rows = _last_result_rows(storage, tail=10_000)
+    assert 50 < len(rows) < 100 and [r["step"] for r in rows] == list(range(2000 - len(rows), 2000))
 
 
 @pytest.mark.slow

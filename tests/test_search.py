@@ -189,8 +189,11 @@ def test_every_trial_has_tensorboard_events_and_an_offline_wandb_run(finished_se
         assert "learning_rate" in run.config and "batch_size" in run.config
         assert {"val/loss", "val/bpc", "train/loss", "step"} <= run.history_keys
         # how the trial ended, in the report's words (ASHA cuts some), and the run was finished
-        assert run.summary["trial_status"] == status[run.path.parent.name.rsplit("-", 1)[1]]
+        trial_id = run.path.parent.name.rsplit("-", 1)[1]
+        assert run.summary["trial_status"] == status[trial_id]
         assert run.exit_code == 0
+        rows = (next(d for d in trial_dirs(exp) if d.name.endswith(trial_id)) / "result.json").read_text().splitlines()
+        assert [h.get("step") for h in run.history] == [json.loads(r)["step"] for r in rows]  # one row per report
 
 
 def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corpus_file):
@@ -345,7 +348,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
                                  resume=True, time_budget=60, overrides={"data": str(corpus_file)}, verbose=0))
 
 
-def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypatch):
+def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypatch, tmp_path):
     """Ray's W&B callback ends a run when Tune says the trial completed or errored, all alike, and waits at
     the experiment's end (then kills the logging actor) for runs Tune never ended (time budget, Ctrl+C).
     TrialStatusWandb puts the trial's end into the summary and ends every run once."""
@@ -354,21 +357,24 @@ def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypa
     from tune_gpt import _wandb_callback as wb
 
     class Trial:
-        def __init__(self, name, last_result):
-            self.name, self.last_result = name, last_result
+        def __init__(self, name, last_result, error_file=None):
+            self.name, self.last_result, self.error_file = name, last_result, error_file
 
     class Queue(list):
         put = list.append
 
     ended, experiment_end = [], []
+    # Ray's own: puts END in the queue; the queue goes only once the actor has finished the run
     monkeypatch.setattr(WandbLoggerCallback, "log_trial_end",
-                        lambda self, trial, failed=False: (ended.append((trial.name, failed)),
-                                                           self._trial_queues.pop(trial)))
+                        lambda self, trial, failed=False: ended.append((trial.name, failed)))
     monkeypatch.setattr(WandbLoggerCallback, "on_experiment_end", lambda self, trials, **kw: experiment_end.append(1))
     cb = wb.TrialStatusWandb(project="p", mode="offline")
+    oom = tmp_path / "error.txt"
+    oom.write_text("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
     result = {"val/loss": 2.0, "total_steps": 100, "training_iteration": 7}
     trials = {"done": Trial("done", {**result, "step": 100}), "cut": Trial("cut", {**result, "step": 30}),
               "nan": Trial("nan", {**result, "step": 40, "diverged": 1}), "err": Trial("err", {**result, "step": 50}),
+              "oom": Trial("oom", {**result, "step": 50}, str(oom)),
               "budget": Trial("budget", {**result, "step": 60}), "ctrl-c": Trial("ctrl-c", {**result, "step": 70}),
               "never": Trial("never", {})}
     queues = {name: Queue() for name in trials}
@@ -379,27 +385,26 @@ def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypa
     cb.on_trial_complete(0, [], trials["cut"])  # ASHA
     cb.on_trial_complete(0, [], trials["nan"])
     cb.on_trial_error(0, [], trials["err"])
+    cb.on_trial_error(0, [], trials["oom"])
     cb.end_trial(trials["budget"], "out-of-time")  # MarkTimeBudgetStops
     cb.end_trial(trials["budget"], "out-of-time")  # once only
     cb.log_trial_end(trials["never"])
-    cb.on_experiment_end(list(trials.values()))
-    said = {name: [item for kind, item in q] for name, q in queues.items()}
-    expected = {"done": "finished", "cut": "early-stopped", "nan": "diverged", "err": "errored",
+    cb.on_experiment_end(list(trials.values()))  # ends only what was never ended: the Ctrl+C one
+    said = {name: list(q) for name, q in queues.items()}
+    expected = {"done": "finished", "cut": "early-stopped", "nan": "diverged", "err": "errored", "oom": "oom",
                 "budget": "out-of-time", "ctrl-c": "interrupted"}
     for name, status in expected.items():
-        assert said[name] == [{wb.STATUS_KEY: status, "training_iteration": 7}], name
+        assert said[name] == [(wb._QueueItem.CHECKPOINT, {wb.STATUS_KEY: status})], name
     assert said["never"] == []
-    assert sorted(ended) == sorted([(n, n == "err") for n in expected]) and experiment_end == [1]
-    assert not cb._trial_queues  # every run was ended before Ray's end waits for them
+    assert sorted(ended) == sorted((n, n in ("err", "oom")) for n in expected) and experiment_end == [1]
 
     class Run:
         summary: dict = {}
 
     actor = wb._StatusLoggingActor.__new__(wb._StatusLoggingActor)  # what the logging actor does with the item
-    actor._wandb, actor._exclude, actor._to_config = type("W", (), {"run": Run()}), set(), set()
-    log, config = actor._handle_result({wb.STATUS_KEY: "early-stopped", "training_iteration": 7})
-    assert Run.summary == {wb.SUMMARY_KEY: "early-stopped"} and log == {"training_iteration": 7} and config == {}
-    assert actor._handle_result({"val/loss": 2.0})[0] == {"val/loss": 2.0}
+    actor._wandb = type("W", (), {"run": Run()})
+    actor._handle_checkpoint({wb.STATUS_KEY: "early-stopped"})
+    assert Run.summary == {wb.SUMMARY_KEY: "early-stopped"}
 
 
 @pytest.mark.parametrize(("statuses", "budget", "says"), [
@@ -421,3 +426,6 @@ def test_a_search_without_a_best_trial_says_why_last(statuses, budget, says, cap
     assert "replay the best trial" not in out
     last = err.strip().splitlines()[-1]
     assert last.startswith("no trial reported a finite val/loss") and says in last, last
+    if statuses and set(statuses) == {"errored"}:  # --no-report: no statuses, Tune's count of errors
+        _print_summary(plan, pd.DataFrame(), None, None, Path("/nonexistent"), None, None, 12.0, 2, 2, None)
+        assert says in capsys.readouterr().err.strip().splitlines()[-1]

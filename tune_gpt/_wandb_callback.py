@@ -21,14 +21,17 @@ from typing import Any
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
-STATUS_KEY = "_tune_gpt_trial_status"  # the queue item that carries a trial's end (never logged as a metric)
+STATUS_KEY = "_tune_gpt_trial_status"  # the queue item that carries a trial's end (never logged)
 SUMMARY_KEY = "trial_status"
 
 
-def ended_status(result: dict[str, Any] | None, failed: bool) -> str:
-    """How a trial Tune says completed (or errored: `failed`) ended, from its last result."""
+def ended_status(result: dict[str, Any] | None, failed: bool, error_text: str = "") -> str:
+    """How a trial Tune says completed (or errored: `failed`, with Ray's `error_text`) ended, from its
+    last result; in the report's words (`tune_gpt.report`)."""
     if failed:
-        return "errored"
+        from tune_gpt.report import _looks_oom
+
+        return "oom" if _looks_oom(error_text) else "errored"
     result = result or {}
     for why in ("diverged", "oom"):  # the worst-value report of tune_gpt.search._report_failed
         if result.get(why):
@@ -40,17 +43,17 @@ def ended_status(result: dict[str, Any] | None, failed: bool) -> str:
 
 
 class _StatusLoggingActor(_WandbLoggingActor):
-    """Ray's logging actor; a status item goes into the run's summary instead of its history."""
+    """Ray's logging actor; a status item goes into the run's summary.
 
-    def _handle_result(self, result: dict) -> tuple[dict, dict]:
-        if STATUS_KEY not in result:
-            return super()._handle_result(result)
+    The item travels as a checkpoint item, the one kind Ray's loop hands over without logging
+    anything after it (a result would add a history row, or a warning for a step W&B is past)."""
+
+    def _handle_checkpoint(self, checkpoint_path: Any) -> None:
+        if not (isinstance(checkpoint_path, dict) and STATUS_KEY in checkpoint_path):
+            return super()._handle_checkpoint(checkpoint_path)
         run = self._wandb.run
         if run is not None:
-            run.summary[SUMMARY_KEY] = result[STATUS_KEY]
-        # Ray logs what this returns at the step it names: the last result's, so nothing new is drawn
-        step = result.get("training_iteration")
-        return ({"training_iteration": step} if step is not None else {}), {}
+            run.summary[SUMMARY_KEY] = checkpoint_path[STATUS_KEY]
 
 
 class TrialStatusWandb(WandbLoggerCallback):
@@ -67,18 +70,15 @@ class TrialStatusWandb(WandbLoggerCallback):
         super().log_trial_start(trial)
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        self.end_trial(trial, ended_status(trial.last_result, failed))
+        self.end_trial(trial, ended_status(trial.last_result, failed, _error_text(trial) if failed else ""))
 
     def end_trial(self, trial: Any, status: str) -> None:
         """Write `status` into the trial's run and finish the run (nothing if it has none open)."""
         if trial in self._ended or trial not in self._trial_queues:
             return
         self._ended.add(trial)
-        item: dict[str, Any] = {STATUS_KEY: status}
-        if trial.last_result and "training_iteration" in trial.last_result:
-            item["training_iteration"] = trial.last_result["training_iteration"]
-        self._trial_queues[trial].put((_QueueItem.RESULT, item))
-        super().log_trial_end(trial, failed=status == "errored")
+        self._trial_queues[trial].put((_QueueItem.CHECKPOINT, {STATUS_KEY: status}))
+        super().log_trial_end(trial, failed=status in ("errored", "oom"))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for trial in list(self._trial_queues):  # never told it ended: Ctrl+C stopped it (--resume goes on)
@@ -94,3 +94,12 @@ class TrialStatusWandb(WandbLoggerCallback):
             super().__del__()
         except Exception:  # noqa: BLE001 - nothing left to close
             pass
+
+
+def _error_text(trial: Any) -> str:
+    """Ray's error.txt of a failed trial ('' when there is none to read)."""
+    try:
+        with open(trial.error_file, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except (OSError, TypeError):
+        return ""

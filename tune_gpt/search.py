@@ -369,8 +369,7 @@ class TuneReporter:
     ended the trial inside it, with that report (``last_report``): a resumed search does not train the
     trial again, but that evaluation may never have been recorded (Ctrl+C ends trials inside their
     report, before the driver records it; a SIGKILL can land between the two), so the resumed trial
-    reports it again unless the checkpoint Tune restores it from is that report's (its metadata keeps
-    the step). The report tells a
+    reports it again unless Tune's saved state shows it recorded (`_recorded`). The report tells a
     trial ASHA ended at its last step by the steps reported.
     """
 
@@ -477,7 +476,7 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     if previous.get("status") in DONE_STATUSES:  # its last report may not have been recorded: again
         if previous["status"] in ("diverged", "oom"):
             _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
-        elif isinstance(previous.get("last_report"), dict) and not _recorded(previous["last_report"]):
+        elif isinstance(previous.get("last_report"), dict) and not _recorded(previous["last_report"], storage):
             tune.report(previous["last_report"])
         return
     flat = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -528,18 +527,41 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
         reporter.cleanup()
 
 
-def _recorded(report: dict[str, Any]) -> bool:
+def _recorded(report: dict[str, Any], storage: Any) -> bool:
     """Whether the driver recorded `report`, a finished trial's last: the checkpoint Tune restores the
-    trial from is the one that report carried. (Tune registers a checkpoint when it records the report
-    carrying it, and saves its state every second: an older checkpoint cannot tell, so the report is
-    made again, at worst a second copy of it in result.json.)"""
+    trial from is the one that report carried, and the trial's result.json in storage (`storage`:
+    its StorageContext) has the report's row. Tune writes the row, then registers the checkpoint,
+    and saves its state every second; an older checkpoint cannot tell, so the report is made again
+    (at worst a second copy of its row). The row is checked too because the state and result.json
+    reach storage in one copy that is not atomic: a crash during it can leave the newer state next
+    to the older result.json."""
     from ray import tune
 
     try:
         checkpoint = tune.get_checkpoint()
-        return checkpoint is not None and checkpoint.get_metadata().get("step") == report.get("step")
-    except Exception:  # unreadable metadata: report again rather than lose the evaluation
+        if checkpoint is None or checkpoint.get_metadata().get("step") != report.get("step"):
+            return False
+        return any(row.get("step") == report.get("step") for row in _last_result_rows(storage))
+    except Exception:  # unreadable: report again rather than lose the evaluation
         return False
+
+
+def _last_result_rows(storage: Any, tail: int = 1 << 16) -> list[dict[str, Any]]:
+    """The rows at the end (its last `tail` bytes) of the trial's result.json in storage."""
+    fs, path = storage.storage_filesystem, f"{storage.trial_fs_path}/result.json"
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        f.seek(max(0, size - tail))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    if size > tail:
+        lines = lines[1:]  # the first may be cut
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in rows if isinstance(r, dict)]
 
 
 def _oom_info(retries: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
@@ -1353,13 +1375,14 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
     if replay:
         print(f"replay the best trial as a final run: {replay}")
     if best_cfg is None:
-        print(_no_best(plan, statuses, n_trials), file=sys.stderr)
+        print(_no_best(plan, statuses, n_trials, n_err), file=sys.stderr)
 
 
-def _no_best(plan: Plan, statuses: list[str] | None, n_trials: int) -> str:
-    """The line a search with no best trial ends with (it exits 1): why there is nothing to replay."""
+def _no_best(plan: Plan, statuses: list[str] | None, n_trials: int, n_err: int = 0) -> str:
+    """The line a search with no best trial ends with (it exits 1): why there is nothing to replay.
+    `statuses`: the report's, None without a report (then Tune's count of errors, `n_err`)."""
     line = f"no trial reported a finite {plan.metric}"
-    seen = set(statuses or [])
+    seen = set(statuses) if statuses is not None else ({"errored"} if n_trials and n_err >= n_trials else set())
     if not n_trials:
         return f"{line}: no trial ran; nothing to replay"
     if seen and seen <= {"errored"}:

@@ -43,10 +43,28 @@ def ended_status(result: dict[str, Any] | None, failed: bool, error_text: str = 
 
 
 class _StatusLoggingActor(_WandbLoggingActor):
-    """Ray's logging actor; a status item goes into the run's summary.
+    """Ray's logging actor; a status item goes into the run's summary, and the run is on disk (or
+    uploaded) before the actor says it is done.
 
     The item travels as a checkpoint item, the one kind Ray's loop hands over without logging
-    anything after it (a result would add a history row, or a warning for a step W&B is past)."""
+    anything after it (a result would add a history row, or a warning for a step W&B is past).
+
+    ``wandb.finish()`` returns before W&B's service process (wandb-core, a child of the actor) has
+    written the run out. Ray kills an actor and its children as soon as its loop returns at the
+    experiment's end, so a run could be lost whole: seen once in a full test suite, a run with a
+    7-byte run file. `run` therefore also waits for the service to finish (``wandb.teardown()``).
+    """
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            teardown = getattr(self._wandb, "teardown", None)
+            if teardown is not None:
+                try:
+                    teardown()
+                except Exception:  # noqa: BLE001 - the run was finished; only the wait failed
+                    pass
 
     def _handle_checkpoint(self, checkpoint_path: Any) -> None:
         if not (isinstance(checkpoint_path, dict) and STATUS_KEY in checkpoint_path):

@@ -20,9 +20,10 @@ without telling the callbacks, the scheduler or the searcher that it ended (Ray 
 report (as if ASHA had cut it for trailing), be missing from TensorBoard's HParams tab, and stay
 RUNNING in an Optuna study kept with ``--optuna-storage``. This callback writes
 ``tune_gpt_stopped.json`` into those trials' folders (the report then says *out-of-time*) and ends
-their TensorBoard logging and their W&B runs (marked out-of-time); `tune_gpt.search` closes their Optuna trials after the search. The budget
-can also run out between two trials (none running, none marked): the search then writes the same
-file into the experiment folder, so that ``--resume`` can say the search ended (Ray saved it finished).
+their TensorBoard logging and their W&B runs (marked out-of-time); `tune_gpt.search` closes their
+Optuna trials after the search. The budget can also run out between two trials (none running, none
+marked): the search then writes the same file into the experiment folder, so that ``--resume`` can
+say the search ended (Ray saved it finished).
 """
 
 from __future__ import annotations

@@ -407,6 +407,71 @@ def test_wandb_runs_say_how_their_trial_ended_and_every_run_is_finished(monkeypa
     assert Run.summary == {wb.SUMMARY_KEY: "early-stopped"}
 
 
+def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting(monkeypatch):
+    """Ray's callback puts each result into a queue actor and waits for it (a trial's first result waited
+    for that actor's process to start: seconds, the driver and the trial blocked). TrialStatusWandb sends
+    numbered items straight to the trial's logging actor, which hands them to its W&B loop in order
+    whatever order they arrive in; the run resumes its W&B run instead of starting it over."""
+    import random
+    import threading
+
+    from tune_gpt import _wandb_callback as wb
+
+    made, sent = [], []
+
+    class Method:
+        def __init__(self, name):
+            self.name = name
+
+        def remote(self, *args):
+            sent.append((self.name, args))
+            return f"ref-{self.name}"
+
+    class Actor:
+        put, run = Method("put"), Method("run")
+
+    class RemoteClass:
+        def remote(self, **kwargs):
+            made.append(kwargs)
+            return Actor()
+
+    options = {}
+    monkeypatch.setattr(wb.ray, "remote", lambda **kw: options.update(kw) or (lambda cls: RemoteClass()))
+    monkeypatch.setattr(wb, "_force_on_current_node", lambda: {})
+    monkeypatch.setattr(wb.ray, "wait", lambda futures, **kw: ([], futures))  # the run never ends here
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+    class Trial:
+        local_path, last_result, error_file = "/tmp/trial", {"step": 10, "total_steps": 10}, None
+
+    cb = wb.TrialStatusWandb(project="p", mode="offline")
+    trial = Trial()
+    cb._start_logging_actor(trial, ["x"], id="t1", resume=False, project="p")
+    assert made == [{"logdir": "/tmp/trial", "queue": None, "exclude": ["x"], "to_config": cb.AUTO_CONFIG_KEYS,
+                     "id": "t1", "resume": "allow", "project": "p"}]
+    assert options["max_concurrency"] == 2 and options.get("max_restarts", 0) == 0
+    cb.log_trial_result(1, trial, {"val/loss": 3.0, "training_iteration": 1})
+    cb.log_trial_result(2, trial, {"val/loss": 2.5, "training_iteration": 2})
+    cb.on_trial_complete(3, [], trial)
+    puts = [args for name, args in sent if name == "put"]
+    assert [seq for seq, _ in puts] == [0, 1, 2, 3] and sent[0] == ("run", ())
+    kinds = [item[0] for _, item in puts]
+    assert kinds == [wb._QueueItem.RESULT, wb._QueueItem.RESULT, wb._QueueItem.CHECKPOINT, wb._QueueItem.END]
+
+    inbox = wb._OrderedInbox()  # the actor's end, the puts arriving shuffled, some after get() started waiting
+    shuffled = puts[:]
+    random.Random(0).shuffle(shuffled)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(inbox.get(timeout=10) for _ in puts))
+    reader.start()
+    for seq, item in shuffled:
+        inbox.put(seq, item)
+    reader.join(10)
+    assert got == [item for _, item in puts]
+    with pytest.raises(TimeoutError, match="no queue item 4"):
+        inbox.get(timeout=0.01)
+
+
 @pytest.mark.parametrize(("statuses", "budget", "says"), [
     (["out-of-time", "out-of-time"], 20, "before the time budget (20 s) ran out; nothing to replay: give it a larger --time-budget"),
     (["errored", "errored"], None, "every trial errored (see the trials table and each trial's error.txt)"),

@@ -436,13 +436,15 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
             return Actor()
 
     options = {}
-    monkeypatch.setattr(wb.ray, "remote", lambda **kw: options.update(kw) or (lambda cls: RemoteClass()))
+    monkeypatch.setattr(wb.ray, "remote", lambda **kw: options.update(kw) or (
+        lambda cls: options.update(cls=cls) or RemoteClass()))
     monkeypatch.setattr(wb, "_force_on_current_node", lambda: {})
     monkeypatch.setattr(wb.ray, "wait", lambda futures, **kw: ([], futures))  # the run never ends here
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
     class Trial:
         local_path, last_result, error_file = "/tmp/trial", {"step": 10, "total_steps": 10}, None
+        config, trial_id, experiment_dir_name = {}, "t1", "exp"  # what Ray's log_trial_start reads
 
     cb = wb.TrialStatusWandb(project="p", mode="offline")
     trial = Trial()
@@ -450,8 +452,11 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
     assert made == [{"logdir": "/tmp/trial", "queue": None, "exclude": ["x"], "to_config": cb.AUTO_CONFIG_KEYS,
                      "id": "t1", "resume": "allow", "project": "p"}]
     assert options["max_concurrency"] == 2 and options.get("max_restarts", 0) == 0
+    assert options["cls"] is wb._StatusLoggingActor
     cb.log_trial_result(1, trial, {"val/loss": 3.0, "training_iteration": 1})
+    cb.log_trial_start(trial)  # Tune restarted the trial (--max-failures): same actor, numbering goes on
     cb.log_trial_result(2, trial, {"val/loss": 2.5, "training_iteration": 2})
+    assert len(made) == 1
     cb.on_trial_complete(3, [], trial)
     puts = [args for name, args in sent if name == "put"]
     assert [seq for seq, _ in puts] == [0, 1, 2, 3] and sent[0] == ("run", ())

@@ -57,6 +57,37 @@ def test_wandb_logs_the_sample_with_the_last_evaluation(tiny_cfg):
     assert run.summary["sample"] == res.sample and res.sample
 
 
+def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg):
+    """--resume continues the W&B run that wrote the checkpoint (its id is kept in the checkpoint; W&B
+    resume="allow" appends, and `wandb sync` uploads the offline pieces in order as one run), not a second
+    run. A checkpoint written without W&B, or a resume logging to another project, starts a run of its own."""
+    from tune_gpt.train import load_checkpoint
+
+    def cfg_for(project="tune-gpt-tests", **kw):
+        return tiny_cfg(wandb_project=project, max_steps=40, eval_interval=10, tensorboard=False, **kw)
+
+    out = Path(cfg_for().output_dir)
+    train(cfg_for(), default_reporters(cfg_for()), stop_after=20)
+    kept = load_checkpoint(out / "checkpoint")["reporters"]
+    assert set(kept) == {"wandb"} and set(kept["wandb"]) == {"id", "project", "entity", "mode"}  # ids, no key
+    res = train(cfg_for(resume=True), default_reporters(cfg_for(resume=True)))
+    runs = offline_runs(out)
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id == kept["wandb"]["id"]
+    steps = {tuple(r["_step"] for r in run.history if "val/loss" in r): run for run in runs}
+    first, second = steps[(10, 20)], steps[(30, 40)]  # the history goes on where the first piece stopped
+    assert second.summary["status"] == "finished" and second.summary["steps"] == res.steps == 40
+    assert first.exit_code == 0 and second.exit_code == 0  # each piece was closed
+
+    # a fresh run in the same dir without W&B overwrites the checkpoint: resuming it must not go on in A's run
+    train(cfg_for(**{"wandb.enabled": False}), default_reporters(cfg_for(**{"wandb.enabled": False})), stop_after=20)
+    train(cfg_for(resume=True), default_reporters(cfg_for(resume=True)), stop_after=30)
+    train(cfg_for("elsewhere", resume=True), default_reporters(cfg_for("elsewhere", resume=True)))  # other project
+    runs = offline_runs(out)
+    by_project = {p: {r.run_id for r in runs if r.project == p} for p in ("tune-gpt-tests", "elsewhere")}
+    assert len(runs) == 4 and len(by_project["tune-gpt-tests"]) == 2 and len(by_project["elsewhere"]) == 1, by_project
+    assert not by_project["elsewhere"] & by_project["tune-gpt-tests"]
+
+
 @pytest.fixture
 def local_wandb_host(monkeypatch):
     """A port on 127.0.0.1 that accepts connections, as WANDB_BASE_URL (no real network)."""

@@ -26,6 +26,7 @@ class OfflineRun:
     job_type: str = ""
     project: str = ""
     name: str = ""
+    run_id: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None  # None: the run was never finished (no exit record)
@@ -79,6 +80,7 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
             out.job_type = r.job_type or out.job_type
             out.project = r.project or out.project
             out.name = r.display_name or out.name
+            out.run_id = r.run_id or out.run_id
             for item in r.config.update:
                 out.config[item.key] = json.loads(item.value_json)
         elif kind == "config":

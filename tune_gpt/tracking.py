@@ -47,6 +47,11 @@ class Reporter:
         """A directory holding ``ckpt.pt`` to resume from, if the reporter knows one."""
         return None
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What goes into each checkpoint for the run resumed from it (`start` gets it back as
+        ``info["reporter_state"]``): plain data only (the checkpoint is loaded with weights_only)."""
+        return {}
+
 
 class MultiReporter(Reporter):
     """Fans every event out to several reporters."""
@@ -80,6 +85,9 @@ class MultiReporter(Reporter):
             if found is not None:
                 return found
         return None
+
+    def checkpoint_state(self):
+        return {k: v for r in self.reporters for k, v in r.checkpoint_state().items()}
 
 
 # ------------------------------------------------------------------- console
@@ -343,6 +351,7 @@ class WandbReporter(Reporter):
         self.log_model = False
         self._step = 0  # the last step logged
         self._sample = None  # the sample, logged with the evaluation that follows it (train() makes it just before)
+        self._where: dict[str, Any] = {}
 
     def start(self, cfg, info):
         if not cfg.wandb.enabled:
@@ -361,7 +370,8 @@ class WandbReporter(Reporter):
         config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"]})
         config.update(self.extra_config)
         tags = [cfg.model_size, "single-gpu", *self.extra_tags]
-        self.run = wandb.init(
+        self._where = {"project": cfg.wandb.project, "entity": cfg.wandb.entity, "mode": self.mode}
+        kwargs = dict(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             name=cfg.wandb.run_name,
@@ -374,12 +384,29 @@ class WandbReporter(Reporter):
             reinit="create_new",
             settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
+        again = _run_to_resume(info.get("reporter_state"), self._where)
+        if again is None:
+            self.run = wandb.init(**kwargs)
+        else:
+            # A run resumed from a checkpoint goes on in the W&B run that wrote it (W&B drops the steps it
+            # already has); an out-of-memory retry may have changed the batch size.
+            try:
+                self.run = wandb.init(**kwargs, id=again, resume="allow", allow_val_change=True)
+            except Exception as exc:  # noqa: BLE001 - e.g. the run was deleted: a new run beats no run
+                warnings.warn(f"W&B: cannot go on in run {again} ({' '.join(str(exc).split())[:200]}); "
+                              "starting a new run")
+                self.run = wandb.init(**kwargs)
         if self.mode == "offline":
             print(
                 f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "
                 f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*",
                 file=sys.stderr,
             )
+
+    def checkpoint_state(self):
+        if self.run is None:
+            return {}
+        return {"wandb": {"id": self.run.id, **self._where}}  # no key, no URL: ids and names only
 
     def log(self, step, metrics):
         if self.run is not None:
@@ -422,6 +449,17 @@ class WandbReporter(Reporter):
             self.run.log_artifact(art)
         self.run.finish(exit_code=0 if result.status == "finished" else 1)
         self.run = None
+
+
+def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:
+    """The id of the W&B run that wrote the checkpoint a run resumes from, when it logged to the same
+    project and entity in the same mode (an offline piece and an online one under one id are not known
+    to merge)."""
+    prev = state.get("wandb") if isinstance(state, dict) else None
+    if not isinstance(prev, dict) or any(prev.get(k) != v for k, v in where.items()):
+        return None
+    run_id = prev.get("id")
+    return run_id if isinstance(run_id, str) and run_id else None
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -288,6 +288,7 @@ def train(
     # --- resume
     step, tokens, best_val, history = 0, 0, None, []
     train_s_before = 0.0
+    reporter_state: dict[str, Any] = {}  # what the reporters kept in the checkpoint resumed from
     src = Path(resume_from) if resume_from else reporter.resume_checkpoint()
     if src is None and cfg.resume and (ckpt_dir / CKPT_NAME).is_file():
         src = ckpt_dir
@@ -308,6 +309,7 @@ def train(
         best_val = state.get("best_val_loss")
         history = list(state.get("history", []))
         train_s_before = float(state.get("train_s", 0.0))
+        reporter_state = state.get("reporters") or {}
 
     raw_model = model
     if cfg.compile:
@@ -319,7 +321,7 @@ def train(
     info = {
         "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
         "corpus": corpus.describe(), "total_steps": total, "warmup_steps": warmup, "device": str(device),
-        "start_step": step,
+        "start_step": step, "reporter_state": reporter_state,
     }
     reporter.start(cfg, info)
 
@@ -398,6 +400,7 @@ def train(
                         "step": step, "tokens": tokens, "best_val_loss": best_val, "history": history,
                         "train_s": train_s + train_s_before, "model_args": model_args,
                         "tokenizer": corpus.tokenizer.to_dict(), "config": cfg.to_flat(),
+                        "reporters": getattr(reporter, "checkpoint_state", dict)(),  # optional, as every method
                     })
                     saved = ckpt_dir
                 result.steps, result.tokens = step, tokens

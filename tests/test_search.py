@@ -477,6 +477,37 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
         inbox.get(timeout=0.01)
 
 
+def test_the_trial_table_lists_finished_trials_best_first_and_survives_one_without_a_value(ray_session, tmp_path):
+    """Ray's CLIReporter with sort_by_metric raised a TypeError when a finished trial had no value (the
+    time budget stopped it before it started): every such --time-budget search ended with a traceback."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune import CLIReporter
+    from ray.tune.experiment import Trial
+
+    from tune_gpt._tune_callbacks import TrialTable
+
+    trials = []
+    for i, (value, status) in enumerate([(2.5, Trial.TERMINATED), (None, Trial.TERMINATED),
+                                          (2.1, Trial.TERMINATED), (3.0, Trial.RUNNING)]):
+        trial = Trial("f", config={"lr": i}, stub=True, trial_id=f"t{i}",
+                      storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp",
+                                             trial_dir_name=f"t{i}"))
+        trial.set_status(status)
+        if value is not None:
+            trial.run_metadata.last_result = {"val/loss": value, "step": 10, "training_iteration": 1,
+                                              "config": {"lr": i}}
+        trials.append(trial)
+    columns = {"parameter_columns": ["lr"], "metric_columns": {"val/loss": "val/loss"}}
+    with pytest.raises(TypeError, match="not supported between"):  # what Ray's own sorting does
+        CLIReporter(**columns, metric="val/loss", mode="min", sort_by_metric=True)._progress_str(trials, True)
+    rows = [line for line in TrialTable(**columns, metric="val/loss", mode="min")._progress_str(trials, True)
+            .splitlines() if line.startswith("| f_t")]
+    assert [row.split()[1] for row in rows] == ["f_t3", "f_t2", "f_t0", "f_t1"], rows  # running, then best first
+    rows = [line for line in TrialTable(**columns, metric="val/loss", mode="max")._progress_str(trials, True)
+            .splitlines() if line.startswith("| f_t")]
+    assert [row.split()[1] for row in rows] == ["f_t3", "f_t0", "f_t2", "f_t1"], rows
+
+
 @pytest.mark.parametrize(("statuses", "budget", "says"), [
     (["out-of-time", "out-of-time"], 20, "before the time budget (20 s) ran out; nothing to replay: give it a larger --time-budget"),
     (["errored", "errored"], None, "every trial errored (see the trials table and each trial's error.txt)"),

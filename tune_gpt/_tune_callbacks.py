@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+from ray.tune import Callback, CLIReporter
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
@@ -252,3 +252,28 @@ def _hparams_summaries(params: dict[str, Any], metrics: dict[str, float], failed
     return [record("_hparams_/experiment", experiment=experiment),
             record("_hparams_/session_start_info", session_start_info=start),
             record("_hparams_/session_end_info", session_end_info=end)]
+
+
+class TrialTable(CLIReporter):
+    """Ray's CLIReporter, its finished trials listed best first, those without a value last.
+
+    Ray's own sorting (``sort_by_metric=True``) compares the trials' last values, and a trial that
+    ended without one (the time budget stopped it before it started) made it raise a TypeError at the
+    search's end ("'<' not supported between instances of 'NoneType' and 'float'"): every
+    ``--time-budget`` search that left a trial unstarted exited 1 with a traceback. Pickled with the
+    search's RunConfig: keep this class where it is.
+    """
+
+    def __init__(self, *args: Any, metric: str, mode: str, **kwargs: Any) -> None:
+        super().__init__(*args, sort_by_metric=False, **kwargs)
+        self._sort_key = (metric, -1.0 if mode == "max" else 1.0)
+
+    def _progress_str(self, trials: list, done: bool, *sys_info: str, **kwargs: Any) -> str:
+        metric, sign = self._sort_key
+
+        def key(trial: Any) -> tuple[bool, float]:
+            value = (trial.last_result or {}).get(metric)
+            ok = isinstance(value, (int, float)) and value == value  # NaN and None go last
+            return (not ok, sign * float(value) if ok else 0.0)
+
+        return super()._progress_str(sorted(trials, key=key), done, *sys_info, **kwargs)

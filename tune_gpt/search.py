@@ -1138,12 +1138,12 @@ def _run_config(plan: Plan):
 
 
 def _progress_reporter(plan: Plan):
-    from ray.tune import CLIReporter
+    from tune_gpt._tune_callbacks import TrialTable
 
-    return CLIReporter(
+    return TrialTable(
         parameter_columns=list(plan.space.domains) or None,
         metric_columns={plan.metric: plan.metric, "step": "step", "training_iteration": "evals"},
-        max_report_frequency=30, print_intermediate_tables=True, sort_by_metric=True,
+        max_report_frequency=30, print_intermediate_tables=True, metric=plan.metric, mode=plan.mode,
     )
 
 

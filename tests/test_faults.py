@@ -533,6 +533,32 @@ def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[st
             "--data", str(corpus), *extra]
 
 
+def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file):
+    """Two trials, both started at once: Ctrl+C after their first reports is an interruption (exit 130, the
+    --resume line), not the search's end. Tune hands back every trial TERMINATED after the stop a signal
+    asks for, so with every planned trial created this used to exit 0 (or 1: "nothing to replay")."""
+    space = tiny_space(tmp_path, n=2, steps=100000, every=10)
+    exp = tmp_path / "r" / "tiny"
+    proc = subprocess.Popen(search_cmd(space, tmp_path / "r", corpus_file, "--no-wandb", "--no-report",
+                                       "--scheduler", "none"),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2, "no two trials reported"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in last and "--resume" in last, last
+
+
 def finished_trials(exp: Path) -> dict[str, str]:
     """trial folder -> its result.json text, for the trials whose status file says finished."""
     if not exp.is_dir():

@@ -75,18 +75,19 @@ def test_a_signal_as_a_discrete_optuna_search_ends_is_not_an_interruption(tmp_pa
     sweep = write_space(tmp_path / "bayes.yaml", BAYES_SWEEP)
     plan = plan_search(SearchOptions(space=str(sweep)))
 
-    class Grid(list):
-        num_errors = 0
+    def results(*kinds):  # Results of Tune's grid: its last result ``done``, or an error
+        return [SimpleNamespace(error=RuntimeError() if k == "error" else None,
+                                metrics={"done": True} if k == "done" else ({"done": False} if k == "stopped" else {}))
+                for k in kinds]
 
-        @property
-        def num_terminated(self):
-            return sum(t == "done" for t in self)
-
-    assert _all_trials_ended(Grid(["done"] * 9), plan)
-    assert not _all_trials_ended(Grid(["done"] * 8), plan)
-    assert not _all_trials_ended(Grid(["done"] * 8 + ["running"]), plan)
-    assert _all_trials_ended(Grid(["done"] * 5), plan, SimpleNamespace(exhausted=True))  # the searcher ended it
-    assert not _all_trials_ended(Grid(["done"] * 5), plan, SimpleNamespace(exhausted=False))
+    assert _all_trials_ended(results(*["done"] * 9), plan)
+    assert _all_trials_ended(results(*["done"] * 8, "error"), plan)
+    assert not _all_trials_ended(results(*["done"] * 8), plan)
+    # what Tune hands back after the signal's stop: every trial TERMINATED, a running one not done, one never started
+    assert not _all_trials_ended(results(*["done"] * 8, "stopped"), plan)
+    assert not _all_trials_ended(results(*["done"] * 8, "unstarted"), plan)
+    assert _all_trials_ended(results(*["done"] * 5), plan, SimpleNamespace(exhausted=True))  # the searcher ended it
+    assert not _all_trials_ended(results(*["done"] * 5), plan, SimpleNamespace(exhausted=False))
 
 
 @pytest.mark.parametrize(

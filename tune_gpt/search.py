@@ -825,12 +825,17 @@ def _close_study_trials(plan: Plan) -> None:
 def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None) -> bool:
     """Every planned trial ran to an end (a signal that came as the search was finishing changes nothing).
 
+    A trial ended when it errored or Tune marked its last result ``done`` (it finished, or the scheduler
+    stopped it). Not by its status: after the stop a signal asks for, Tune reports every trial TERMINATED,
+    those it stopped running and those it never started alike (it saved them as RUNNING / PENDING, which
+    --resume continues), so a signal once every planned trial existed looked like the search's end.
     Optuna, which trains no configuration twice, plans fewer trials where the space holds fewer points,
     and none at all once it has ended the search for want of new ones (`exhausted`).
     """
     planned = 0 if getattr(searcher, "exhausted", False) else plan.max_trials()
     try:
-        return len(grid) >= planned and grid.num_terminated + grid.num_errors == len(grid)
+        return len(grid) >= planned and all(r.error is not None or bool((r.metrics or {}).get("done"))
+                                            for r in grid)
     except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted
         return False
 

@@ -90,6 +90,29 @@ def test_a_signal_as_a_discrete_optuna_search_ends_is_not_an_interruption(tmp_pa
     assert not _all_trials_ended(results(*["done"] * 5), plan, SimpleNamespace(exhausted=False))
 
 
+def test_the_plan_says_what_the_command_line_changed_in_the_file():
+    """--dry-run prints the file's fixed values: the plan's notes say which ones the command line replaced, and
+    a resumed search does not claim a --time-budget Ray will not apply."""
+    text = plan_search(SearchOptions(num_samples=2, overrides={"max_steps": 20, "model.dropout": 0.1})).describe()
+    assert "note: max_steps: 20 from the command line, not the file's 150" in text
+    assert "note: num_samples: 2 from the command line, not the file's 8" in text
+    assert "note: model.dropout: 0.1 from the command line" in text and "trials       2" in text
+    assert "time budget  30 s" in plan_search(SearchOptions(time_budget=30)).describe()
+    resumed = plan_search(SearchOptions(time_budget=30, resume=True)).describe()
+    assert "time budget  30 s" not in resumed and "time budget  the one the search was started with" in resumed
+
+
+def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository: the README's `--space search_spaces/...` must still work
+    assert plan_search(SearchOptions(space="search_spaces/seed_sweep.yaml")).space.name == "seed_sweep"
+    assert plan_search(SearchOptions(space="lr_batch")).space.name == "lr_batch"
+    write_space(tmp_path / "lr_batch.yaml", "name: mine\nfixed: {max_steps: 10}\nspace: {lr: {choice: [0.001]}}\n")
+    assert plan_search(SearchOptions(space="lr_batch.yaml")).space.name == "mine"  # a file here comes first
+    with pytest.raises(TuneGPTError, match=r"^elsewhere/lr_batch.yaml: no such file \(bundled spaces, by name: "
+                                           r"default, lr_batch, seed_sweep\)$"):
+        plan_search(SearchOptions(space="elsewhere/lr_batch.yaml"))  # another folder's file is not ours
+
+
 @pytest.mark.parametrize(
     "opts, needle",
     [

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, run_main
 from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
-from tune_gpt.spaces import Choice, Grid, SearchSpace, Uniform, check_domain_values, load_space, metric_name
+from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, load_space, metric_name
 
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 STATUS_FILE = "tune_gpt_status.json"
@@ -134,7 +134,10 @@ class Plan:
             + (" after halving the micro-batch down to 1 (same effective batch)" if o.oom_retry else ""),
             f"  corpus       {self.base_cfg.data or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
         ]
-        if o.time_budget:
+        if o.time_budget and o.resume:
+            lines.append("  time budget  the one the search was started with (--time-budget is not applied to a "
+                         "resumed search)")
+        elif o.time_budget:
             lines.append(f"  time budget  {o.time_budget:g} s")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -143,17 +146,32 @@ class Plan:
 # ------------------------------------------------------------------ planning
 
 
+def _space_file(space: str | None) -> str | Path:
+    """`--space` as given, or one of the bundled spaces (``search_spaces/``) when no such file is here: by
+    name (``lr_batch``) or by the README's relative path, from any working directory."""
+    if space is None:
+        return REPO_SPACES / "default.yaml"
+    if Path(space).expanduser().exists():
+        return space
+    name = Path(space).name
+    for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
+        if candidate.is_file() and (Path(space).parent in (Path("."), Path("search_spaces"))):
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in REPO_SPACES.glob("*.yaml")))
+    raise SpaceError(f"{space}: no such file" + (f" (bundled spaces, by name: {bundled})" if bundled else ""))
+
+
 def plan_search(opts: SearchOptions) -> Plan:
     """Load and check everything; raise a one-line TuneGPTError for what cannot work."""
-    space = load_space(opts.space or REPO_SPACES / "default.yaml")
+    space = load_space(_space_file(opts.space))
     notes = list(space.notes)
     for key in CORPUS_KEYS:
         if key in space.domains:
             raise ConfigError(f"{space.source}: {key}: the corpus cannot be searched (it is tokenized once); fix it")
-    for key in opts.overrides:
-        if key in space.domains:
-            space.domains.pop(key)
-            notes.append(f"{key}: fixed to {opts.overrides[key]!r} from the command line instead of searched")
+    unsearched = [key for key in opts.overrides if key in space.domains]
+    for key in unsearched:
+        space.domains.pop(key)
+        notes.append(f"{key}: fixed to {opts.overrides[key]!r} from the command line instead of searched")
 
     _check_number("--cpus-per-trial", opts.cpus_per_trial, low=0, strict=True)
     _check_number("--gpus-per-trial", opts.gpus_per_trial, low=0)
@@ -237,6 +255,13 @@ def plan_search(opts: SearchOptions) -> Plan:
     for key in list(fixed):
         if key in RUNTIME_KEYS and key not in ("compile",):
             notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
+    for key, value in opts.overrides.items():  # the fixed values above are the file's: say what replaces them
+        if key in fixed and fixed[key] != value:
+            notes.append(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}")
+        elif key not in fixed and key not in unsearched and key not in RUNTIME_KEYS:
+            notes.append(f"{key}: {value!r} from the command line")
+    if opts.num_samples is not None and space.num_samples is not None and opts.num_samples != space.num_samples:
+        notes.append(f"num_samples: {opts.num_samples} from the command line, not the file's {space.num_samples}")
     fixed.update(opts.overrides)
     fixed.update(_trial_runtime(opts))
     if fixed.get("data") and "://" not in str(fixed["data"]) and fixed["data"] not in ("python-docs", "chinese"):

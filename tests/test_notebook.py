@@ -33,7 +33,10 @@ def test_notebook_runs_on_an_experiment(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     exp = standard_experiment(tmp_path)
-    monkeypatch.setenv("TUNE_GPT_EXPERIMENT", str(exp))
+    # a path relative to where the user runs `jupyter execute` (the kernel itself runs in notebooks/)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("TUNE_GPT_EXPERIMENT", str(exp.relative_to(tmp_path)))
     monkeypatch.setenv("MPLBACKEND", "Agg")  # as on a headless CI machine: the notebook must still show plots
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,

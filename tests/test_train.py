@@ -151,3 +151,36 @@ def test_threads_follow_the_config(tiny_cfg):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, monkeypatch, capsys):
+    """Ctrl+C mid-run: the reporters are finished ('interrupted': TensorBoard writes its events out, W&B ends the
+    run), the checkpoint stays the last evaluation's, and the CLI's line says how to continue."""
+    from tune_gpt import cli, train as train_mod
+
+    class CtrlC(Recorder):
+        def log(self, step, metrics):
+            super().log(step, metrics)
+            if step == 25:
+                raise KeyboardInterrupt
+
+    rec = CtrlC()
+    cfg = tiny_cfg()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, rec)
+    (res,) = rec.results
+    assert res.status == "interrupted" and res.steps == 25 and [s for s, _, _ in rec.evals] == [10, 20]
+    assert load_checkpoint(f"{cfg.output_dir}/checkpoint")["step"] == 20
+
+    def interrupted(cfg, reporter, corpus=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    argv = ["--data", cfg.data, "--output_dir", cfg.output_dir, "--max_steps", "40", "--no-wandb"]
+    assert cli.train_main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"tune_gpt.train: interrupted; the last checkpoint (written at each evaluation) is in "
+                    f"{cfg.output_dir}/checkpoint; continue with: python -m tune_gpt.train {' '.join(argv)} --resume")
+    assert cli.train_main([*argv[:3], str(tiny_cfg().output_dir) + "-new", *argv[4:]]) == 130
+    assert capsys.readouterr().err.strip().endswith("no checkpoint yet (one is written at each evaluation, "
+                                                    "every 250 steps)")

@@ -416,6 +416,16 @@ def train(
     except Diverged as exc:
         result.status = "diverged"
         result.message = str(exc)
+    except KeyboardInterrupt:
+        # Close what the reporters hold open (TensorBoard writes its events out, W&B finishes the run, the
+        # progress bar ends its line); the checkpoint is the last evaluation's, never a step cut in half.
+        result.status = "interrupted"
+        result.steps, result.tokens = step, tokens
+        result.train_s = train_s + train_s_before
+        result.tokens_per_s = _rate(tokens, result.train_s)
+        result.wall_s = time.perf_counter() - t_start
+        reporter.finish(result)
+        raise
     result.steps, result.tokens = step, tokens
     result.train_s = train_s + train_s_before
     result.tokens_per_s = _rate(tokens, result.train_s)

@@ -326,6 +326,7 @@ def train(
     reporter.start(cfg, info)
 
     result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history)
+    interrupted: KeyboardInterrupt | None = None
     train_tokens = len(corpus.train)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -416,16 +417,11 @@ def train(
     except Diverged as exc:
         result.status = "diverged"
         result.message = str(exc)
-    except KeyboardInterrupt:
-        # Close what the reporters hold open (TensorBoard writes its events out, W&B finishes the run, the
-        # progress bar ends its line); the checkpoint is the last evaluation's, never a step cut in half.
-        result.status = "interrupted"
-        result.steps, result.tokens = step, tokens
-        result.train_s = train_s + train_s_before
-        result.tokens_per_s = _rate(tokens, result.train_s)
-        result.wall_s = time.perf_counter() - t_start
-        reporter.finish(result)
-        raise
+    except KeyboardInterrupt as exc:
+        # Ended like any run, then raised again: the reporters close what they hold open (TensorBoard
+        # writes its events out, W&B finishes the run, the progress bar ends its line). The checkpoint
+        # stays the last evaluation's, never a step cut in half.
+        result.status, interrupted = "interrupted", exc
     result.steps, result.tokens = step, tokens
     result.train_s = train_s + train_s_before
     result.tokens_per_s = _rate(tokens, result.train_s)
@@ -443,6 +439,8 @@ def train(
                 (out_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
     result.wall_s = time.perf_counter() - t_start
     reporter.finish(result)
+    if interrupted is not None:
+        raise interrupted
     return result
 
 

@@ -88,6 +88,17 @@ def test_a_signal_as_a_discrete_optuna_search_ends_is_not_an_interruption(tmp_pa
     assert not _all_trials_ended(results(*["done"] * 8, "unstarted"), plan)
     assert _all_trials_ended(results(*["done"] * 5), plan, SimpleNamespace(exhausted=True))  # the searcher ended it
     assert not _all_trials_ended(results(*["done"] * 5), plan, SimpleNamespace(exhausted=False))
+    # Tune's saved state decides where there is one: a trial restored by --resume may lack the done flag
+    grid = results(*["done"] * 7, "stopped", "unstarted")
+    for i, r in enumerate(grid):
+        r.path = f"/x/exp/trial_{i}"
+    saved = {f"dir:trial_{i}": {"status": "TERMINATED"} for i in range(9)}
+    assert _all_trials_ended(grid, plan, None, saved)
+    saved.update({"dir:trial_7": {"status": "RUNNING"}, "dir:trial_8": {"status": "PENDING"}})
+    assert not _all_trials_ended(grid, plan, None, saved)
+    grid[0].metrics = {"done": False}  # saved TERMINATED, its flag lost
+    saved.update({"dir:trial_7": {"status": "TERMINATED"}, "dir:trial_8": {"status": "ERROR"}})
+    assert _all_trials_ended(grid, plan, None, saved)
 
 
 def test_the_plan_says_what_the_command_line_changed_in_the_file():
@@ -98,8 +109,10 @@ def test_the_plan_says_what_the_command_line_changed_in_the_file():
     assert "note: num_samples: 2 from the command line, not the file's 8" in text
     assert "note: model.dropout: 0.1 from the command line" in text and "trials       2" in text
     assert "time budget  30 s" in plan_search(SearchOptions(time_budget=30)).describe()
-    resumed = plan_search(SearchOptions(time_budget=30, resume=True)).describe()
-    assert "time budget  30 s" not in resumed and "time budget  the one the search was started with" in resumed
+    resumed = plan_search(SearchOptions(time_budget=30, resume=True))
+    assert "time budget  30 s" not in resumed.describe()
+    assert "time budget  the one the search was started with" in resumed.describe()
+    assert "time budget  30 s" in resumed.describe(restoring=False)  # --resume, but Ray had saved nothing: a new start
 
 
 def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory(tmp_path, monkeypatch):
@@ -108,6 +121,7 @@ def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory
     assert plan_search(SearchOptions(space="lr_batch")).space.name == "lr_batch"
     write_space(tmp_path / "lr_batch.yaml", "name: mine\nfixed: {max_steps: 10}\nspace: {lr: {choice: [0.001]}}\n")
     assert plan_search(SearchOptions(space="lr_batch.yaml")).space.name == "mine"  # a file here comes first
+    assert plan_search(SearchOptions(space="lr_batch")).space.name == "mine"  # also by name
     with pytest.raises(TuneGPTError, match=r"^elsewhere/lr_batch.yaml: no such file \(bundled spaces, by name: "
                                            r"default, lr_batch, seed_sweep\)$"):
         plan_search(SearchOptions(space="elsewhere/lr_batch.yaml"))  # another folder's file is not ours

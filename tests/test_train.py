@@ -153,18 +153,23 @@ def test_threads_follow_the_config(tiny_cfg):
         torch.set_num_threads(before)
 
 
-def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, monkeypatch, capsys):
+def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, corpus_file, tmp_path, monkeypatch, capsys):
     """Ctrl+C mid-run: the reporters are finished ('interrupted': TensorBoard writes its events out, W&B ends the
-    run), the checkpoint stays the last evaluation's, and the CLI's line says how to continue."""
-    from tune_gpt import cli, train as train_mod
+    run), the checkpoint stays the last evaluation's, and the CLI's last line gives the --resume command for
+    this run's checkpoint, never for one an earlier run left in the same output dir."""
+    from tune_gpt import cli, tracking
 
     class CtrlC(Recorder):
+        def __init__(self, at):
+            super().__init__()
+            self.at = at
+
         def log(self, step, metrics):
             super().log(step, metrics)
-            if step == 25:
+            if step == self.at:
                 raise KeyboardInterrupt
 
-    rec = CtrlC()
+    rec = CtrlC(25)
     cfg = tiny_cfg()
     with pytest.raises(KeyboardInterrupt):
         train(cfg, rec)
@@ -172,15 +177,23 @@ def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, monkeypatch
     assert res.status == "interrupted" and res.steps == 25 and [s for s, _, _ in rec.evals] == [10, 20]
     assert load_checkpoint(f"{cfg.output_dir}/checkpoint")["step"] == 20
 
-    def interrupted(cfg, reporter, corpus=None):
-        raise KeyboardInterrupt
+    out = tmp_path / "cli"
+    argv = ["--data", str(corpus_file), "--output_dir", str(out), "--no-wandb", "--no-tensorboard", "--no-progress",
+            "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
+            "--max_steps", "40", "--eval_interval", "10", "--eval_iters", "2", "--log_interval", "5",
+            "--num_threads", "1"]
 
-    monkeypatch.setattr(train_mod, "train", interrupted)
-    argv = ["--data", cfg.data, "--output_dir", cfg.output_dir, "--max_steps", "40", "--no-wandb"]
-    assert cli.train_main(argv) == 130
+    def interrupted_at(step):
+        monkeypatch.setattr(tracking, "default_reporters", lambda cfg, **kw: CtrlC(step))
+        return cli.train_main(argv)
+
+    assert interrupted_at(25) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (f"tune_gpt.train: interrupted; the last checkpoint (written at each evaluation) is in "
-                    f"{cfg.output_dir}/checkpoint; continue with: python -m tune_gpt.train {' '.join(argv)} --resume")
-    assert cli.train_main([*argv[:3], str(tiny_cfg().output_dir) + "-new", *argv[4:]]) == 130
-    assert capsys.readouterr().err.strip().endswith("no checkpoint yet (one is written at each evaluation, "
-                                                    "every 250 steps)")
+    assert last == (f"tune_gpt.train: interrupted; the last checkpoint (step 20) is in {out}/checkpoint; "
+                    f"continue with: python -m tune_gpt.train {' '.join(argv)} --resume")
+    assert interrupted_at(5) == 130  # a new run in the same dir, stopped before its first evaluation
+    assert capsys.readouterr().err.strip().endswith(
+        "tune_gpt.train: interrupted; no checkpoint of this run yet (one is written at each evaluation, every 10 steps)")
+    argv.append("--resume")  # goes on from the first run's step 20: that checkpoint is this run's until the next
+    assert interrupted_at(25) == 130
+    assert "interrupted; the last checkpoint (step 20) is in" in capsys.readouterr().err.strip().splitlines()[-1]

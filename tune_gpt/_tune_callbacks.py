@@ -113,7 +113,7 @@ class MarkTimeBudgetStops(Callback):
             return
         if self._last_step_at - self._started < self._budget:
             return  # ended before its budget: done, or interrupted
-        never_ran = any(t.status == "TERMINATED" and not t.last_result for t in trials)  # random/grid make all first
+        never_ran = any(t.status == "TERMINATED" and not _reported(t) for t in trials)  # random/grid make all first
         if self._marked or never_ran or (self._planned is not None and len(trials) < self._planned):
             storage = trials[0].storage
             self._write(storage.storage_filesystem, storage.experiment_fs_path, "the search",
@@ -131,7 +131,7 @@ class MarkTimeBudgetStops(Callback):
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._last_step_at = time.time()
         for trial in trials:
-            if trial.status in ("PENDING", "PAUSED") and trial.last_result:
+            if trial.status in ("PENDING", "PAUSED") and _reported(trial):
                 self._live.add(trial.trial_id)  # resumed: trained before, waits to go on
             elif trial.status == "TERMINATED" and trial.trial_id in self._live:
                 self._live.discard(trial.trial_id)
@@ -252,6 +252,12 @@ def _hparams_summaries(params: dict[str, Any], metrics: dict[str, float], failed
     return [record("_hparams_/experiment", experiment=experiment),
             record("_hparams_/session_start_info", session_start_info=start),
             record("_hparams_/session_end_info", session_end_info=end)]
+
+
+def _reported(trial: Any) -> bool:
+    """The trial reported at least once (Ray 2.60's ``last_result`` is never empty: it holds at least the
+    trial id, or the actor's auto-filled fields)."""
+    return "training_iteration" in (trial.last_result or {})
 
 
 class TrialTable(CLIReporter):

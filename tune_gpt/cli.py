@@ -136,8 +136,8 @@ def train_main(argv: list[str] | None = None) -> int:
             resolve_device(cfg)  # bf16 / fp16 where no GPU is: before the run writes anything
         try:
             result = train(cfg, default_reporters(cfg), corpus=corpus)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_resume_hint(cfg, out, argv)) from None
+        except KeyboardInterrupt as exc:
+            raise KeyboardInterrupt(_resume_hint(cfg, getattr(exc, "train_result", None), argv)) from None
         except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here
             if not is_oom(exc):
                 raise
@@ -155,16 +155,17 @@ def train_main(argv: list[str] | None = None) -> int:
     return run_main(_run, prog="tune_gpt.train")
 
 
-def _resume_hint(cfg: TrainConfig, out: Path, argv: list[str] | None) -> str:
-    """What Ctrl+C left to go on from."""
+def _resume_hint(cfg: TrainConfig, result: Any, argv: list[str] | None) -> str:
+    """What Ctrl+C left to go on from: the checkpoint this run wrote or resumed from (`train()` hangs its
+    result on the KeyboardInterrupt), never one an earlier run left in the same output dir."""
     if not cfg.checkpoint:
         return "checkpoints are off (--no-checkpoint): nothing to resume from"
-    ckpt = out / "checkpoint"
-    if not (ckpt / CKPT_NAME).is_file():
-        return f"no checkpoint yet (one is written at each evaluation, every {cfg.eval_interval} steps)"
+    path = getattr(result, "checkpoint_path", None)
+    if not path:
+        return f"no checkpoint of this run yet (one is written at each evaluation, every {cfg.eval_interval} steps)"
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.train", *args, "--resume"])
-    return f"the last checkpoint (written at each evaluation) is in {ckpt}; continue with: {cmd}"
+    return f"the last checkpoint (step {result.checkpoint_step}) is in {Path(path).parent}; continue with: {cmd}"
 
 
 __all__ = ["OneLineParser", "run_main", "train_main", "add_config_flags", "overrides_from_args", "field_help"]

@@ -112,8 +112,10 @@ class Plan:
             return ""
         return f" at most: the space holds {self.max_trials()} distinct configurations, and none is trained twice"
 
-    def describe(self) -> str:
+    def describe(self, restoring: bool | None = None) -> str:
+        """The space and the plan; `restoring`: whether Ray restores a saved search (default: --resume)."""
         o = self.opts
+        restoring = o.resume if restoring is None else restoring
         res = f"{o.cpus_per_trial:g} CPU" + (f" + {o.gpus_per_trial:g} GPU" if o.gpus_per_trial else "")
         conc = o.max_concurrent if o.max_concurrent else "as resources allow"
         sched = " ".join(f"{k}={v}" for k, v in self.scheduler.items())
@@ -134,7 +136,7 @@ class Plan:
             + (" after halving the micro-batch down to 1 (same effective batch)" if o.oom_retry else ""),
             f"  corpus       {self.base_cfg.data or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
         ]
-        if o.time_budget and o.resume:
+        if o.time_budget and restoring:
             lines.append("  time budget  the one the search was started with (--time-budget is not applied to a "
                          "resumed search)")
         elif o.time_budget:
@@ -151,8 +153,10 @@ def _space_file(space: str | None) -> str | Path:
     name (``lr_batch``) or by the README's relative path, from any working directory."""
     if space is None:
         return REPO_SPACES / "default.yaml"
-    if Path(space).expanduser().exists():
-        return space
+    given = Path(space).expanduser()
+    for here in (given, given.with_name(given.name + ".yaml")):  # a file here comes first, by name too
+        if here.exists():
+            return space if here == Path(space) else here  # as given where nothing was added to it
     name = Path(space).name
     for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
         if candidate.is_file() and (Path(space).parent in (Path("."), Path("search_spaces"))):
@@ -718,7 +722,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
                 raise
             except KeyboardInterrupt:
                 raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
-        if stop.signum is not None and not _all_trials_ended(grid, plan, searcher):
+        if stop.signum is not None and not _all_trials_ended(grid, plan, searcher, _saved_trial_states(plan)):
             raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
         if opts.optuna_storage and plan.searcher == "optuna":
             _close_study_trials(plan)
@@ -791,7 +795,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
             searcher = tune_config.search_alg
             _check_searcher_space(plan, param_space)
         if opts.verbose:
-            print(plan.describe(), file=sys.stderr)
+            print(plan.describe(restoring=restore), file=sys.stderr)
             print(f"corpus: {corpus.describe()}", file=sys.stderr)
         trainable_fn = tune.with_resources(
             tune.with_parameters(fn, corpus=corpus, oom_retry=bool(opts.oom_retry), objective=(plan.metric, plan.mode)),
@@ -847,22 +851,41 @@ def _close_study_trials(plan: Plan) -> None:
         warnings.warn(f"--optuna-storage: could not close the study's unfinished trials: {_one_line(exc)}")
 
 
-def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None) -> bool:
+def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None, saved: dict[str, Any] | None = None) -> bool:
     """Every planned trial ran to an end (a signal that came as the search was finishing changes nothing).
 
-    A trial ended when it errored or Tune marked its last result ``done`` (it finished, or the scheduler
-    stopped it). Not by its status: after the stop a signal asks for, Tune reports every trial TERMINATED,
-    those it stopped running and those it never started alike (it saved them as RUNNING / PENDING, which
-    --resume continues), so a signal once every planned trial existed looked like the search's end.
+    Not by the trials' status in `grid`: after the stop a signal asks for, Tune hands back every trial
+    TERMINATED, those it stopped running and those it never started alike, so a signal once every planned
+    trial existed looked like the search's end. By Tune's last saved state (`saved`, `_saved_trial_states`:
+    written before that stop, the stopped trials RUNNING or PENDING, which --resume continues): ended is
+    TERMINATED or ERROR there. Without it (storage elsewhere), a trial ended when it errored or its last
+    result is ``done`` (finished, or stopped by the scheduler; Tune does not always save that flag, so a
+    trial that ended before a --resume may count as not ended: a second --resume ends at once).
     Optuna, which trains no configuration twice, plans fewer trials where the space holds fewer points,
     and none at all once it has ended the search for want of new ones (`exhausted`).
     """
     planned = 0 if getattr(searcher, "exhausted", False) else plan.max_trials()
+
+    def ended(result: Any) -> bool:
+        name = str(getattr(result, "path", "") or "").rstrip("/").rsplit("/", 1)[-1]
+        state = (saved or {}).get(f"dir:{name}") or (saved or {}).get(f"id:{(result.metrics or {}).get('trial_id')}")
+        if state and state.get("status"):
+            return state["status"] in ("TERMINATED", "ERROR")
+        return result.error is not None or bool((result.metrics or {}).get("done"))
+
     try:
-        return len(grid) >= planned and all(r.error is not None or bool((r.metrics or {}).get("done"))
-                                            for r in grid)
+        return len(grid) >= planned and all(ended(r) for r in grid)
     except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted
         return False
+
+
+def _saved_trial_states(plan: Plan) -> dict[str, Any] | None:
+    """Tune's last saved trial states of a local experiment (None for storage elsewhere)."""
+    if "://" in plan.opts.storage_path:
+        return None
+    from tune_gpt.report import _ray_state
+
+    return _ray_state(plan.experiment_dir) or None
 
 
 # ------------------------------------------------------------ interruption

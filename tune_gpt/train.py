@@ -64,7 +64,7 @@ class OutOfMemory(RuntimeError):
 
 @dataclass
 class TrainResult:
-    status: str  # finished | diverged
+    status: str  # finished | diverged (and interrupted, on the KeyboardInterrupt train() raises again)
     steps: int
     tokens: int
     final_val_loss: float | None = None
@@ -76,6 +76,7 @@ class TrainResult:
     tokens_per_s: float = 0.0
     output_dir: str | None = None
     checkpoint_path: str | None = None
+    checkpoint_step: int | None = None  # the step checkpoint_path holds
     model_path: str | None = None
     sample: str | None = None
     message: str | None = None
@@ -326,6 +327,8 @@ def train(
     reporter.start(cfg, info)
 
     result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history)
+    if src is not None and Path(src).resolve() == ckpt_dir.resolve():  # this run goes on from its own checkpoint
+        result.checkpoint_path, result.checkpoint_step = str(ckpt_dir / CKPT_NAME), step
     interrupted: KeyboardInterrupt | None = None
     train_tokens = len(corpus.train)
     loss_sum = torch.zeros((), device=device)
@@ -404,6 +407,7 @@ def train(
                         "reporters": getattr(reporter, "checkpoint_state", dict)(),  # optional, as every method
                     })
                     saved = ckpt_dir
+                    result.checkpoint_path, result.checkpoint_step = str(ckpt_dir / CKPT_NAME), step
                 result.steps, result.tokens = step, tokens
                 result.final_val_loss, result.final_val_bpc = losses["val"], bpc
                 result.best_val_loss = best_val
@@ -438,10 +442,15 @@ def train(
             if result.sample is not None:
                 (out_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
     result.wall_s = time.perf_counter() - t_start
-    reporter.finish(result)
-    if interrupted is not None:
-        raise interrupted
-    return result
+    if interrupted is None:
+        reporter.finish(result)
+        return result
+    try:
+        reporter.finish(result)
+    except Exception as exc:  # noqa: BLE001 - Ctrl+C is what the user must hear about, not a log's close
+        warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
+    interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
+    raise interrupted
 
 
 def is_oom(exc: BaseException) -> bool:

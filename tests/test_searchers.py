@@ -143,10 +143,12 @@ def test_time_budget_stops_are_told_from_every_other_end(tmp_path):
 
     def trial(tid: str, status: str, last_result: dict | None = None):
         storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(tmp_path / tid))
-        return SimpleNamespace(trial_id=tid, status=status, last_result=last_result or {}, storage=storage)
+        # Ray's last_result is never empty: a trial that never reported has its id there
+        return SimpleNamespace(trial_id=tid, status=status, last_result=last_result or {"trial_id": tid}, storage=storage)
 
     cut, done, failed, never, resumed, early = (trial("cut", "RUNNING"), trial("done", "RUNNING"), trial("failed", "RUNNING"),
-                                                trial("never", "PENDING"), trial("resumed", "PENDING", {"val/loss": 2.0}),
+                                                trial("never", "PENDING"),
+                                                trial("resumed", "PENDING", {"val/loss": 2.0, "training_iteration": 3}),
                                                 trial("early", "RUNNING"))
     trials = [cut, done, failed, never, resumed, early]
     for t in (cut, done, failed, early):
@@ -183,8 +185,8 @@ def test_a_budget_that_runs_out_between_trials_marks_the_search(tmp_path, monkey
     storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(tmp_path / "exp"))
 
     def trial(tid: str, ran: bool = True):
-        return SimpleNamespace(trial_id=tid, status="TERMINATED", last_result={"val/loss": 2.0} if ran else {},
-                               storage=storage)
+        return SimpleNamespace(trial_id=tid, status="TERMINATED", storage=storage,  # Ray's: never empty
+                               last_result={"val/loss": 2.0, "training_iteration": 1} if ran else {"trial_id": tid})
 
     marker = tmp_path / "exp" / STOPPED_FILE
 

@@ -163,9 +163,15 @@ def _resume_hint(cfg: TrainConfig, result: Any, argv: list[str] | None) -> str:
     path = getattr(result, "checkpoint_path", None)
     if not path:
         return f"no checkpoint of this run yet (one is written at each evaluation, every {cfg.eval_interval} steps)"
-    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-    cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.train", *args, "--resume"])
+    cmd = resume_command("tune_gpt.train", sys.argv[1:] if argv is None else argv)
     return f"the last checkpoint (step {result.checkpoint_step}) is in {Path(path).parent}; continue with: {cmd}"
 
 
-__all__ = ["OneLineParser", "run_main", "train_main", "add_config_flags", "overrides_from_args", "field_help"]
+def resume_command(module: str, args: list[str]) -> str:
+    """The command that continues an interrupted ``python -m <module>`` run: its arguments, with --resume."""
+    kept = [a for a in args if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["python", "-m", module, *kept, "--resume"])
+
+
+__all__ = ["OneLineParser", "run_main", "train_main", "add_config_flags", "overrides_from_args", "field_help",
+           "resume_command"]

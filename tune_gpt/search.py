@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, run_main
+from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, resume_command, run_main
 from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
 from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, load_space, metric_name
@@ -943,8 +943,7 @@ def _resume_hint(plan: Plan) -> str:
         return "the search had not started; nothing was saved"
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if argv0 in ("search.py", "__main__.py") or argv0.startswith("tune_gpt"):
-        args = [a for a in sys.argv[1:] if a != "--resume"]
-        cmd = " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *args, "--resume"])
+        cmd = resume_command("tune_gpt.search", sys.argv[1:])
     else:
         cmd = "run_search() again with resume=True and the same options"
     return f"the search state is saved in {where}; resume it with: {cmd}"

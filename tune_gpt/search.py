@@ -157,10 +157,11 @@ def _space_file(space: str | None) -> str | Path:
     for here in (given, given.with_name(given.name + ".yaml")):  # a file here comes first, by name too
         if here.exists():
             return space if here == Path(space) else here  # as given where nothing was added to it
-    name = Path(space).name
-    for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
-        if candidate.is_file() and (Path(space).parent in (Path("."), Path("search_spaces"))):
-            return candidate
+    if Path(space).parent in (Path("."), Path("search_spaces")):  # a bare name, or the README's path
+        name = Path(space).name
+        for candidate in (REPO_SPACES / name, REPO_SPACES / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
     bundled = ", ".join(sorted(p.stem for p in REPO_SPACES.glob("*.yaml")))
     raise SpaceError(f"{space}: no such file" + (f" (bundled spaces, by name: {bundled})" if bundled else ""))
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,30 @@ def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory
     with pytest.raises(TuneGPTError, match=r"^elsewhere/lr_batch.yaml: no such file \(bundled spaces, by name: "
                                            r"default, lr_batch, seed_sweep\)$"):
         plan_search(SearchOptions(space="elsewhere/lr_batch.yaml"))  # another folder's file is not ours
+
+def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
+    """`pip install .` or a wheel (not editable): the spaces travel inside the package, and the
+    installed search uses them from any directory."""
+    src = tmp_path / "src"  # a copy: pip builds in the source tree and would leave build/ in the repository
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("tune_gpt", "search_spaces"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("tune_gpt-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.startswith("tune_gpt/search_spaces/")}
+        z.extractall(tmp_path / "site")  # what pip install puts in site-packages (pure Python)
+    assert shipped == {f"tune_gpt/search_spaces/{p.name}" for p in (REPO / "search_spaces").glob("*.yaml")}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    for space, name in ((None, "default"), ("lr_batch", "lr_batch")):
+        p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--dry-run"] + (["--space", space] if space else []),
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert f"search space '{name}' from {tmp_path / 'site' / 'tune_gpt' / 'search_spaces' / name}.yaml" in p.stdout
+
 
 
 @pytest.mark.parametrize(

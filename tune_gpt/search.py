@@ -34,7 +34,17 @@ from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
 from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, load_space, metric_name
 
-REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def _bundled_spaces() -> Path:
+    """The bundled spaces: ``search_spaces/`` of the checkout (an editable install), else the copy a
+    wheel ships inside the package (``tune_gpt/search_spaces/``, see pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "search_spaces"
+    return checkout if (checkout / "default.yaml").is_file() else here / "search_spaces"
+
+
+REPO_SPACES = _bundled_spaces()
 STATUS_FILE = "tune_gpt_status.json"
 EXPERIMENT_FILE = "tune_gpt_experiment.json"
 SEARCHERS = ("optuna", "random", "grid")

@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, TINY_MODEL, closed_port, tiny_space, write_space
@@ -589,12 +590,29 @@ def assert_not_run_again(name: str, before: str, after: str | None, last_report:
             f"finished trial {name} ran again"
 
 
-def group_alive(pgid: int) -> bool:
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and everything under it: a driver, its local Ray's daemons and their workers."""
+    root = psutil.Process(pid)
+    return [root] + root.children(recursive=True)
+
+
+def ray_agent(p: psutil.Process) -> bool:
+    """raylet's dashboard and runtime-env agents (their process titles)."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return bool(p.cmdline()) and p.cmdline()[0] in ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    except psutil.Error:
         return False
-    return True
+
+
+def still_alive(procs: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:  # is_running: not a reused PID
+                alive.append(f"{p.pid} {p.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 @pytest.mark.slow
@@ -624,6 +642,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
     if plan[0][1] == "start-up":  # the first run must create the experiment before it can be resumed
         plan[0], plan[1] = plan[1], plan[0]
     interruptions, history, seen, durations = [], [], {}, []
+    lingering: list[tuple[float, list[psutil.Process]]] = []  # (killed at, raylet's agents of that search)
     runs_by: list[tuple[str, signal.Signals | None]] = []  # each search's start (as W&B names its runs), how it ended
     resume: list[str] = []
     while True:
@@ -644,11 +663,11 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
                     time.sleep(0.1)
                 time.sleep(rng.uniform(0, 1.0))
             if proc.poll() is None:
+                tree = process_tree(proc.pid)
                 sent = time.perf_counter()
-                if sig == signal.SIGKILL:
-                    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die at once
-                else:
-                    os.kill(proc.pid, sig)  # Ctrl+C / a polite stop, at the driver
+                # To the driver's whole process group, as a terminal sends Ctrl+C and `timeout` its SIGTERM:
+                # the local Ray's daemons live in a session of their own and must die with the driver.
+                os.killpg(proc.pid, sig)
                 _, err = proc.communicate(timeout=180)
                 quit_s = time.perf_counter() - sent
                 interruptions.append((sig.name, kind, round(sent - t, 1), proc.returncode))
@@ -660,10 +679,16 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
                     assert quit_s < 45, f"{sig.name} took {quit_s:.0f} s to end the search"
                 else:
                     assert proc.returncode == -signal.SIGKILL
+                    # The local Ray dies with its driver (kernel fate-sharing), all but raylet's two agents: they
+                    # see their raylet gone and exit on their own after trying to tell the dead GCS (about a minute;
+                    # Ray's behaviour whenever a driver is killed), checked at the end.
+                    agents = [p for p in tree if ray_agent(p)]
+                    rest = [p for p in tree if p not in agents]
                     deadline = time.time() + 30
-                    while group_alive(proc.pid) and time.time() < deadline:
+                    while still_alive(rest) and time.time() < deadline:
                         time.sleep(0.2)
-                    assert not group_alive(proc.pid), "Ray processes outlived the killed driver"
+                    assert not still_alive(rest), f"Ray processes outlived the killed driver: {still_alive(rest)}"
+                    lingering.append((time.time(), agents))
         _, err = proc.communicate(timeout=600)
         durations.append(round(time.perf_counter() - t, 1))
         now = finished_trials(exp)
@@ -677,6 +702,11 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
         assert proc.returncode in (130, 143, -signal.SIGKILL), (proc.returncode, err[-3000:])
         resume = ["--resume"]
         assert len(history) < 12, f"no end in sight: {interruptions}, finished {history}"
+
+    for killed_at, agents in lingering:
+        while still_alive(agents) and time.time() < killed_at + 150:
+            time.sleep(1)
+        assert not still_alive(agents), f"Ray's agents outlived their killed raylet: {still_alive(agents)}"
 
     # result.json keeps every attempt's reports: a resumed trial's steps go back only to its checkpoint
     steps = {d.name: [r["step"] for r in rows(d)] for d in trial_dirs(exp)}
@@ -814,6 +844,23 @@ def test_unreachable_wandb_host_costs_little_and_says_how_to_sync(tmp_path, corp
             if took - plain_s <= 15:
                 break
         assert took - plain_s <= 15, f"W&B ({variant}) added {took - plain_s:.0f} s to a {plain_s:.0f} s search"
+
+
+def test_the_local_rays_daemons_start_in_a_session_of_their_own():
+    """What keeps a signal to the driver's process group (`timeout`, a cancelled CI job) from killing the
+    local Ray under the search: each process Ray starts while ray.init runs gets its own session (and
+    Ray's kernel fate-sharing still ends it with the driver); Ray's Popen is put back afterwards."""
+    import ray._private.services as services
+
+    from tune_gpt.search import _ray_daemons_in_their_own_session
+
+    before = services.ConsolePopen
+    with _ray_daemons_in_their_own_session():
+        child = services.ConsolePopen([sys.executable, "-c", "import os; print(os.getsid(0), os.getpgrp())"],
+                                      stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+    assert [int(x) for x in out.split()] == [child.pid, child.pid] and child.pid != os.getsid(0)
+    assert services.ConsolePopen is before
 
 
 def test_a_signal_during_ray_start_up_waits_for_it_then_stops_the_search(tmp_path):

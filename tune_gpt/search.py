@@ -1033,7 +1033,40 @@ def _init_ray(opts: SearchOptions) -> None:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            ray.init(**kwargs)
+            with _ray_daemons_in_their_own_session():
+                ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def _ray_daemons_in_their_own_session():
+    """Start the local Ray's daemons (GCS, raylet, and under it the trial workers) in a session of their
+    own, so that a signal sent to the driver's whole process group (`timeout`, ``kill -TERM -<pgid>``, a
+    CI runner cancelling a job) reaches the driver alone: it stops the search as for any SIGTERM, saves it
+    and shuts its Ray down. In the driver's group, the daemons died of that signal at once, and the
+    driver waited 60 s for the GCS and exited 1 without a resume line. They still die with the driver:
+    Ray makes each one die with its parent through Linux's kernel fate-sharing (PR_SET_PDEATHSIG), which
+    does not depend on the group; without it (not Linux) Ray's reaper relies on the group, which stays."""
+    try:
+        import ray._private.services as services
+        from ray._private.utils import detect_fate_sharing_support
+    except ImportError:  # a Ray that moved them: the daemons stay in the driver's group
+        yield
+        return
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None or not sys.platform.startswith("linux") or not detect_fate_sharing_support():
+        yield
+        return
+
+    class OwnSession(popen):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 @contextlib.contextmanager

@@ -160,6 +160,22 @@ def test_trial_files_go_to_storage_not_to_the_local_folder_ray_uploads(tmp_path,
     assert (remote / STATUS_FILE).read_text() == '{"status": "early-stopped"}' and not (local / STATUS_FILE).exists()
 
 
+def test_a_trial_that_failed_before_its_first_report_is_counted_without_the_report(ray_session, tmp_path,
+                                                                                   corpus_file, capsys):
+    """--no-report: the outcome and the summary still count a trial that errored before reporting anything
+    (Tune's results DataFrame, which they used to count, leaves it out)."""
+    _pickle_by_value()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "seed2.json").write_text(json.dumps({"always_at": 0}))  # before its first step
+    space = write_space(tmp_path / "early.yaml", FAULT_SPACE.format(name="early", axis="seed", values=[1, 2], extra=""))
+    out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), max_failures=0, wandb=False,
+                                   report=False, cpus_per_trial=0.5, overrides={"data": str(corpus_file)}, verbose=0),
+                     trainable=make_faulty(str(marks)))
+    assert (out.num_trials, out.num_errors) == (2, 1)
+    assert "2 trials in" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure_is_reported(
         ray_session, tmp_path, corpus_file):

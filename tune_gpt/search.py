@@ -1425,8 +1425,9 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     elif trials_csv is not None:
         df.to_csv(trials_csv, index=False)
     replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
-    # the report also counts trials that ended before their first report (Tune's DataFrame leaves them out)
-    n_trials = len(statuses) if statuses is not None else len(df)
+    # trials that ended before their first report count too (Tune's DataFrame leaves them out; the report
+    # and the ResultGrid have them)
+    n_trials = len(statuses) if statuses is not None else len(grid)
     if plan.opts.summary:
         _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err, statuses)
     return SearchOutcome(exp_dir, best_cfg, best_val, n_trials, n_err, trials_csv, replay)

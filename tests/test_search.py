@@ -213,12 +213,12 @@ def test_search_runs_every_trial_and_finds_a_best(finished_search):
 
 
 def test_baseline_point_is_evaluated_first(finished_search):
-    from tune_gpt.report import _ray_state
+    from tune_gpt.report import saved_trial_states
 
     exp = finished_search.experiment_dir
     # the first trial Tune created (its saved trials are in creation order), not the first to report: two run at
     # once, and the other one may report first
-    first = exp / next(key for key in _ray_state(exp) if key.startswith("dir:"))[len("dir:"):]
+    first = exp / next(key for key in saved_trial_states(exp) if key.startswith("dir:"))[len("dir:"):]
     params = json.loads((first / "params.json").read_text())
     assert params["learning_rate"] == pytest.approx((1e-3 * 2e-2) ** 0.5, rel=1e-6) or params["learning_rate"] == 1e-3
     assert params["batch_size"] in (4, 8)

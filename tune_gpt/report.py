@@ -243,7 +243,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _ray_state(exp: Path) -> dict[str, dict[str, Any]]:
+def saved_trial_states(exp: Path) -> dict[str, dict[str, Any]]:
     """Ray's last saved trial states, keyed by relative trial folder and by trial id."""
     for f in sorted(exp.glob("experiment_state-*.json"), reverse=True):
         data = _read_json(f)
@@ -328,7 +328,7 @@ def _read_experiment(path: str | Path) -> _Experiment:
         return _read_remote_experiment(str(path))
     exp = find_experiment(path)
     info = experiment_info(exp)
-    state = _ray_state(exp)
+    state = saved_trial_states(exp)
     trials = []
     seen_ids = set()
     for d in _trial_dirs(exp):

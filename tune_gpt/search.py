@@ -894,9 +894,9 @@ def _saved_trial_states(plan: Plan) -> dict[str, Any] | None:
     """Tune's last saved trial states of a local experiment (None for storage elsewhere)."""
     if "://" in plan.opts.storage_path:
         return None
-    from tune_gpt.report import _ray_state
+    from tune_gpt.report import saved_trial_states
 
-    return _ray_state(plan.experiment_dir) or None
+    return saved_trial_states(plan.experiment_dir) or None
 
 
 # ------------------------------------------------------------ interruption

@@ -1531,7 +1531,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results root: a directory or a URI (s3://, gs://) shared by the cluster's nodes")
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, help="trials to run")
     p.add_argument("--search", choices=SEARCHERS, help="search algorithm (default: the space's method, else optuna)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="early stopping (default: asha)")
+    p.add_argument("--scheduler", metavar="{asha,median,none}", help="early stopping (default: asha)")
     p.add_argument("--metric", help="objective (default: val/loss)")
     p.add_argument("--mode", choices=("min", "max"), help="default: min")
     p.add_argument("--grace-period", dest="grace_period", type=int, help="evaluations before ASHA may stop a trial")

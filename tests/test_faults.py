@@ -551,9 +551,10 @@ def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[st
 
 
 def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file):
-    """Two trials, both started at once: Ctrl+C after their first reports is an interruption (exit 130, the
-    --resume line), not the search's end. Tune hands back every trial TERMINATED after the stop a signal
-    asks for, so with every planned trial created this used to exit 0 (or 1: "nothing to replay")."""
+    """Two trials, both started at once: `docker stop` (SIGTERM to the driver alone) after their first
+    reports is an interruption (exit 143, the --resume line), not the search's end. Tune hands back every
+    trial TERMINATED after the stop a signal asks for, so with every planned trial created this used to
+    exit 0 (or 1: "nothing to replay"). (Signals to the driver's whole group: the test after the next.)"""
     space = tiny_space(tmp_path, n=2, steps=100000, every=10)
     exp = tmp_path / "r" / "tiny"
     proc = subprocess.Popen(search_cmd(space, tmp_path / "r", corpus_file, "--no-wandb", "--no-report",
@@ -566,13 +567,13 @@ def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file
                 break
             time.sleep(0.5)
         assert proc.poll() is None and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2, "no two trials reported"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 143, err[-3000:]
     assert "interrupted" in last and "--resume" in last, last
 
 
@@ -862,20 +863,25 @@ def test_unreachable_wandb_host_costs_little_and_says_how_to_sync(tmp_path, corp
         assert took - plain_s <= 15, f"W&B ({variant}) added {took - plain_s:.0f} s to a {plain_s:.0f} s search"
 
 
-def test_the_local_rays_daemons_start_in_a_session_of_their_own():
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only: where Ray has kernel fate-sharing")
+def test_the_local_rays_daemons_start_in_sessions_of_their_own_and_still_die_with_the_driver(tmp_path):
     """What keeps a signal to the driver's process group (`timeout`, a cancelled CI job) from killing the
-    local Ray under the search: each process Ray starts while ray.init runs gets its own session (and
-    Ray's kernel fate-sharing still ends it with the driver); Ray's Popen is put back afterwards."""
+    local Ray under the search: each process Ray starts while ray.init runs gets a session of its own, and
+    still Ray's kernel fate-sharing (it dies with its parent, PR_SET_PDEATHSIG). Ray's Popen is put back."""
     import ray._private.services as services
 
     from tune_gpt.search import _ray_daemons_in_their_own_session
 
+    probe = ("import ctypes, os; sig = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(sig))"  # PR_GET_PDEATHSIG
+             "; print(os.getsid(0), os.getpgrp(), sig.value)")
     before = services.ConsolePopen
-    with _ray_daemons_in_their_own_session():
-        child = services.ConsolePopen([sys.executable, "-c", "import os; print(os.getsid(0), os.getpgrp())"],
-                                      stdout=subprocess.PIPE, text=True)
-    out, _ = child.communicate(timeout=60)
-    assert [int(x) for x in out.split()] == [child.pid, child.pid] and child.pid != os.getsid(0)
+    with open(tmp_path / "out", "w") as out:
+        with _ray_daemons_in_their_own_session():  # as Ray starts its daemons in ray.init
+            info = services.start_ray_process([sys.executable, "-c", probe], "probe", fate_share=True, stdout_file=out)
+        info.process.wait(timeout=60)
+    sid, pgid, death_signal = map(int, (tmp_path / "out").read_text().split())
+    assert sid == pgid == info.process.pid != os.getsid(0)
+    assert death_signal == signal.SIGKILL
     assert services.ConsolePopen is before
 
 

@@ -37,11 +37,13 @@ from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, chec
 
 
 def _bundled_spaces() -> Path:
-    """The bundled spaces: ``search_spaces/`` of the checkout (an editable install), else the copy a
-    wheel ships inside the package (``tune_gpt/search_spaces/``, see pyproject.toml)."""
+    """The bundled spaces: the copy a wheel ships inside the package (``tune_gpt/search_spaces/``, see
+    pyproject.toml), else ``search_spaces/`` next to the package (a checkout, an editable install).
+    In that order: next to an installed package is site-packages, where another project's folder of
+    that name could be."""
     here = Path(__file__).resolve().parent
-    checkout = here.parent / "search_spaces"
-    return checkout if (checkout / "default.yaml").is_file() else here / "search_spaces"
+    packaged = here / "search_spaces"
+    return packaged if packaged.is_dir() else here.parent / "search_spaces"
 
 
 REPO_SPACES = _bundled_spaces()
@@ -1017,7 +1019,7 @@ def _init_ray(opts: SearchOptions) -> None:
         pass
     else:
         ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    with _signals_held_during_ray_start():
+    with _signals_held_during_ray_start(), _ray_daemons_in_their_own_session():  # (--address local starts one too)
         if opts.address:
             try:
                 ray.init(address=opts.address, **kwargs)
@@ -1033,27 +1035,31 @@ def _init_ray(opts: SearchOptions) -> None:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            with _ray_daemons_in_their_own_session():
-                ray.init(**kwargs)
+            ray.init(**kwargs)
 
 
 @contextlib.contextmanager
 def _ray_daemons_in_their_own_session():
-    """Start the local Ray's daemons (GCS, raylet, and under it the trial workers) in a session of their
-    own, so that a signal sent to the driver's whole process group (`timeout`, ``kill -TERM -<pgid>``, a
-    CI runner cancelling a job) reaches the driver alone: it stops the search as for any SIGTERM, saves it
-    and shuts its Ray down. In the driver's group, the daemons died of that signal at once, and the
-    driver waited 60 s for the GCS and exited 1 without a resume line. They still die with the driver:
-    Ray makes each one die with its parent through Linux's kernel fate-sharing (PR_SET_PDEATHSIG), which
-    does not depend on the group; without it (not Linux) Ray's reaper relies on the group, which stays."""
+    """Start each of the local Ray's daemons (GCS, raylet and the rest; the trial workers and raylet's
+    agents are raylet's children) in a session of its own, so that a signal sent to the driver's whole
+    process group (`timeout`, ``kill -TERM -<pgid>``, a CI runner cancelling a job) reaches the driver
+    alone: it stops the search as for any SIGTERM, saves it and shuts its Ray down. In the driver's
+    group, the daemons died of that signal at once, and the driver waited for the GCS and exited 1
+    without a resume line. They still die with the driver: Ray makes each one die with its parent
+    through Linux's kernel fate-sharing (PR_SET_PDEATHSIG), which does not depend on the group. Without
+    it (not Linux) Ray's reaper relies on the group, which then stays. Ray does the same on Windows
+    (a new process group where it has kernel fate-sharing). Connecting to a running cluster starts no
+    process, and is unaffected."""
+    popen = None
     try:
         import ray._private.services as services
         from ray._private.utils import detect_fate_sharing_support
     except ImportError:  # a Ray that moved them: the daemons stay in the driver's group
-        yield
-        return
-    popen = getattr(services, "ConsolePopen", None)
-    if popen is None or not sys.platform.startswith("linux") or not detect_fate_sharing_support():
+        pass
+    else:
+        if sys.platform.startswith("linux") and detect_fate_sharing_support():
+            popen = getattr(services, "ConsolePopen", None)
+    if popen is None:
         yield
         return
 

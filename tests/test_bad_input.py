@@ -227,7 +227,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, words, corpus_
         args += ["--data", str(bad / "corpus.txt")]
     results = tmp_path / "results"
     line = one_line_error(run([*args, "--storage-path", str(results)], cwd=tmp_path))
-    assert line.startswith(("tune_gpt.search: error: ", "python -m tune_gpt.search: error: ")), line
+    assert line.startswith("tune_gpt.search: error: "), line  # argparse's errors and ours alike
     for w in _case(words, bad, port):
         assert w in line, (w, line)
     assert not results.exists(), f"{results} was created"

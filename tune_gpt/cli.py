@@ -17,7 +17,10 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        # Named as run_main names the entry point (``tune_gpt.search: error: ...``), not as the usage line does
+        # (``python -m tune_gpt.search``): every error of a command starts the same way.
+        name = self.prog.removeprefix("python -m ")
+        self.exit(2, f"{name}: error: {message}\n")
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent

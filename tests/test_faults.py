@@ -661,14 +661,18 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
     interruptions, history, seen, durations = [], [], {}, []
     lingering: list[tuple[float, list[psutil.Process]]] = []  # (killed at, raylet's agents of that search)
     runs_by: list[tuple[str, signal.Signals | None]] = []  # each search's start (as W&B names its runs), how it ended
-    resume: list[str] = []
+    # Each resume as the README says (the same --name; here also the same --storage-path): the flags the
+    # search was started with come from its experiment file.
+    resume_cmd = [sys.executable, "-m", "tune_gpt.search", "--storage-path", str(tmp_path / "r"), "--name", "drv",
+                  "--resume", "-q"]
+    resume = False
     while True:
         if runs_by:
             time.sleep(1.1)  # W&B names a run by the second it started: no second shared by two searches
         t = time.perf_counter()
         runs_by.append((time.strftime("%Y%m%d_%H%M%S"), None))
         reports_before = n_reports(exp)
-        proc = subprocess.Popen(cmd + resume, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(resume_cmd if resume else cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         if len(interruptions) < len(plan):
             sig, kind, amount = plan[len(interruptions)]
@@ -717,7 +721,7 @@ def test_driver_interrupted_at_random_moments_resumes_to_the_end(tmp_path, corpu
             assert "Exception ignored" not in err, err[-3000:]  # e.g. in a restored W&B callback's __del__
             break
         assert proc.returncode in (130, 143, -signal.SIGKILL), (proc.returncode, err[-3000:])
-        resume = ["--resume"]
+        resume = True
         assert len(history) < 12, f"no end in sight: {interruptions}, finished {history}"
 
     for killed_at, agents in lingering:

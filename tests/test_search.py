@@ -285,6 +285,48 @@ def test_fractional_gpu_trials_share_one_logical_gpu(ray_session, tmp_path, corp
         assert json.loads((latest / ".metadata.json").read_text()) == {"step": 10}
 
 
+def test_resume_takes_the_flags_the_search_was_started_with(tmp_path, monkeypatch):
+    """`--resume --name NAME` (the README's words) continues the search as it was started: the saved
+    flags, then the ones given now; flags of one run (--resume, --retry-errored, --dry-run, -q) are not
+    taken from the saved command. Without saved flags (run_search(), older experiments) nothing is added."""
+    from tune_gpt.search import EXPERIMENT_FILE, _argv_for_resume
+
+    monkeypatch.chdir(tmp_path)
+    started = ["--data", "corpus.txt", "--max-steps", "300", "--num-samples", "4", "--name", "s", "-q", "--no-wandb",
+               "--resume", "--retry-errored"]
+    (tmp_path / "tune_results" / "s").mkdir(parents=True)
+    saved = tmp_path / "tune_results" / "s" / EXPERIMENT_FILE
+    saved.write_text(json.dumps({"name": "s", "argv": started}))
+    now = ["--resume", "--name", "s", "--max-concurrent", "1"]
+    assert _argv_for_resume(now) == [
+        "--data", "corpus.txt", "--max-steps", "300", "--num-samples", "4", "--name", "s", "--no-wandb", *now]
+    assert _argv_for_resume(["--name", "s"]) == ["--name", "s"]  # not a resume
+    assert _argv_for_resume(["--resume", "--name", "other"]) == ["--resume", "--name", "other"]  # nothing saved there
+    saved.write_text(json.dumps({"name": "s", "command": "python -m tune_gpt.search --name s"}))
+    assert _argv_for_resume(now) == now
+
+
+def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
+    """Ray restores the trials and the searcher, while the corpus and the plan come from the flags given: a
+    resume on another corpus failed every resumed trial on its checkpoint and ended with exit 0. What trains
+    differently is refused in one line with the command the search was started with; how trials run is not."""
+    from dataclasses import replace
+
+    from tune_gpt.search import _check_same_search, _search_info
+
+    space = str(tiny_space(tmp_path))
+    opts = SearchOptions(space=space, storage_path=str(tmp_path / "r"), overrides={"data": "a.txt", "max_steps": 300})
+    saved = {**_search_info(plan_search(opts)), "command": "python -m tune_gpt.search --data a.txt --max-steps 300"}
+    for same in (opts, replace(opts, cpus_per_trial=2, wandb=False, max_concurrent=1, resume=True)):
+        _check_same_search(plan_search(same), saved)
+    with pytest.raises(ConfigError, match=r"^--resume: data '\S+/b.txt' \(started with '\S+/a.txt'\); max_steps 100 \(started "
+                                          r"with 300\): a search resumes as it was started \(python -m tune_gpt.search "
+                                          r"--data a.txt --max-steps 300 --resume\); give the same flags, or start another"):
+        _check_same_search(plan_search(replace(opts, overrides={"data": "b.txt", "max_steps": 100})), saved)
+    with pytest.raises(ConfigError, match=r"^--resume: num_samples 3 \(started with 4\)"):
+        _check_same_search(plan_search(replace(opts, num_samples=3)), saved)
+
+
 def test_existing_experiment_needs_resume(finished_search):
     exp = finished_search.experiment_dir
     with pytest.raises(ConfigError, match="--resume"):

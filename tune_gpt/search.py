@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +93,7 @@ class SearchOptions:
     report: bool = True
     verbose: int = 1  # 0: no plan on stderr and Ray's quiet mode; 2: the trials' own output too
     summary: bool = True  # print the end-of-search table, best config and replay command (the CLI always does)
+    cli_argv: tuple[str, ...] | None = None  # the command line's flags (the CLI): saved, so --resume can reuse them
 
 
 @dataclass
@@ -782,6 +783,8 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     if remote:
         _check_remote_experiment(plan)
     experiment_file = _check_resumable(plan) if opts.resume else {}
+    if opts.resume:
+        _check_same_search(plan, experiment_file)
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage)
 
@@ -1300,14 +1303,24 @@ def _wandb_mode(plan: Plan) -> str:
     return mode
 
 
-def _write_experiment_file(plan: Plan) -> None:
+def _search_info(plan: Plan) -> dict[str, Any]:
+    """What the experiment file says the search is (as JSON gives it back)."""
     space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "fixed": {k: v for k, v in plan.fixed.items()},
         "time_budget_s": plan.opts.time_budget,
-        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *sys.argv[1:]]),
+    }
+    return json.loads(json.dumps(info, default=str))
+
+
+def _write_experiment_file(plan: Plan) -> None:
+    argv = list(plan.opts.cli_argv) if plan.opts.cli_argv is not None else sys.argv[1:]
+    info = {
+        **_search_info(plan),
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *argv]),
+        **({"argv": argv} if plan.opts.cli_argv is not None else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(info, indent=2, default=str)
@@ -1343,24 +1356,60 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
     from tune_gpt.report import STOPPED_FILE
 
     where = experiment_id(plan)
-    ended, stopped, info = False, 0, {}
+    ended, stopped = False, 0
     try:  # unreadable: Ray's restore says what is wrong
         fs, path = pafs.FileSystem.from_uri(where)
         dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
                 if i.type == pafs.FileType.Directory]
         markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in [path, *dirs]])  # the search's, its trials'
         ended, stopped = markers[0].type == pafs.FileType.File, sum(m.type == pafs.FileType.File for m in markers[1:])
-        with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
-            info = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
         pass
+    info = _read_experiment_file(plan)
     if (ended or stopped) and not plan.opts.retry_errored:
         raise ConfigError(
             f"--resume: the search {where} ended when its time budget ran out"
             f"{f' ({stopped} trial(s) out-of-time)' if stopped else ''} and "
             f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
             f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
+    return info
+
+
+def _read_experiment_file(plan: Plan) -> dict[str, Any]:
+    """The experiment file of `plan`'s experiment, local or in storage; {} when there is none to read."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(experiment_id(plan))
+        with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
+            info = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
     return info if isinstance(info, dict) else {}
+
+
+def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
+    """--resume continues the search as it was started: Ray restores its trials, searcher and space, while
+    the corpus and the plan come from this run's flags. A flag that changes what the search trains (a
+    corpus, a model field, the steps, the space, the searcher...) is refused rather than mixed in: trials
+    resumed on another corpus failed on their checkpoints, and new ones would not be comparable."""
+    if not saved:
+        return
+    now = _search_info(plan)
+    diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
+             for key in ("space", "searcher", "scheduler", "num_samples", "metric", "mode")
+             if key in saved and now.get(key) != saved.get(key)]
+
+    def trained(fixed: Any) -> dict[str, Any]:  # what the trials train with, not how they run
+        return {k: v for k, v in (fixed or {}).items() if k not in RUNTIME_KEYS and not k.startswith("wandb.")}
+
+    before, after = trained(saved.get("fixed")), trained(now["fixed"])
+    diffs += [f"{k} {after.get(k, 'unset')!r} (started with {before.get(k, 'unset')!r})"
+              for k in sorted(set(before) | set(after), key=str) if before.get(k) != after.get(k)]
+    if diffs:
+        started = f" ({saved['command']} --resume)" if isinstance(saved.get("command"), str) else ""
+        raise ConfigError(f"--resume: {'; '.join(diffs)}: a search resumes as it was started{started}; give the "
+                          f"same flags, or start another search with --name NEW")
 
 
 def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:
@@ -1584,10 +1633,33 @@ def options_from_args(args: argparse.Namespace) -> SearchOptions:
     )
 
 
+# Flags of one run of a search, not of the search: --resume does not take them from the saved command.
+_RUN_FLAGS = ("--resume", "--retry-errored", "--dry-run", "-q", "--quiet")
+
+
+def _argv_for_resume(argv: list[str]) -> list[str]:
+    """With --resume: the flags the search was started with (saved in its experiment file), then the ones
+    given now, which win where both set a value. So `--resume --name NAME` continues the search as it was
+    started; a flag given now that changes what it trains is refused later (`_check_same_search`)."""
+    args = build_parser().parse_args(argv)
+    if not args.resume:
+        return argv
+    try:
+        saved = _read_experiment_file(plan_search(options_from_args(args)))
+    except TuneGPTError:
+        return argv  # the run itself says what is wrong
+    started = saved.get("argv")
+    if not isinstance(started, list) or not all(isinstance(a, str) for a in started):
+        return argv  # made by run_search() or an older tune_gpt: only the check applies
+    return [*(a for a in started if a not in _RUN_FLAGS), *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     def _run() -> int:
-        args = build_parser().parse_args(argv)
-        out = run_search(options_from_args(args))
+        given = list(sys.argv[1:] if argv is None else argv)
+        full = _argv_for_resume(given)
+        args = build_parser().parse_args(full)
+        out = run_search(replace(options_from_args(args), cli_argv=tuple(full)))
         if isinstance(out, SearchOutcome) and out.best_config is None:
             return 1
         return 0

@@ -151,6 +151,7 @@ FLAG_CASES = [
     ("metric_gpu_only_on_cpu", ["--metric", "mfu", "--mode", "max"], ["--metric", "mfu", "GPU"]),
     ("name_escapes", ["--name", "../elsewhere"], ["--name", "../elsewhere"]),
     ("optuna_storage_bad", ["--optuna-storage", "notaurl"], ["--optuna-storage", "notaurl"]),
+    ("retry_errored_without_resume", ["--retry-errored"], ["--retry-errored", "--resume"]),
     ("unknown_flag", ["--num-trials", "2"], ["--num-trials"]),
     ("learning_rate_negative", ["--learning_rate", "-1"], ["learning_rate", "-1"]),
     ("learning_rate_text", ["--learning_rate", "fast"], ["learning_rate", "fast"]),

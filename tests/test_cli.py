@@ -76,6 +76,11 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
     g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the qu", "--max_new_tokens", "30")
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("the qu") and len(g.stdout.splitlines()[0]) >= 6
+    g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--top_k", "0", "--max_new_tokens", "5")  # 0: no filter
+    assert g.returncode == 0, g.stderr
+    for args, needles in ((["--top_k", "-3"], ["top_k >= 0"]), (["--device", "cuda:7"], ["device", "'cuda:7'"]),
+                          (["--device", "tpu"], ["device", "'tpu'"])):
+        assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(out), *args), *needles)
 
 
 def test_generate_refuses_a_missing_checkpoint(tmp_path):

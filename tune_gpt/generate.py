@@ -28,8 +28,10 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """Return `num_samples` continuations of `prompt` (prompt included)."""
     path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
-    from tune_gpt.train import load_checkpoint, model_from_checkpoint, sample_text
+    from tune_gpt.train import available_device, load_checkpoint, model_from_checkpoint, sample_text
 
+    device = str(available_device(device))  # not a load error when the device is missing here
+    top_k = top_k or None  # 0: no top-k filter
     state = load_checkpoint(path, map_location=device)
     model, tok = model_from_checkpoint(state, device, source=path)
     unknown = tok.unknown_chars(prompt)
@@ -44,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="\n", help="text to continue")
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_k", "--top-k", type=int, default=200)
+    parser.add_argument("--top_k", "--top-k", type=int, default=200, help="sample among the k likeliest (0: all)")
     parser.add_argument("--num_samples", "--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cpu")
 
     def _run() -> int:
         args = parser.parse_args(argv)
-        if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature <= 0:
-            raise ConfigError("max_new_tokens must be >= 0, num_samples >= 1 and temperature > 0")
+        if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature <= 0 or args.top_k < 0:
+            raise ConfigError("max_new_tokens must be >= 0, num_samples >= 1, temperature > 0 and top_k >= 0")
         for text in generate(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, device=args.device, num_samples=args.num_samples):
             print(text)

@@ -191,6 +191,8 @@ def plan_search(opts: SearchOptions) -> Plan:
         space.domains.pop(key)
         notes.append(f"{key}: fixed to {opts.overrides[key]!r} from the command line instead of searched")
 
+    if opts.retry_errored and not opts.resume:
+        raise ConfigError("--retry-errored: only with --resume (it re-runs the errored trials of the search resumed)")
     _check_number("--cpus-per-trial", opts.cpus_per_trial, low=0, strict=True)
     _check_number("--gpus-per-trial", opts.gpus_per_trial, low=0)
     if opts.gpus_per_trial > 1 and not float(opts.gpus_per_trial).is_integer():

@@ -99,14 +99,26 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
             dev = "mps"
         else:
             dev = "cpu"
-    device = torch.device(dev)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {cfg.device!r} requested but no CUDA GPU is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device: {cfg.device!r} does not exist ({torch.cuda.device_count()} GPUs visible)")
+    device = available_device(dev, cfg.device)
     check_precision(cfg, device.type)
     if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
+    return device
+
+
+def available_device(dev: str, requested: str | None = None) -> torch.device:
+    """`dev` as a torch device that exists here; ConfigError naming `requested` (default `dev`) otherwise."""
+    requested = dev if requested is None else requested
+    try:
+        device = torch.device(dev)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {requested!r} is not a device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {requested!r} requested but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {requested!r} does not exist ({torch.cuda.device_count()} GPUs visible)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device: {requested!r} requested but MPS is not available")
     return device
 
 

@@ -83,6 +83,20 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
         assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(out), *args), *needles)
 
 
+def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, corpus_file):
+    """`--resume` of a run that reached its end: one line says so, with its best val loss; its model, its
+    TensorBoard events and its W&B run stay as they were (the model used to be rewritten without its loss)."""
+    out = tmp_path / "run"
+    args = ["-m", "tune_gpt.train", "--data", str(corpus_file), *TINY, "--max_steps", "6", "--eval_interval", "3",
+            "--output_dir", str(out)]
+    assert run(*args).returncode == 0
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run(*args, "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already at step 6 of 6: nothing to train (best val loss " in again.stderr, again.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
 def test_generate_refuses_a_missing_checkpoint(tmp_path):
     assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(tmp_path / "nope")), "nope")
 

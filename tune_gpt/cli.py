@@ -152,6 +152,10 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"tune_gpt.train: out of memory at batch_size {cfg.batch_size} "
                   f"({' '.join(str(exc).split())[:200]}){hint}", file=sys.stderr)
             return 3
+        if result.message and result.status == "finished":  # resumed at its end: train() started no reporter
+            best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+            print(f"tune_gpt.train: {result.message} (best val loss {best}); to train on, raise --max_steps or "
+                  f"--epochs", file=sys.stderr)
         print(f"output: {result.output_dir}", file=sys.stderr)
         return 0 if result.status == "finished" else 3
 

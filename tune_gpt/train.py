@@ -324,6 +324,9 @@ def train(
         train_s_before = float(state.get("train_s", 0.0))
         reporter_state = state.get("reporters") or {}
 
+    if src is not None and step >= end:  # resumed at its end (--resume of a finished run): nothing to train
+        return _already_done(cfg, step, end, tokens, best_val, history, train_s_before, out_dir, src, corpus, t_start)
+
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
@@ -463,6 +466,23 @@ def train(
         warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
     interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
     raise interrupted
+
+
+def _already_done(cfg: TrainConfig, step: int, end: int, tokens: int, best_val: float | None,
+                  history: list[dict[str, Any]], train_s: float, out_dir: Path, src: str | Path, corpus: Corpus,
+                  t_start: float) -> TrainResult:
+    """The result of a run resumed from a checkpoint at its last step, from that checkpoint; no reporter is
+    started and nothing is written (the run's model, logs and W&B run stay as its end left them)."""
+    last = history[-1] if history else {}
+    bpc = (lambda loss: None if loss is None else loss / math.log(2) / corpus.chars_per_token)
+    model_path = out_dir / MODEL_NAME
+    return TrainResult(
+        status="finished", steps=step, tokens=tokens, final_val_loss=last.get("val/loss"), best_val_loss=best_val,
+        final_val_bpc=last.get("val/bpc"), best_val_bpc=bpc(best_val), wall_s=time.perf_counter() - t_start,
+        train_s=train_s, tokens_per_s=_rate(tokens, train_s), output_dir=str(out_dir),
+        checkpoint_path=str(Path(src) / CKPT_NAME), checkpoint_step=step,
+        model_path=str(model_path) if model_path.is_file() else None, history=history,
+        message=f"already at step {step} of {end}: nothing to train")
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -152,6 +152,7 @@ FLAG_CASES = [
     ("name_escapes", ["--name", "../elsewhere"], ["--name", "../elsewhere"]),
     ("optuna_storage_bad", ["--optuna-storage", "notaurl"], ["--optuna-storage", "notaurl"]),
     ("retry_errored_without_resume", ["--retry-errored"], ["--retry-errored", "--resume"]),
+    ("address_nothing_there", ["--address", "127.0.0.1:{port}"], ["--address 127.0.0.1:{port}", "nothing answers"]),
     ("unknown_flag", ["--num-trials", "2"], ["--num-trials"]),
     ("learning_rate_negative", ["--learning_rate", "-1"], ["learning_rate", "-1"]),
     ("learning_rate_text", ["--learning_rate", "fast"], ["learning_rate", "fast"]),

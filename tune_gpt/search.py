@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -1024,6 +1025,8 @@ def _init_ray(opts: SearchOptions) -> None:
         pass
     else:
         ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    if opts.address:
+        _check_address_answers(opts.address)
     with _signals_held_during_ray_start(), _ray_daemons_in_their_own_session():  # (--address local starts one too)
         if opts.address:
             try:
@@ -1041,6 +1044,24 @@ def _init_ray(opts: SearchOptions) -> None:
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
             ray.init(**kwargs)
+
+
+def _check_address_answers(address: str, timeout_s: float = 10.0) -> None:
+    """--address HOST:PORT (or ray://HOST:PORT) where nothing listens: one line at once. ray.init itself
+    waits for a GCS that never comes, and did not give up within minutes (Ray 2.60)."""
+    host_port = address.removeprefix("ray://")
+    if address in ("auto", "local") or "://" in host_port or ":" not in host_port:
+        return  # Ray finds or starts the cluster itself, and says what is wrong
+    host, _, port = host_port.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise ConfigError(f"--address {address}: nothing answers there ({why}); give the head node's address "
+                          f"(`ray start --head` prints it; the GCS port is 6379 unless set)") from None
 
 
 @contextlib.contextmanager

@@ -136,12 +136,15 @@ def test_error_line_of_real_ray_text():
     assert report.error_line("\x1b[36msomething odd happened\x1b[39m") == "something odd happened"
 
 
-def test_status_file_beats_error_txt_after_a_retry(tmp_path):
-    # A trial that failed once (error.txt) and finished after Ray retried it.
-    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0, 1.6])])
+@pytest.mark.parametrize("status", ["finished", "early-stopped"])
+def test_status_file_beats_error_txt_after_a_retry(tmp_path, status):
+    # A trial that failed once (error.txt) and, retried by Ray or by --resume --retry-errored, finished or was
+    # stopped by ASHA (the error.txt of the failed attempt stays; the report called such a trial errored).
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, status, [2.0, 1.6], status_file=True)])
     d = next(exp.glob("trainable_*"))
     (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
-    assert report.load_results(exp)["status"].tolist() == ["finished"]
+    os.utime(d / "error.txt", (1, 1))  # older than the status file the later attempt wrote
+    assert report.load_results(exp)["status"].tolist() == [status]
 
 
 @pytest.mark.parametrize("losses,ray_status,expected", [

@@ -401,9 +401,11 @@ def _status(t: _Trial) -> tuple[str, str]:
     if said in ("diverged", "oom"):
         return said, message or err or said
     if t.error_text is not None:
-        # Ray retried the trial after the error: its last attempt finished, or was stopped by the scheduler
-        # before it could write more than "running" (written first by every attempt).
-        retried_ok = (said == "finished" or (said == "running" and t.ray_status != "ERROR")) and (
+        # Ray retried the trial after the error (or --retry-errored re-ran it): its last attempt finished,
+        # was stopped by the scheduler, or was ended before it could write more than "running" (written
+        # first by every attempt).
+        ended_well = ("finished", "early-stopped", "stopped", "terminated")
+        retried_ok = (said in ended_well or (said == "running" and t.ray_status != "ERROR")) and (
             t.ray_status == "TERMINATED" or _newer(t.dir / STATUS_FILE, t.dir / "error.txt"))
         if not retried_ok:
             if _looks_oom(t.error_text):

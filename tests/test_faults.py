@@ -575,6 +575,7 @@ def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file
     last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
     assert proc.returncode == 143, err[-3000:]
     assert "interrupted" in last and "--resume" in last, last
+    assert "Tuner.restore" not in err, err[-3000:]  # Tune's own resume hint, for its Python API: left out
 
 
 def finished_trials(exp: Path) -> dict[str, str]:

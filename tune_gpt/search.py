@@ -750,14 +750,23 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
 def _quiet_ray_analysis():
     """Ray's result analysis warns of trials that never started ("Failed to fetch metrics": the time
     budget ran out first) and, when no trial has a result, asks whether the metric name is right. The
-    summary says what happened instead (`_no_best`); real errors still show."""
+    summary says what happened instead (`_no_best`); real errors still show. After Ctrl+C, Tune's own
+    "Resume experiment with: Tuner.restore(...)" is left out: the search's resume line says what to type."""
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    tune_logger, hint = logging.getLogger("ray.tune.tune"), _NotRaysResumeHint()
+    tune_logger.addFilter(hint)
     try:
         yield
     finally:
         logger.setLevel(level)
+        tune_logger.removeFilter(hint)
+
+
+class _NotRaysResumeHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with:" not in record.getMessage()
 
 
 def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, float, Any]:

@@ -38,6 +38,11 @@ def test_longer_replay_writes_a_model_generate_can_sample(finished_search, tmp_p
     g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the ", "--max_new_tokens", "25")
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("the ") and "\ufffd" not in g.stdout
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--max-steps", "20", "--output-dir", str(out))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr[-3000:]
+    assert f"replay: {out} already holds a final run (30 steps, val loss " in again.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # the earlier final run is intact
 
 
 def test_unknown_trial_is_a_one_line_error(finished_search):

@@ -66,7 +66,7 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
                 flat["epochs"] = epochs
     flat.pop("gpu_memory_fraction", None)
     flat.update({
-        "output_dir": output_dir or str(exp / f"replay-{trial_id}"),
+        "output_dir": output_dir or str(exp / f"replay-{trial_id}{'-check' if check else ''}"),
         "progress": True, "tensorboard": True, "checkpoint": True, "resume": False,
         "wandb.enabled": wandb, "wandb.group": params.get("wandb.group") or exp.name,
     })
@@ -87,6 +87,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     trial_id = str(row["trial_id"])
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=_trial_device(Path(row["trial_dir"])))
+    _check_output_dir_free(Path(cfg.output_dir).expanduser())
     device = resolve_device(cfg)
     trial_steps = _int(row.get("steps"))
     stop_after = trial_steps if check and trial_steps else None
@@ -109,6 +110,21 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     Path(result.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _check_output_dir_free(out: Path) -> None:
+    """A final run is never trained over another one: its model, logs and W&B run would be replaced or mixed."""
+    summary = out / "replay_summary.json"
+    if not summary.is_file() and not (out / "model.pt").is_file():
+        return
+    what = ""
+    try:
+        s = json.loads(summary.read_text())
+        loss = _float(s.get("final_val_loss"))
+        what = f" ({s.get('steps')} steps" + (f", val loss {loss:.4f}" if loss is not None else "") + ")"
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise ConfigError(f"replay: {out} already holds a final run{what}; give another --output-dir (or remove it)")
 
 
 def _trial_device(trial_dir: Path) -> str:
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     budget.add_argument("--epochs", type=float, help="train the final run for this many epochs")
     budget.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="train the final run this many steps")
     p.add_argument("--check", action="store_true", help="replay at the trial's own budget and seed; compare the val loss")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial>")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> (-check for --check)")
     p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
 
     def _run() -> int:

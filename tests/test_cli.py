@@ -85,7 +85,8 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
 
 def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, corpus_file):
     """`--resume` of a run that reached its end: one line says so, with its best val loss; its model, its
-    TensorBoard events and its W&B run stay as they were (the model used to be rewritten without its loss)."""
+    TensorBoard events and its W&B run stay as they were (the model used to be rewritten without its loss).
+    A new run into that folder (no --resume) warns that it replaces the earlier one."""
     out = tmp_path / "run"
     args = ["-m", "tune_gpt.train", "--data", str(corpus_file), *TINY, "--max_steps", "6", "--eval_interval", "3",
             "--output_dir", str(out)]
@@ -95,6 +96,9 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, c
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already at step 6 of 6: nothing to train (best val loss " in again.stderr, again.stderr[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    fresh = run(*args)  # not a resume: the earlier run is replaced, and the user is told
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert f"tune_gpt.train: warning: {out} holds an earlier run: its model and checkpoint are replaced" in fresh.stderr
 
 
 def test_generate_refuses_a_missing_checkpoint(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,30 @@ def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory
     with pytest.raises(TuneGPTError, match=r"^elsewhere/lr_batch.yaml: no such file \(bundled spaces, by name: "
                                            r"default, lr_batch, seed_sweep\)$"):
         plan_search(SearchOptions(space="elsewhere/lr_batch.yaml"))  # another folder's file is not ours
+
+def test_dry_run_checks_what_it_can_without_ray(tmp_path, corpus_file):
+    """--dry-run answers what a run would refuse at once and can know without Ray, tokenizing or a download:
+    an unreadable corpus, --resume of nothing, an --address where nothing listens. An existing experiment
+    is a note under the plan (the plan is what a dry run is for)."""
+    from conftest import closed_port
+
+    def dry(**kw):
+        base = dict(space=str(tiny_space(tmp_path)), storage_path=str(tmp_path / "r"), dry_run=True,
+                    overrides={"data": str(corpus_file)})
+        return run_search(SearchOptions(**{**base, **kw}))
+
+    (tmp_path / "empty.txt").write_text("")
+    for kw, words in ((dict(overrides={"data": str(tmp_path / "missing.txt")}), "missing.txt: no such file"),
+                      (dict(overrides={"data": str(tmp_path / "empty.txt")}), "empty.txt: file is empty"),
+                      (dict(resume=True), "--resume: no experiment to resume at"),
+                      (dict(address=f"127.0.0.1:{closed_port()}"), "nothing answers there")):
+        with pytest.raises(TuneGPTError, match=re.escape(words)):
+            dry(**kw)
+    assert dry().experiment_dir == tmp_path / "r" / "tiny"
+    (tmp_path / "r" / "tiny").mkdir(parents=True)
+    (tmp_path / "r" / "tiny" / "trial_x").mkdir()
+    assert any("already exists; pass --resume" in n for n in dry().notes)
+
 
 def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
     """`pip install .` or a wheel (not editable): the spaces travel inside the package, and the

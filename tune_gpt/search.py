@@ -728,6 +728,7 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
     """
     plan = plan_search(opts)
     if opts.dry_run:
+        _dry_run_checks(plan)
         print(plan.describe())
         return plan
     stop = _StopRequest()
@@ -744,6 +745,39 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
         if opts.optuna_storage and plan.searcher == "optuna":
             _close_study_trials(plan)
         return _summarise(plan, grid, elapsed)
+
+
+def _check_experiment_folder(plan: Plan) -> None:
+    """A local experiment folder: --resume needs one, a new search must not find one."""
+    if "://" in plan.opts.storage_path:
+        return
+    if plan.opts.resume and not (plan.experiment_dir / EXPERIMENT_FILE).is_file():
+        raise ConfigError(f"--resume: no experiment to resume at {plan.experiment_dir}")
+    if not plan.opts.resume and plan.experiment_dir.exists() and any(plan.experiment_dir.iterdir()):
+        raise ConfigError(
+            f"--name: experiment {plan.experiment_dir} already exists; pass --resume to continue it or --name NEW"
+        )
+
+
+def _dry_run_checks(plan: Plan) -> None:
+    """What --dry-run can check without starting Ray, tokenizing or downloading: the corpus can be read
+    (a local file, folder or glob; not a URL), the experiment folder is as --resume says, --address
+    answers, and the GPUs asked for exist here."""
+    from tune_gpt.data import read_text
+
+    cfg = plan.base_cfg
+    if not (cfg.data and re.match(r"^https?://", cfg.data)):
+        read_text(cfg.data, use_chinese=cfg.use_chinese)
+    try:
+        _check_experiment_folder(plan)
+    except ConfigError as exc:
+        if plan.opts.resume:
+            raise
+        plan.notes.append(str(exc).replace("--name: experiment", "experiment", 1))  # the plan is still worth seeing
+    if plan.opts.address:
+        _check_address_answers(plan.opts.address)
+    elif plan.opts.gpus_per_trial > 0:
+        _check_local_gpu(plan.opts)
 
 
 @contextlib.contextmanager
@@ -786,12 +820,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
     plan.max_evals = max_evaluations(plan, len(corpus.train))
     remote = "://" in opts.storage_path
-    if opts.resume and not remote and not (plan.experiment_dir / EXPERIMENT_FILE).is_file():
-        raise ConfigError(f"--resume: no experiment to resume at {plan.experiment_dir}")
-    if not opts.resume and not remote and plan.experiment_dir.exists() and any(plan.experiment_dir.iterdir()):
-        raise ConfigError(
-            f"--name: experiment {plan.experiment_dir} already exists; pass --resume to continue it or --name NEW"
-        )
+    _check_experiment_folder(plan)
     if remote:
         _check_remote_experiment(plan)
     experiment_file = _check_resumable(plan) if opts.resume else {}

@@ -96,6 +96,8 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, c
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already at step 6 of 6: nothing to train (best val loss " in again.stderr, again.stderr[-2000:]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    (out / "model.pt").unlink()  # as when stopped between its last checkpoint and writing the model
+    assert run(*args, "--resume").returncode == 0 and (out / "model.pt").is_file()
     fresh = run(*args)  # not a resume: the earlier run is replaced, and the user is told
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert f"tune_gpt.train: warning: {out} holds an earlier run: its model and checkpoint are replaced" in fresh.stderr

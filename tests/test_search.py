@@ -331,6 +331,25 @@ def test_resume_takes_the_flags_the_search_was_started_with(tmp_path, monkeypatc
     assert _argv_for_resume(now) == now
 
 
+def test_the_saved_command_names_the_same_files_from_any_directory(tmp_path, monkeypatch):
+    """The flags a search saves for --resume hold absolute paths (a bundled space by name: its file), leave
+    URLs, URIs and the bundled corpora's names alone, and leave out the flags of one run; abbreviated flags
+    are refused, so a saved command always means the same flags."""
+    from tune_gpt.search import REPO_SPACES, _absolute_paths, _without_run_flags, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", "c.txt", "--space=lr_batch", "--optuna-storage", "sqlite:///s.db", "--cache_dir", "~/cache",
+            "--storage-path", "s3://b/x", "--max-steps", "5", "-qq", "--resume", "--retry-errored", "--dry-run"]
+    assert _without_run_flags(_absolute_paths(argv)) == [
+        "--data", str(tmp_path / "c.txt"), "--space", str(REPO_SPACES / "lr_batch.yaml"),
+        "--optuna-storage", f"sqlite:///{tmp_path / 's.db'}", "--cache_dir", str(Path("~/cache").expanduser()),
+        "--storage-path", "s3://b/x", "--max-steps", "5"]
+    assert _absolute_paths(["--data", "python-docs", "--data", "https://x/y.txt"]) == \
+        ["--data", "python-docs", "--data", "https://x/y.txt"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--res"])  # no abbreviations
+
+
 def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
     """Ray restores the trials and the searcher, while the corpus and the plan come from the flags given: a
     resume on another corpus failed every resumed trial on its checkpoint and ended with exit 0. What trains
@@ -341,7 +360,7 @@ def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
 
     space = str(tiny_space(tmp_path))
     opts = SearchOptions(space=space, storage_path=str(tmp_path / "r"), overrides={"data": "a.txt", "max_steps": 300})
-    saved = {**_search_info(plan_search(opts)), "command": "python -m tune_gpt.search --data a.txt --max-steps 300"}
+    saved = {**_search_info(plan_search(opts)), "argv": ["--data", "a.txt", "--max-steps", "300"]}
     for same in (opts, replace(opts, cpus_per_trial=2, wandb=False, max_concurrent=1, resume=True)):
         _check_same_search(plan_search(same), saved)
     with pytest.raises(ConfigError, match=r"^--resume: data '\S+/b.txt' \(started with '\S+/a.txt'\); max_steps 100 \(started "
@@ -350,6 +369,12 @@ def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
         _check_same_search(plan_search(replace(opts, overrides={"data": "b.txt", "max_steps": 100})), saved)
     with pytest.raises(ConfigError, match=r"^--resume: num_samples 3 \(started with 4\)"):
         _check_same_search(plan_search(replace(opts, num_samples=3)), saved)
+    # --dry-run of such a resume says the same (it reads the experiment file; nothing starts)
+    exp = tmp_path / "r" / "tiny"
+    exp.mkdir(parents=True)
+    (exp / "tune_gpt_experiment.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"^--resume: max_steps 100 \(started with 300\)"):
+        run_search(replace(opts, resume=True, dry_run=True, overrides={"data": "a.txt", "max_steps": 100}))
 
 
 def test_existing_experiment_needs_resume(finished_search):

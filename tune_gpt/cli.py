@@ -130,9 +130,9 @@ def train_main(argv: list[str] | None = None) -> int:
         if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
         if not cfg.resume and ((out / "checkpoint" / CKPT_NAME).is_file() or (out / "model.pt").is_file()):
-            warnings.warn(f"{out} holds an earlier run: its model and checkpoint are replaced by this run's, and its "
-                          f"TensorBoard events stay in {out / 'logs'} beside this run's (--resume continues it; "
-                          f"--output_dir NEW keeps it)")
+            fate = "are replaced by this run's" if cfg.checkpoint else "stay (this run saves none)"
+            warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
+                          f"stay in {out / 'logs'} beside this run's (--resume continues it; --output_dir NEW keeps it)")
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
         corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
 

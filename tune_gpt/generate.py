@@ -27,6 +27,8 @@ def find_model(path: str | Path) -> Path:
 def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """Return `num_samples` continuations of `prompt` (prompt included)."""
+    if max_new_tokens < 0 or num_samples < 1 or temperature <= 0 or (top_k is not None and top_k < 0):
+        raise ConfigError("max_new_tokens must be >= 0, num_samples >= 1, temperature > 0 and top_k >= 0")
     path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
     from tune_gpt.train import available_device, load_checkpoint, model_from_checkpoint, sample_text
 
@@ -53,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         args = parser.parse_args(argv)
-        if args.max_new_tokens < 0 or args.num_samples < 1 or args.temperature <= 0 or args.top_k < 0:
-            raise ConfigError("max_new_tokens must be >= 0, num_samples >= 1, temperature > 0 and top_k >= 0")
         for text in generate(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, device=args.device, num_samples=args.num_samples):
             print(text)

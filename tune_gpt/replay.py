@@ -87,7 +87,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     trial_id = str(row["trial_id"])
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=_trial_device(Path(row["trial_dir"])))
-    _check_output_dir_free(Path(cfg.output_dir).expanduser())
+    if not check:  # a check reproduces a trial: doing it again replaces nothing of value
+        _check_output_dir_free(Path(cfg.output_dir).expanduser())
     device = resolve_device(cfg)
     trial_steps = _int(row.get("steps"))
     stop_after = trial_steps if check and trial_steps else None
@@ -120,8 +121,9 @@ def _check_output_dir_free(out: Path) -> None:
     what = ""
     try:
         s = json.loads(summary.read_text())
-        loss = _float(s.get("final_val_loss"))
-        what = f" ({s.get('steps')} steps" + (f", val loss {loss:.4f}" if loss is not None else "") + ")"
+        loss, steps = _float(s.get("final_val_loss")), _int(s.get("steps"))
+        parts = ([f"{steps} steps"] if steps is not None else []) + ([f"val loss {loss:.4f}"] if loss is not None else [])
+        what = f" ({', '.join(parts)})" if parts else ""
     except (OSError, ValueError, AttributeError):
         pass
     raise ConfigError(f"replay: {out} already holds a final run{what}; give another --output-dir (or remove it)")

@@ -765,15 +765,17 @@ def _dry_run_checks(plan: Plan) -> None:
     answers, and the GPUs asked for exist here."""
     from tune_gpt.data import read_text
 
-    cfg = plan.base_cfg
-    if not (cfg.data and re.match(r"^https?://", cfg.data)):
-        read_text(cfg.data, use_chinese=cfg.use_chinese)
     try:
         _check_experiment_folder(plan)
     except ConfigError as exc:
         if plan.opts.resume:
             raise
         plan.notes.append(str(exc).replace("--name: experiment", "experiment", 1))  # the plan is still worth seeing
+    if plan.opts.resume:  # in the run's order: the search resumed first, then its corpus
+        _check_same_search(plan, _check_resumable(plan))
+    cfg = plan.base_cfg
+    if not (cfg.data and re.match(r"^https?://", cfg.data)):
+        read_text(cfg.data, use_chinese=cfg.use_chinese)
     if plan.opts.address:
         _check_address_answers(plan.opts.address)
     elif plan.opts.gpus_per_trial > 0:
@@ -815,17 +817,17 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
 
     from tune_gpt.data import load_corpus
 
-    cfg = plan.base_cfg
-    corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
-    plan.max_evals = max_evaluations(plan, len(corpus.train))
     remote = "://" in opts.storage_path
-    _check_experiment_folder(plan)
+    _check_experiment_folder(plan)  # before the corpus: a resume with another --data must not fetch it first
     if remote:
         _check_remote_experiment(plan)
     experiment_file = _check_resumable(plan) if opts.resume else {}
     if opts.resume:
         _check_same_search(plan, experiment_file)
+    cfg = plan.base_cfg
+    corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+    plan.max_evals = max_evaluations(plan, len(corpus.train))
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage)
 
@@ -1438,10 +1440,17 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
 
 def _read_experiment_file(plan: Plan) -> dict[str, Any]:
     """The experiment file of `plan`'s experiment, local or in storage; {} when there is none to read."""
+    return _read_experiment_file_at(plan.opts.storage_path, plan.name)
+
+
+def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
+    base, _, query = storage_path.partition("?")
+    where = (f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "") if "://" in storage_path
+             else str((Path(storage_path).expanduser() / name).resolve()))
     try:
-        fs, path = pafs.FileSystem.from_uri(experiment_id(plan))
+        fs, path = pafs.FileSystem.from_uri(where)
         with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
             info = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):
@@ -1468,7 +1477,9 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     diffs += [f"{k} {after.get(k, 'unset')!r} (started with {before.get(k, 'unset')!r})"
               for k in sorted(set(before) | set(after), key=str) if before.get(k) != after.get(k)]
     if diffs:
-        started = f" ({saved['command']} --resume)" if isinstance(saved.get("command"), str) else ""
+        argv = saved.get("argv")
+        started = (f" (python -m tune_gpt.search {' '.join(shlex.quote(a) for a in argv)} --resume)"
+                   if isinstance(argv, list) and all(isinstance(a, str) for a in argv) else "")
         raise ConfigError(f"--resume: {'; '.join(diffs)}: a search resumes as it was started{started}; give the "
                           f"same flags, or start another search with --name NEW")
 
@@ -1639,7 +1650,7 @@ def _short(v: Any) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m tune_gpt.search",
+    p = OneLineParser(prog="python -m tune_gpt.search", allow_abbrev=False,  # saved commands are replayed by --resume
                       description="Search GPT hyperparameters with Ray Tune + Optuna (ASHA early stopping).")
     p.add_argument("--space", help="search-space YAML (native or W&B sweep); default: search_spaces/default.yaml")
     p.add_argument("--name", help="experiment name (default: the space's name)")
@@ -1706,13 +1717,54 @@ def _argv_for_resume(argv: list[str]) -> list[str]:
     if not args.resume:
         return argv
     try:
-        saved = _read_experiment_file(plan_search(options_from_args(args)))
+        name = args.name or plan_search(options_from_args(args)).name  # else the name comes from the space
     except TuneGPTError:
         return argv  # the run itself says what is wrong
-    started = saved.get("argv")
+    started = _read_experiment_file_at(args.storage_path, name).get("argv")
     if not isinstance(started, list) or not all(isinstance(a, str) for a in started):
         return argv  # made by run_search() or an older tune_gpt: only the check applies
-    return [*(a for a in started if a not in _RUN_FLAGS), *argv]
+    return [*_without_run_flags(started), *argv]
+
+
+def _without_run_flags(argv: list[str]) -> list[str]:
+    return [a for a in argv if a not in _RUN_FLAGS and not re.fullmatch(r"-q+", a)]
+
+
+# Flags whose value is a path: saved absolute, so that --resume from another directory means the same files.
+_PATH_FLAGS = ("--space", "--data", "--cache_dir", "--cache-dir", "--storage-path", "--storage_path",
+               "--optuna-storage")
+
+
+def _absolute_paths(argv: list[str]) -> list[str]:
+    """`argv` with the values of `_PATH_FLAGS` made absolute (a bundled space by name: its file; URLs, URIs,
+    the bundled corpora's names and absolute paths as they are)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in _PATH_FLAGS and (eq or i + 1 < len(argv)):
+            if not eq:
+                i += 1
+                value = argv[i]
+            out += [flag, _absolute(flag, value)]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def _absolute(flag: str, value: str) -> str:
+    if flag == "--space":
+        try:
+            return str(Path(_space_file(value)).expanduser().absolute())
+        except TuneGPTError:
+            return value  # the run says it is missing
+    if flag == "--optuna-storage":
+        head = "sqlite:///"
+        rest = value[len(head):] if value.startswith(head) else None
+        return head + os.path.abspath(rest) if rest and not rest.startswith("/") else value
+    if "://" in value or (flag == "--data" and value in ("python-docs", "chinese")) or not value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1720,7 +1772,7 @@ def main(argv: list[str] | None = None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         full = _argv_for_resume(given)
         args = build_parser().parse_args(full)
-        out = run_search(replace(options_from_args(args), cli_argv=tuple(full)))
+        out = run_search(replace(options_from_args(args), cli_argv=tuple(_without_run_flags(_absolute_paths(full)))))
         if isinstance(out, SearchOutcome) and out.best_config is None:
             return 1
         return 0

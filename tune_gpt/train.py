@@ -325,6 +325,11 @@ def train(
         reporter_state = state.get("reporters") or {}
 
     if src is not None and step >= end:  # resumed at its end (--resume of a finished run): nothing to train
+        if cfg.checkpoint and not (out_dir / MODEL_NAME).is_file():  # stopped between its last checkpoint and model
+            save_checkpoint(out_dir / MODEL_NAME, {
+                "model": model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
+                "config": cfg.to_flat(), "val_loss": history[-1].get("val/loss") if history else None, "step": step,
+            })
         return _already_done(cfg, step, end, tokens, best_val, history, train_s_before, out_dir, src, corpus, t_start)
 
     raw_model = model

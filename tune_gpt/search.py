@@ -36,7 +36,6 @@ from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
 from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, load_space, metric_name
 
 
-
 def _bundled_spaces() -> Path:
     """The bundled spaces: the copy a wheel ships inside the package (``tune_gpt/search_spaces/``, see
     pyproject.toml), else ``search_spaces/`` next to the package (a checkout, an editable install).
@@ -1403,8 +1402,12 @@ def experiment_id(plan: Plan) -> str:
 
 def experiment_uri(plan: Plan) -> str:
     """``<storage URI>/<name>``, keeping a query string (``?endpoint_override=…``) at the end."""
-    base, _, query = plan.opts.storage_path.partition("?")
-    return f"{base.rstrip('/')}/{plan.name}" + (f"?{query}" if query else "")
+    return _uri_join(plan.opts.storage_path, plan.name)
+
+
+def _uri_join(storage: str, name: str) -> str:
+    base, _, query = storage.partition("?")
+    return f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "")
 
 
 def _check_resumable(plan: Plan) -> dict[str, Any]:
@@ -1446,8 +1449,7 @@ def _read_experiment_file(plan: Plan) -> dict[str, Any]:
 def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
-    base, _, query = storage_path.partition("?")
-    where = (f"{base.rstrip('/')}/{name}" + (f"?{query}" if query else "") if "://" in storage_path
+    where = (_uri_join(storage_path, name) if "://" in storage_path
              else str((Path(storage_path).expanduser() / name).resolve()))
     try:
         fs, path = pafs.FileSystem.from_uri(where)

@@ -326,10 +326,8 @@ def train(
 
     if src is not None and step >= end:  # resumed at its end (--resume of a finished run): nothing to train
         if cfg.checkpoint and not (out_dir / MODEL_NAME).is_file():  # stopped between its last checkpoint and model
-            save_checkpoint(out_dir / MODEL_NAME, {
-                "model": model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
-                "config": cfg.to_flat(), "val_loss": history[-1].get("val/loss") if history else None, "step": step,
-            })
+            _save_model(out_dir / MODEL_NAME, model, model_args, corpus, cfg,
+                        history[-1].get("val/loss") if history else None, step)
         return _already_done(cfg, step, end, tokens, best_val, history, train_s_before, out_dir, src, corpus, t_start)
 
     raw_model = model
@@ -453,10 +451,7 @@ def train(
     if result.status == "finished":
         if cfg.checkpoint:
             model_path = out_dir / MODEL_NAME
-            save_checkpoint(model_path, {
-                "model": raw_model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
-                "config": cfg.to_flat(), "val_loss": result.final_val_loss, "step": step,
-            })
+            _save_model(model_path, raw_model, model_args, corpus, cfg, result.final_val_loss, step)
             result.model_path = str(model_path)
             result.checkpoint_path = str(ckpt_dir / CKPT_NAME)
             if result.sample is not None:
@@ -473,11 +468,20 @@ def train(
     raise interrupted
 
 
+def _save_model(path: Path, model: torch.nn.Module, model_args: dict[str, Any], corpus: Corpus, cfg: TrainConfig,
+                val_loss: float | None, step: int) -> None:
+    """The run's model.pt: what `generate` and a replay load (weights, shape, tokenizer, config)."""
+    save_checkpoint(path, {
+        "model": model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
+        "config": cfg.to_flat(), "val_loss": val_loss, "step": step,
+    })
+
+
 def _already_done(cfg: TrainConfig, step: int, end: int, tokens: int, best_val: float | None,
                   history: list[dict[str, Any]], train_s: float, out_dir: Path, src: str | Path, corpus: Corpus,
                   t_start: float) -> TrainResult:
     """The result of a run resumed from a checkpoint at its last step, from that checkpoint; no reporter is
-    started and nothing is written (the run's model, logs and W&B run stay as its end left them)."""
+    started (the run's logs and W&B run stay as its end left them)."""
     last = history[-1] if history else {}
     bpc = (lambda loss: None if loss is None else loss / math.log(2) / corpus.chars_per_token)
     model_path = out_dir / MODEL_NAME

@@ -327,6 +327,12 @@ def test_resume_takes_the_flags_the_search_was_started_with(tmp_path, monkeypatc
         "--data", "corpus.txt", "--max-steps", "300", "--num-samples", "4", "--name", "s", "--no-wandb", *now]
     assert _argv_for_resume(["--name", "s"]) == ["--name", "s"]  # not a resume
     assert _argv_for_resume(["--resume", "--name", "other"]) == ["--resume", "--name", "other"]  # nothing saved there
+    # a switch the search was started with can be turned off again for the resumed run
+    from tune_gpt.search import build_parser
+
+    saved.write_text(json.dumps({"name": "s", "argv": ["--name", "s", "--no-report", "--oom-retry", "--no-wandb"]}))
+    args = build_parser().parse_args(_argv_for_resume(["--resume", "--name", "s", "--report", "--no-oom-retry"]))
+    assert (args.report, args.oom_retry, args.use_wandb) == (True, False, False)
     saved.write_text(json.dumps({"name": "s", "command": "python -m tune_gpt.search --name s"}))
     assert _argv_for_resume(now) == now
 

@@ -1673,7 +1673,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", dest="time_budget", type=float, help="stop the search after this many seconds")
     p.add_argument("--max-failures", dest="max_failures", type=int, default=0,
                    help="retry a failing trial this many times from its last checkpoint")
-    p.add_argument("--oom-retry", "--oom_retry", dest="oom_retry", action="store_true",
+    p.add_argument("--oom-retry", "--oom_retry", dest="oom_retry", action=argparse.BooleanOptionalAction,
+                   default=False,  # --no-oom-retry: off again for a --resume of a search started with it
                    help="on CUDA out-of-memory, retry the trial from its last checkpoint with half the micro-batch "
                         "and twice the gradient accumulation (same effective batch), down to batch_size 1")
     p.add_argument("--resume", action="store_true", help="continue an interrupted experiment (same --name)")
@@ -1684,7 +1685,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the Optuna study in a database (sqlite:///study.db) for optuna-dashboard")
     p.add_argument("--seed", dest="search_seed", type=int, default=0, help="seed of the search algorithm")
     p.add_argument("--no-wandb", dest="use_wandb", action="store_false", help="no W&B runs")
-    p.add_argument("--no-report", dest="report", action="store_false", help="do not write the report at the end")
+    p.add_argument("--report", dest="report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the report at the end (--no-report: do not; --report: again, for a --resume)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the resolved space and plan, run nothing")
     p.add_argument("-q", "--quiet", action="store_true", help="less output")
     add_config_flags(p, skip=("seed", "output_dir", "resume", "progress", "tensorboard", "checkpoint",

@@ -1397,7 +1397,12 @@ def _write_experiment_file(plan: Plan) -> None:
 
 def experiment_id(plan: Plan) -> str:
     """Where the experiment lives, as an absolute path or a URI: the same for a search and its --resume."""
-    return experiment_uri(plan) if "://" in plan.opts.storage_path else str(plan.experiment_dir.resolve())
+    return _experiment_location(plan.opts.storage_path, plan.name)
+
+
+def _experiment_location(storage: str, name: str) -> str:
+    """`experiment_id` from the storage path and the name alone (before there is a plan)."""
+    return _uri_join(storage, name) if "://" in storage else str((Path(storage).expanduser() / name).resolve())
 
 
 def experiment_uri(plan: Plan) -> str:
@@ -1449,10 +1454,8 @@ def _read_experiment_file(plan: Plan) -> dict[str, Any]:
 def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
-    where = (_uri_join(storage_path, name) if "://" in storage_path
-             else str((Path(storage_path).expanduser() / name).resolve()))
     try:
-        fs, path = pafs.FileSystem.from_uri(where)
+        fs, path = pafs.FileSystem.from_uri(_experiment_location(storage_path, name))
         with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
             info = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError):

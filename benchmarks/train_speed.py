@@ -7,6 +7,10 @@ Both sides train the same model (tiny preset: 4 layers, 4 heads, width 128,
 context 64, batch 12, lr 1e-3, warmup 100, beta2 0.99, dropout 0, no compile)
 on the same corpus, one after the other in fresh processes, and report the
 median milliseconds per training step (evaluations excluded) and tokens/s.
+tune_gpt runs twice a round: with its defaults ("tune_gpt": on a CPU with AMX
+or AVX512-BF16 its linear layers multiply in bfloat16, accumulating in float32)
+and in float32 throughout ("tune_gpt-highest", `--matmul_precision highest`,
+the arithmetic of nanoGPT's loop on a CPU).
 
 The reference ("nanogpt-loop") reproduces the choices of nanoGPT's train.py
 that matter on a CPU: batches cut from a np.memmap row by row and stacked,
@@ -37,8 +41,12 @@ RECIPE = dict(batch_size=12, block_size=64, n_layer=4, n_head=4, n_embd=128, lr=
               min_lr=1e-4, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
 
 
-def bench_tune_gpt(data: str, steps: int, warmup: int) -> dict:
-    """Time tune_gpt.train.train() itself, with a reporter that stamps every step."""
+def bench_tune_gpt(data: str, steps: int, warmup: int, matmul_precision: str = "auto") -> dict:
+    """Time tune_gpt.train.train() itself, with a reporter that stamps every step.
+
+    ``matmul_precision="auto"`` is the default (bfloat16 products in the linear layers on a CPU
+    with AMX or AVX512-BF16); ``"highest"`` is float32 throughout, as nanoGPT's loop on a CPU.
+    """
     sys.path.insert(0, str(REPO))
     from tune_gpt.config import TrainConfig
     from tune_gpt.data import load_corpus
@@ -59,12 +67,17 @@ def bench_tune_gpt(data: str, steps: int, warmup: int) -> dict:
             "warmup_steps": RECIPE["warmup"], "min_lr": RECIPE["min_lr"], "beta2": RECIPE["beta2"],
             "max_steps": 2000, "eval_interval": 10**9, "log_interval": 1, "sample_tokens": 0,
             "checkpoint": False, "progress": False, "tensorboard": False, "wandb.enabled": False,
-            "output_dir": out, "device": "cpu",
+            "output_dir": out, "device": "cpu", "matmul_precision": matmul_precision,
         })
         rep = Stamps()
         train(cfg, rep, corpus=corpus, stop_after=steps)
     dts = [b - a for a, b in zip(rep.t, rep.t[1:])][warmup:]
-    return _summary("tune_gpt", dts)
+    return _summary("tune_gpt" if matmul_precision == "auto" else f"tune_gpt-{matmul_precision}", dts)
+
+
+def bench_tune_gpt_fp32(data: str, steps: int, warmup: int) -> dict:
+    """tune_gpt with float32 matmuls throughout (``--matmul_precision highest``)."""
+    return bench_tune_gpt(data, steps, warmup, "highest")
 
 
 def nanogpt_data(data: str):
@@ -152,14 +165,14 @@ def _summary(name: str, dts: list[float]) -> dict:
             "mean_ms": statistics.fmean(dts) * 1000}
 
 
-def paired_speedups(rows: list[dict]) -> list[float]:
-    """nanogpt-loop ms / tune_gpt ms for each round (the two runs made back to back).
+def paired_speedups(rows: list[dict], name: str = "tune_gpt") -> list[float]:
+    """nanogpt-loop ms / `name`'s ms for each round (the runs made back to back).
 
     The machine's speed drifts by more than the gap being measured, so the best of each side
     can pair a lucky run with an unlucky one; the median of the rounds' own ratios is steadier.
     """
     ref = [r["median_ms"] for r in rows if r["name"] == "nanogpt-loop"]
-    ours = [r["median_ms"] for r in rows if r["name"] == "tune_gpt"]
+    ours = [r["median_ms"] for r in rows if r["name"] == name]
     return [a / b for a, b in zip(ref, ours)]
 
 
@@ -186,6 +199,7 @@ def main() -> None:
     for _ in range(args.rounds):
         rows.append(_child("nanogpt_loop", args))
         rows.append(_child("tune_gpt", args))
+        rows.append(_child("tune_gpt_fp32", args))
     if args.nanogpt:
         rows.append(bench_real_nanogpt(args.nanogpt, args.data, args.steps, args.warmup))
     best: dict[str, dict] = {}
@@ -196,10 +210,11 @@ def main() -> None:
     lines = ["| loop | median ms/step | tokens/s | speed-up vs nanogpt-loop |", "|---|---|---|---|"]
     for r in best.values():
         lines.append(f"| {r['name']} | {r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ref / r['median_ms']:.2f}x |")
-    pairs = paired_speedups(rows)
     lines.append("")
-    lines.append(f"speed-up round by round (each nanogpt-loop run against the tune_gpt run after it): "
-                 f"{', '.join(f'{p:.2f}x' for p in pairs)}; median **{statistics.median(pairs):.2f}x**")
+    for name in ("tune_gpt", "tune_gpt-highest"):
+        pairs = paired_speedups(rows, name)
+        lines.append(f"{name}'s speed-up round by round (against the nanogpt-loop run of the same round): "
+                     f"{', '.join(f'{p:.2f}x' for p in pairs)}; median **{statistics.median(pairs):.2f}x**  ")
     table = "\n".join(lines)
     print(table)
     print("all rounds: " + ", ".join(f"{r['name']} {r['median_ms']:.1f} ms" for r in rows))

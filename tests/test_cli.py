@@ -51,6 +51,7 @@ def bad_corpora(tmp_path_factory):
         (["--batch_size", "0"], ["batch_size", "0"]),
         (["--batch_size", "many"], ["batch_size", "many"]),
         (["--bf16", "--device", "cpu"], ["bf16"]),
+        (["--matmul_precision", "tf32"], ["matmul_precision", "tf32"]),
         (["--epochs", "-1"], ["epochs"]),
         (["--not_a_flag", "1"], ["--not_a_flag"]),
         (["--resume", "--output_dir", "{bad}/never"], ["resume", "never"]),

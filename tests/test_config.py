@@ -54,6 +54,7 @@ def test_unknown_key_names_the_closest():
         ({"batch_size": "many"}, "batch_size"),
         ({"batch_size": 2.5}, "batch_size"),
         ({"precision": "fp8"}, "precision"),
+        ({"matmul_precision": "low"}, "matmul_precision"),
         ({"epochs": 0}, "epochs"),
         ({"use_chinese": "maybe"}, "use_chinese"),
         ({"learning_rate": "nan"}, "learning_rate"),

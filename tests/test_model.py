@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn import functional as F
 
-from tune_gpt.model import GPT, GPTConfig
+from tune_gpt.model import GPT, GPTConfig, Linear
 
 
 def small_model(**kw) -> GPT:
@@ -72,3 +74,38 @@ def test_generate_never_samples_suppressed_ids():
     out = m.generate(torch.zeros((4, 1), dtype=torch.long), 30, generator=torch.Generator().manual_seed(0),
                      suppress=[0, 1, 2])
     assert not torch.isin(out[:, 1:], torch.tensor([0, 1, 2])).any()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_products_keep_float32_results_and_gradients_close_to_exact(bias):
+    torch.manual_seed(0)
+    lin = Linear(96, 160, bias=bias)
+    x = torch.randn(4, 24, 96, requires_grad=True)
+    g = torch.randn(4, 24, 160)
+    exact_y = F.linear(x, lin.weight, lin.bias)
+    exact = torch.autograd.grad(exact_y, [x, *lin.parameters()], g)
+    lin.bf16_products = True
+    y = lin(x)
+    got = torch.autograd.grad(y, [x, *lin.parameters()], g)
+    assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in got)
+    assert torch.get_float32_matmul_precision() == "highest"  # restored after forward and backward
+    for a, b in zip((y, *got), (exact_y, *exact)):
+        assert a.shape == b.shape
+        assert (a - b).norm() <= 1e-2 * b.norm()  # bfloat16 operands: ~3 significant digits per product
+
+
+def test_bf16_products_can_be_switched_on_every_linear_layer_without_touching_the_weights():
+    m = small_model(bias=True)
+    linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 1 and all(isinstance(mod, Linear) for mod in linears)  # lm_head included
+    keys = list(m.state_dict())
+    x = torch.randint(0, 50, (3, 16))
+    _, exact = m(x, x)
+    m.set_bf16_products(True)
+    assert all(mod.bf16_products for mod in linears)
+    _, loss = m(x, x)
+    loss.backward()
+    assert abs(loss.item() - exact.item()) < 1e-2 and list(m.state_dict()) == keys
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    m.set_bf16_products(False)
+    assert m(x, x)[1].item() == exact.item()

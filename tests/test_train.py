@@ -197,3 +197,19 @@ def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, corpus_file
     argv.append("--resume")  # goes on from the first run's step 20: that checkpoint is this run's until the next
     assert interrupted_at(25) == 130
     assert "interrupted; the last checkpoint (step 20) is in" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("matmul_precision", ["auto", "highest", "medium"])
+def test_matmul_precision_decides_whether_the_linear_layers_multiply_in_bf16_on_cpu(tiny_cfg, matmul_precision):
+    from tune_gpt.train import cpu_multiplies_bf16
+
+    class Start(Recorder):
+        def start(self, cfg, info):
+            self.info = info
+
+    rec = Start()
+    res = train(tiny_cfg(max_steps=4, eval_interval=2, matmul_precision=matmul_precision, device="cpu"), rec)
+    expected = {"auto": cpu_multiplies_bf16(), "highest": False, "medium": True}[matmul_precision]
+    assert rec.info["bf16_products"] is expected
+    assert res.status == "finished" and torch.get_float32_matmul_precision() == "highest"
+    assert all(math.isfinite(m["val/loss"]) for _, m, _ in rec.evals)

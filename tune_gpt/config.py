@@ -31,6 +31,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
 CKPT_NAME = "ckpt.pt"  # <output_dir>/checkpoint/ckpt.pt: everything needed to resume
 MODEL_NAME = "model.pt"  # <output_dir>/model.pt: the final model, for tune_gpt.generate
 
@@ -99,6 +100,10 @@ class TrainConfig:
     # --- where it runs
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = _f("fp32", "fp32, bf16 or fp16 (bf16/fp16 need a GPU)")
+    matmul_precision: str = _f(
+        "auto", "float32 matmuls: highest (exact), high (TF32 on CUDA), medium (bfloat16 products, float32"
+        " accumulation); auto: high on CUDA, medium in the linear layers on a CPU with AMX or AVX512-BF16,"
+        " else highest")
     compile: bool = _f(False, "torch.compile the model")
     num_threads: int | None = _f(None, "torch CPU threads; default: torch's")
     gpu_memory_fraction: float | None = _f(None, "cap this process's CUDA memory to this fraction")
@@ -168,6 +173,11 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"precision: unknown value {self.precision!r} (choose from {', '.join(PRECISIONS)})"
+            )
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(
+                f"matmul_precision: unknown value {self.matmul_precision!r}"
+                f" (choose from {', '.join(MATMUL_PRECISIONS)})"
             )
         if self.num_threads is not None:
             _positive("num_threads", self.num_threads)

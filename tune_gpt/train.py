@@ -106,6 +106,15 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16) and oneDNN can use it."""
+    try:
+        hw = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return bool(hw and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without these probes: assume not
+        return False
+
+
 def available_device(dev: str, requested: str | None = None) -> torch.device:
     """`dev` as a torch device that exists here; ConfigError naming `requested` (default `dev`) otherwise."""
     requested = dev if requested is None else requested
@@ -261,8 +270,8 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high" if cfg.matmul_precision == "auto" else cfg.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"
         if cfg.gpu_memory_fraction:
             torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
     if corpus is None:
@@ -281,6 +290,10 @@ def train(
         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
     )
     model = GPT(GPTConfig(**model_args)).to(device)
+    bf16_products = device.type == "cpu" and (
+        cfg.matmul_precision == "medium" or (cfg.matmul_precision == "auto" and cpu_multiplies_bf16())
+    )
+    model.set_bf16_products(bf16_products)
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
         model.optim_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
@@ -340,7 +353,7 @@ def train(
     info = {
         "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
         "corpus": corpus.describe(), "total_steps": total, "warmup_steps": warmup, "device": str(device),
-        "start_step": step, "reporter_state": reporter_state,
+        "bf16_products": bf16_products, "start_step": step, "reporter_state": reporter_state,
     }
     reporter.start(cfg, info)
 

@@ -32,7 +32,10 @@ class Reporter:
         """Called once before the first step; `info` holds model/corpus facts."""
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Training metrics every `log_interval` steps."""
+        """Training metrics every `log_interval` steps, except at a step that is evaluated.
+
+        An evaluation's metrics (`evaluate`) carry the same keys, so every metric has one value a
+        step; its ``train/loss`` is measured on the fixed training batches, not the running mean."""
 
     def evaluate(self, step: int, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         """Evaluation metrics; `checkpoint_dir` holds ``ckpt.pt`` when one was saved."""

@@ -399,7 +399,7 @@ def train(
                 train_s += time.perf_counter() - t0
                 if not math.isfinite(mean_loss):
                     raise Diverged(f"loss became {mean_loss} at step {step} (lr {lr:.3g})")
-                if do_log:
+                if do_log and not do_eval:  # an evaluation's metrics carry these, with its train loss
                     tps = _rate(tokens, train_s + train_s_before)
                     metrics = {
                         "train/loss": mean_loss, "lr": lr, "step": step, "tokens": tokens,
@@ -408,6 +408,7 @@ def train(
                     if peak:
                         metrics["mfu"] = flops_per_token * tps / peak
                     reporter.log(step, metrics)
+                if do_log:
                     loss_sum.zero_()
                     loss_count = 0
             else:

@@ -1,13 +1,18 @@
 """Search overhead and CPU packing on this machine.
 
-    python benchmarks/search_overhead.py [--steps 300] [--record]
+    python benchmarks/search_overhead.py [--steps 300] [--rounds 1] [--record]
 
 1. overhead: the same training (tiny preset, nanoGPT's CPU recipe, `--steps`
    steps, evaluations every 100 steps) called directly, then as a one-trial
-   search (2 CPUs, no W&B, no scheduler); Ray's start-up is timed apart.
+   search (2 CPUs, no W&B, no scheduler); Ray's start-up is timed apart. The
+   search's fixed cost is also read directly: its wall time less the trial's own
+   (from its start to its last report), which the machine's speed drift does not move.
 2. packing: two trials at once with 1 CPU each against two trials one after the
    other with 2 CPUs each; aggregate throughput = training tokens of all trials
    / wall time of the training phase (first trial start to last trial end).
+
+With ``--rounds N`` everything runs N times in turn and each ratio is taken
+within a round (this VM's speed drifts by more than the gaps measured).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ for d in pathlib.Path(out.experiment_dir).iterdir():
         rows.append({{"start": last["timestamp"] - last["time_total_s"], "end": last["timestamp"],
                       "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"]}})
 span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
-print(json.dumps({{"ray_init_s": t1 - t0, "search_s": t2 - t1, "trials": len(rows),
+print(json.dumps({{"ray_init_s": t1 - t0, "search_s": t2 - t1, "trials": len(rows), "trial_s": span,
     "aggregate_tokens_per_s": sum(r["tokens"] for r in rows) / span, "per_trial_tokens_per_s": [r["tokens_per_s"] for r in rows]}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -85,27 +90,42 @@ print(json.dumps({{"ray_init_s": t1 - t0, "search_s": t2 - t1, "trials": len(row
 
 
 def main() -> None:
+    import statistics
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every measurement this many times, in turn; ratios are taken within a round")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
-    d = direct(args.steps, args.data, threads=2)
-    s1 = search(args.steps, args.data, n=1, cpus=2, concurrent=1)
-    seq = search(args.steps, args.data, n=2, cpus=2, concurrent=1)
-    par = search(args.steps, args.data, n=2, cpus=1, concurrent=2)
-    overhead = s1["search_s"] / d["wall_s"]
-    packing = par["aggregate_tokens_per_s"] / seq["aggregate_tokens_per_s"]
+    rounds = []
+    for _ in range(args.rounds):
+        d = direct(args.steps, args.data, threads=2)
+        s1 = search(args.steps, args.data, n=1, cpus=2, concurrent=1)
+        seq = search(args.steps, args.data, n=2, cpus=2, concurrent=1)
+        par = search(args.steps, args.data, n=2, cpus=1, concurrent=2)
+        rounds.append({"direct_s": d["wall_s"], "search_s": s1["search_s"], "ray_init_s": s1["ray_init_s"],
+                       "overhead": s1["search_s"] / d["wall_s"],
+                       "fixed_s": s1["search_s"] - s1["trial_s"],
+                       "packing": par["aggregate_tokens_per_s"] / seq["aggregate_tokens_per_s"],
+                       "seq": seq["aggregate_tokens_per_s"], "par": par["aggregate_tokens_per_s"]})
+
+    def each(key: str, fmt: str) -> str:
+        values = [r[key] for r in rounds]
+        med = format(statistics.median(values), fmt)
+        return med if len(values) == 1 else f"{med} (rounds: {', '.join(format(v, fmt) for v in values)})"
+
     table = "\n".join([
-        "| measurement | value |", "|---|---|",
-        f"| direct train(), {args.steps} steps, 2 threads (process wall) | {d['wall_s']:.1f} s ({d['tokens_per_s']:,.0f} tokens/s) |",
-        f"| one-trial search, after Ray start-up | {s1['search_s']:.1f} s |",
-        f"| Ray start-up (ray.init) | {s1['ray_init_s']:.1f} s |",
-        f"| search / direct | {overhead:.2f}x (bar: <= 1.10x) |",
-        f"| search - direct: the search's fixed cost beyond Ray's start-up | {s1['search_s'] - d['wall_s']:+.1f} s |",
-        f"| 2 trials one at a time, 2 CPUs each: aggregate tokens/s | {seq['aggregate_tokens_per_s']:,.0f} |",
-        f"| 2 trials at once, 1 CPU each: aggregate tokens/s | {par['aggregate_tokens_per_s']:,.0f} |",
-        f"| packing gain | {packing:.2f}x (bar: >= 1.5x) |",
+        "| measurement (median of rounds) | value |", "|---|---|",
+        f"| direct train(), {args.steps} steps, 2 threads (process wall) | {each('direct_s', '.1f')} s |",
+        f"| one-trial search, after Ray start-up | {each('search_s', '.1f')} s |",
+        f"| Ray start-up (ray.init) | {each('ray_init_s', '.1f')} s |",
+        f"| search / direct, within each round | {each('overhead', '.2f')} (bar: <= 1.10) |",
+        f"| the search's fixed cost: search wall - the trial's own wall | {each('fixed_s', '.1f')} s |",
+        f"| 2 trials one at a time, 2 CPUs each: aggregate tokens/s | {each('seq', ',.0f')} |",
+        f"| 2 trials at once, 1 CPU each: aggregate tokens/s | {each('par', ',.0f')} |",
+        f"| packing gain, within each round | {each('packing', '.2f')} (bar: >= 1.5) |",
     ])
     print(table)
     if args.record:

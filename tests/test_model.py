@@ -109,3 +109,40 @@ def test_bf16_products_can_be_switched_on_every_linear_layer_without_touching_th
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     m.set_bf16_products(False)
     assert m(x, x)[1].item() == exact.item()
+
+
+def test_bf16_products_switch_is_restored_by_the_last_thread_out():
+    import threading
+
+    from tune_gpt import model as model_mod
+
+    before = model_mod._get_mkldnn_precision()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other_thread():
+        with model_mod._bf16_products():
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert inside.wait(10)
+    with model_mod._bf16_products():
+        assert model_mod._get_mkldnn_precision() == model_mod._BF16
+    assert model_mod._get_mkldnn_precision() == model_mod._BF16  # the other thread is still inside
+    leave.set()
+    t.join(10)
+    assert model_mod._get_mkldnn_precision() == before
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_bf16_products_step_aside_for_autocast():
+    torch.manual_seed(0)
+    lin = Linear(32, 16)
+    lin.bf16_products = True
+    x = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16  # autocast's own bfloat16 matmul, not the float32-in/out one
+    y.float().sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None

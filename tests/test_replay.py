@@ -24,6 +24,17 @@ def test_check_replays_the_best_trial_exactly(finished_search, tmp_path):
     assert summary["trial_val_loss"] == finished_search.best_metric or summary["trial_val_loss"] is not None
 
 
+def test_a_check_multiplies_as_its_trial_did_whatever_this_cpu_does(tmp_path):
+    from tune_gpt.replay import trial_config
+
+    common = dict(check=True, output_dir=str(tmp_path), max_steps=None, epochs=None, wandb=False)
+    params = {"learning_rate": 1e-3, "matmul_precision": "auto"}
+    assert trial_config(params, tmp_path, "t1", trial_bf16_products=True, **common).matmul_precision == "medium"
+    assert trial_config(params, tmp_path, "t1", trial_bf16_products=False, **common).matmul_precision == "highest"
+    final = trial_config(params, tmp_path, "t1", **{**common, "check": False}, trial_bf16_products=True)
+    assert final.matmul_precision == "auto"  # a final run uses what this machine does best
+
+
 def test_longer_replay_writes_a_model_generate_can_sample(finished_search, tmp_path):
     out = tmp_path / "final"
     p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--max-steps", "30", "--output-dir", str(out))

@@ -213,3 +213,15 @@ def test_matmul_precision_decides_whether_the_linear_layers_multiply_in_bf16_on_
     assert rec.info["bf16_products"] is expected
     assert res.status == "finished" and torch.get_float32_matmul_precision() == "highest"
     assert all(math.isfinite(m["val/loss"]) for _, m, _ in rec.evals)
+
+
+def test_bf16_products_need_a_cpu_and_stay_off_under_compile_unless_asked_for():
+    from tune_gpt.train import cpu_multiplies_bf16, uses_bf16_products
+
+    cfg = lambda **kw: TrainConfig.from_flat(kw)  # noqa: E731
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16_products(cfg(), cpu) is cpu_multiplies_bf16()
+    assert uses_bf16_products(cfg(compile=True), cpu) is False  # it would break the compiled graph
+    assert uses_bf16_products(cfg(compile=True, matmul_precision="medium"), cpu) is True  # asked for
+    assert uses_bf16_products(cfg(matmul_precision="highest"), cpu) is False
+    assert uses_bf16_products(cfg(matmul_precision="medium"), cuda) is False  # CUDA: the global setting instead

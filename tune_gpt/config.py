@@ -102,8 +102,8 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 or fp16 (bf16/fp16 need a GPU)")
     matmul_precision: str = _f(
         "auto", "float32 matmuls: highest (exact), high (TF32 on CUDA), medium (bfloat16 products, float32"
-        " accumulation); auto: high on CUDA, medium in the linear layers on a CPU with AMX or AVX512-BF16,"
-        " else highest")
+        " accumulation; slow on a CPU without bfloat16 hardware); auto: high on CUDA, medium in the linear"
+        " layers on a CPU with AMX or AVX512-BF16 (not with compile), else highest")
     compile: bool = _f(False, "torch.compile the model")
     num_threads: int | None = _f(None, "torch CPU threads; default: torch's")
     gpu_memory_fraction: float | None = _f(None, "cap this process's CUDA memory to this fraction")

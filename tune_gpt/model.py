@@ -7,6 +7,7 @@ H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -39,15 +40,43 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+_bf16_lock = threading.Lock()
+_bf16_users = 0  # threads inside `_bf16_products`; the setting is process-wide
+_bf16_saved: str | None = None
+
+
+def _get_mkldnn_precision() -> str:
+    return torch.backends.mkldnn.matmul.fp32_precision
+
+
+def _set_mkldnn_precision(value: str) -> None:
+    torch.backends.mkldnn.matmul.fp32_precision = value
+
+
+if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):  # torch < 2.9: the global switch
+    _get_mkldnn_precision, _set_mkldnn_precision = torch.get_float32_matmul_precision, torch.set_float32_matmul_precision
+_BF16 = "bf16" if _get_mkldnn_precision is not torch.get_float32_matmul_precision else "medium"
+
+
 @contextmanager
 def _bf16_products() -> Iterator[None]:
-    """float32 matmuls inside may multiply in bfloat16 (fp32 accumulation, fp32 in and out)."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
+    """oneDNN's float32 matmuls inside multiply in bfloat16 (fp32 accumulation, fp32 in and out).
+
+    The switch is process-wide: the first thread in sets it, the last one out restores it (a Tune
+    actor can hold a stopped trial's thread next to the next trial's)."""
+    global _bf16_users, _bf16_saved
+    with _bf16_lock:
+        if _bf16_users == 0:
+            _bf16_saved = _get_mkldnn_precision()
+            _set_mkldnn_precision(_BF16)
+        _bf16_users += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(old)
+        with _bf16_lock:
+            _bf16_users -= 1
+            if _bf16_users == 0:
+                _set_mkldnn_precision(_bf16_saved)
 
 
 class _Bf16ProductLinear(torch.autograd.Function):
@@ -77,7 +106,8 @@ class Linear(nn.Linear):
 
     Inputs, outputs, weights, gradients and accumulation stay float32; only the
     products' operands are rounded to bfloat16, which oneDNN runs on AMX /
-    AVX512-BF16 at 2-2.5x the float32 GEMM rate for this model's shapes. Per layer,
+    AVX512-BF16 at 2-2.5x the float32 GEMM rate for this model's shapes (on a CPU
+    without them oneDNN emulates bfloat16, slowly). Per layer,
     not through a global ``torch.set_float32_matmul_precision("medium")``: that
     also reaches the CPU flash-attention kernel's block GEMMs, which then run ~10x
     slower (a whole step: 59 ms against 30 ms in float32).
@@ -86,9 +116,17 @@ class Linear(nn.Linear):
     bf16_products: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bf16_products:
+        if self.bf16_products and x.dtype == torch.float32 and not _autocast(x.device.type):
             return _Bf16ProductLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (it then picks the matmul dtype itself)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class CausalSelfAttention(nn.Module):

@@ -50,8 +50,12 @@ def pick_trial(experiment: str | Path, trial: str | None = None) -> tuple[Path, 
 
 
 def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
-                 max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu") -> TrainConfig:
-    """The trial's hyperparameters, with where-it-runs settings for a final run."""
+                 max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu",
+                 trial_bf16_products: bool = False) -> TrainConfig:
+    """The trial's hyperparameters, with where-it-runs settings for a final run.
+
+    A check runs on the trial's device and, on a CPU, with the trial's matmul arithmetic (`auto`
+    decides by the CPU it runs on, which need not be the trial's)."""
     flat = {k: v for k, v in params.items() if k in FIELD_TYPES}
     if not check:
         for k in RUNTIME_KEYS:
@@ -72,6 +76,8 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
     })
     if check:
         flat["device"] = trial_device
+        if trial_device == "cpu":
+            flat["matmul_precision"] = "medium" if trial_bf16_products else "highest"
     return TrainConfig.from_flat(flat)
 
 
@@ -85,8 +91,10 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         raise ConfigError("--check replays the trial at its own budget: drop --max-steps / --epochs")
     exp, row, params = pick_trial(experiment, trial)
     trial_id = str(row["trial_id"])
+    where = _trial_where(Path(row["trial_dir"]))
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
-                       epochs=epochs, wandb=wandb, trial_device=_trial_device(Path(row["trial_dir"])))
+                       epochs=epochs, wandb=wandb, trial_device=where["device"],
+                       trial_bf16_products=where["bf16_products"])
     if not check:  # a check reproduces a trial: doing it again replaces nothing of value
         _check_output_dir_free(Path(cfg.output_dir).expanduser())
     device = resolve_device(cfg)
@@ -129,14 +137,17 @@ def _check_output_dir_free(out: Path) -> None:
     raise ConfigError(f"replay: {out} already holds a final run{what}; give another --output-dir (or remove it)")
 
 
-def _trial_device(trial_dir: Path) -> str:
-    """The device the trial trained on, as its status file recorded it (CPU when unknown)."""
+def _trial_where(trial_dir: Path) -> dict[str, Any]:
+    """Where and how the trial trained, as its status file recorded it: ``device`` (CPU when
+    unknown) and ``bf16_products`` (False when unknown: trials before it was recorded had none)."""
     from tune_gpt.search import STATUS_FILE
 
     try:
-        return str(json.loads((trial_dir / STATUS_FILE).read_text()).get("device") or "cpu")
+        status = json.loads((trial_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
-        return "cpu"
+        status = {}
+    status = status if isinstance(status, dict) else {}
+    return {"device": str(status.get("device") or "cpu"), "bf16_products": bool(status.get("bf16_products"))}
 
 
 def _float(v: Any) -> float | None:

@@ -443,6 +443,7 @@ class TuneReporter:
     def start(self, cfg, info):
         self.cfg = cfg
         self.total_steps = info["total_steps"]
+        self.where["bf16_products"] = bool(info.get("bf16_products"))  # what `replay --check` must do again
         if self.start_step is None:
             self.start_step = int(info.get("start_step", 0))
             self.last_step = max(self.last_step, self.start_step)

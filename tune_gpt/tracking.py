@@ -125,14 +125,18 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.update(step - self.last_step)
             self.last_step = step
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+            self._postfix(metrics)
         else:
             self._print(f"step {step}: train loss {metrics['train/loss']:.4f}, lr {metrics['lr']:.2e}")
+
+    def _postfix(self, metrics):
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
 
     def evaluate(self, step, metrics, checkpoint_dir):
         if self.bar is not None:
             self.bar.update(step - self.last_step)
             self.last_step = step
+            self._postfix(metrics)
         self._print(
             f"step {step}: train loss {metrics['train/loss']:.4f}, val loss {metrics['val/loss']:.4f}, "
             f"val bpc {metrics['val/bpc']:.3f}, {metrics['tokens_per_s']:,.0f} tokens/s"
@@ -370,7 +374,8 @@ class WandbReporter(Reporter):
         self.log_model = cfg.wandb.log_model
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in cfg.to_flat().items() if not k.startswith("wandb.")}
-        config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"]})
+        config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"],
+                       "bf16_products": bool(info.get("bf16_products"))})
         config.update(self.extra_config)
         tags = [cfg.model_size, "single-gpu", *self.extra_tags]
         self._where = {"project": cfg.wandb.project, "entity": cfg.wandb.entity, "mode": self.mode}

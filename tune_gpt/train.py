@@ -106,6 +106,17 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
+def uses_bf16_products(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the model's linear layers multiply in bfloat16 (`model.Linear`): on a CPU, with
+    ``matmul_precision`` medium, or auto where the CPU multiplies bfloat16 in hardware and the
+    model is not compiled (the switch around each layer breaks a compiled graph into pieces)."""
+    if device.type != "cpu":
+        return False
+    if cfg.matmul_precision == "auto":
+        return not cfg.compile and cpu_multiplies_bf16()
+    return cfg.matmul_precision == "medium"
+
+
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16) and oneDNN can use it."""
     try:
@@ -290,9 +301,7 @@ def train(
         n_embd=m.n_embd, dropout=m.dropout, bias=m.bias,
     )
     model = GPT(GPTConfig(**model_args)).to(device)
-    bf16_products = device.type == "cpu" and (
-        cfg.matmul_precision == "medium" or (cfg.matmul_precision == "auto" and cpu_multiplies_bf16())
-    )
+    bf16_products = uses_bf16_products(cfg, device)
     model.set_bf16_products(bf16_products)
     fused = device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
@@ -445,6 +454,7 @@ def train(
                 result.best_val_loss = best_val
                 result.best_val_bpc = best_val / math.log(2) / corpus.chars_per_token
                 if last and cfg.sample_tokens > 0:  # before the last report: a search's scheduler may end the trial in it
+                    raw_model.set_bf16_products(False)  # as `python -m tune_gpt.generate` samples: in float32
                     result.sample = sample_text(raw_model, corpus.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                                 cfg.seed, device)
                     reporter.sample(result.sample)

@@ -337,6 +337,17 @@ def test_importance_finds_the_dominant_parameter(tmp_path):
     assert imp.attrs["evaluator"].startswith("optuna") and imp.attrs["trials"] == 16
 
 
+def test_importance_on_a_three_by_three_grid_finds_the_learning_rate(tmp_path):
+    from fake_experiment import FakeTrial, make_experiment
+
+    base, extra = {1e-5: 8.55, 5e-5: 8.30, 1e-4: 8.11}, {8: 0.0, 16: 0.01, 32: 0.03}  # the guide's sweep, as it ran
+    trials = [FakeTrial(lr, bs, "finished", [v + 1, v + extra[bs]]) for lr, v in base.items() for bs in extra]
+    space = {"learning_rate": {"type": "grid", "values": list(base)}, "batch_size": {"type": "grid", "values": list(extra)}}
+    imp = report.importance(report.load_results(make_experiment(tmp_path, trials, name="grid", space=space)))
+    assert imp.attrs["trials"] == 9
+    assert imp.index[0] == "learning_rate" and imp["learning_rate"] > 0.75, imp  # not 0.5 / 0.5
+
+
 def test_importance_falls_back_without_optuna_evaluators(tmp_path, monkeypatch):
     import optuna
 

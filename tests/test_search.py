@@ -483,12 +483,16 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     from tune_gpt.report import STOPPED_FILE, load_results, warnings_for
 
     db = f"sqlite:///{tmp_path / 'study.db'}"
-    other = optuna.create_study(study_name="budget", storage=db, direction="minimize")  # same --name, other storage
-    running_elsewhere = other.ask()
-    running_elsewhere.set_user_attr("tune_experiment", str(tmp_path / "elsewhere" / "budget"))
-    out = run_search(SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
-                                   time_budget=15, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
-                                   overrides={"data": str(corpus_file)}, verbose=0))  # W&B offline
+    earlier = optuna.create_study(study_name="budget", storage=db, direction="minimize")  # an earlier search's
+    earlier.ask().set_user_attr("tune_experiment", str(tmp_path / "elsewhere" / "budget"))
+    opts = SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
+                         time_budget=15, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
+                         overrides={"data": str(corpus_file)}, verbose=0)  # W&B offline
+    with pytest.raises(ConfigError, match=r"study 'budget' already holds 1 trial.*another --name"):
+        run_search(opts)  # its trials would steer TPE and be proposed again as this search's
+    assert not (tmp_path / "r" / "budget").exists()
+    optuna.delete_study(study_name="budget", storage=db)
+    out = run_search(opts)
     df = load_results(out.experiment_dir)
     assert len(df) >= 1 and set(df["status"]) == {"out-of-time"}, df[["trial_id", "status"]]
     assert (df["steps"].dropna() < 100_000).all()  # (a trial can be stopped before its first report)
@@ -503,9 +507,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     runs = offline_runs(out.experiment_dir)  # W&B: a finished run that says so, for each trial that reported
     assert runs and {r.summary.get("trial_status") for r in runs} == {"out-of-time"}
     assert all(r.exit_code == 0 for r in runs)
-    study = optuna.load_study(study_name="budget", storage=db)
-    assert study.trials[running_elsewhere.number].state.name == "RUNNING"  # not this search's to close
-    ours = [t for t in study.trials if t.number != running_elsewhere.number]
+    ours = optuna.load_study(study_name="budget", storage=db).trials
     states = [t.state.name for t in ours]
     assert "RUNNING" not in states and "COMPLETE" not in states, states
     assert set(df["trial_id"]) <= {t.user_attrs["tune_trial_id"] for t in ours}

@@ -829,7 +829,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
     plan.max_evals = max_evaluations(plan, len(corpus.train))
     if opts.optuna_storage and plan.searcher == "optuna":
-        _check_optuna_storage(opts.optuna_storage)
+        _check_optuna_storage(opts.optuna_storage, plan.name, opts.resume)
 
     if opts.gpus_per_trial > 0 and not opts.address:
         _check_local_gpu(opts)
@@ -1037,13 +1037,28 @@ def _check_searcher_space(plan: Plan, param_space: dict[str, Any]) -> None:
                           "use --search random") from None
 
 
-def _check_optuna_storage(url: str) -> None:
+def _check_optuna_storage(url: str, name: str, resume: bool) -> None:
+    """The storage opens, and a new search does not add its trials to an earlier search's study.
+
+    The study is named after the experiment (``--name``); Optuna would load an existing one, and
+    its trials would steer TPE and be proposed again as if this search had run them."""
     try:
         import optuna
 
-        optuna.storages.get_storage(url)
+        storage = optuna.storages.get_storage(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
         raise ConfigError(f"--optuna-storage {url}: cannot open it ({_one_line(exc)})") from None
+    if resume:
+        return
+    try:
+        n = len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
+    except KeyError:  # no such study: this search creates it
+        return
+    if n:
+        raise ConfigError(
+            f"--optuna-storage {url}: study {name!r} already holds {n} trial(s) of an earlier search named"
+            f" {name!r}; give another --name, --resume that search, or delete the study"
+            f" (optuna delete-study --study-name {shlex.quote(name)} --storage {shlex.quote(url)})")
 
 
 def _init_ray(opts: SearchOptions) -> None:

@@ -153,6 +153,20 @@ def test_dry_run_checks_what_it_can_without_ray(tmp_path, corpus_file):
     assert any("already exists; pass --resume" in n for n in dry().notes)
 
 
+def test_dry_run_plans_the_evaluations_a_run_would_and_says_when_asha_can_stop_nothing(tmp_path, corpus_file):
+    def dry(**overrides):
+        return run_search(SearchOptions(space=str(tiny_space(tmp_path, steps=40, every=10)), dry_run=True,
+                                        storage_path=str(tmp_path / "r"),
+                                        overrides={"data": str(corpus_file), **overrides}))
+
+    plan = dry()
+    assert plan.max_evals == 4 and "up to 4 evaluations a trial" in plan.describe()
+    assert "can stop no trial" not in plan.describe()
+    once = dry(eval_interval=1000)  # the run's only evaluation is its last: ASHA has no rung to stop at
+    assert once.max_evals == 1 and "up to 1 evaluation a trial" in once.describe()
+    assert "asha can stop no trial: each reports at most 1 evaluation(s)" in once.describe()
+
+
 def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
     """`pip install .` or a wheel (not editable): the spaces travel inside the package, and the
     installed search uses them from any directory."""

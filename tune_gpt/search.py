@@ -142,7 +142,8 @@ class Plan:
                                                 else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",
             f"  objective    {self.metric} ({self.mode}), reported every {self.base_cfg.eval_interval} steps, "
-            + (f"up to {self.max_evals} evaluations a trial" if self.max_evals else "until each trial's budget ends"),
+            + (f"up to {self.max_evals} evaluation{'s' * (self.max_evals != 1)} a trial" if self.max_evals
+               else "until each trial's budget ends"),
             f"  resources    {res} per trial, concurrency {conc}",
             f"  failures     retried {o.max_failures} time(s) from the last checkpoint; NaN/inf loss ends a trial "
             "'diverged'; out of memory ends it 'oom'"
@@ -154,8 +155,21 @@ class Plan:
                          "resumed search)")
         elif o.time_budget:
             lines.append(f"  time budget  {o.time_budget:g} s")
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  note: {n}" for n in self.notes + self._scheduler_notes()]
         return "\n".join(lines)
+
+    def _scheduler_notes(self) -> list[str]:
+        """A scheduler that can stop nothing because the trials end before its grace period."""
+        kind = self.scheduler.get("type", "asha")
+        if not self.max_evals or kind not in ("asha", "median"):
+            return []
+        last = int(self.scheduler.get("max_t") or self.max_evals) if kind == "asha" else self.max_evals
+        grace = self.scheduler.get("grace_period", 1 if kind == "asha" else 2)
+        if last > grace:
+            return []
+        return [f"{kind} can stop no trial: each reports at most {last} evaluation(s) and the grace period is "
+                f"{grace}; evaluate more often (--eval_interval, now {self.base_cfg.eval_interval} steps) to stop "
+                "weak trials early"]
 
 
 # ------------------------------------------------------------------ planning
@@ -775,7 +789,8 @@ def _dry_run_checks(plan: Plan) -> None:
         _check_same_search(plan, _check_resumable(plan))
     cfg = plan.base_cfg
     if not (cfg.data and re.match(r"^https?://", cfg.data)):
-        read_text(cfg.data, use_chinese=cfg.use_chinese)
+        _, text, _ = read_text(cfg.data, use_chinese=cfg.use_chinese)
+        plan.max_evals = max_evaluations(plan, int(len(text) * 0.9))  # one token a character, as the run splits
     if plan.opts.address:
         _check_address_answers(plan.opts.address)
     elif plan.opts.gpus_per_trial > 0:

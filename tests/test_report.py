@@ -288,6 +288,11 @@ def test_best_lr_per_batch(df):
     assert b["best_val_loss"].tolist() == pytest.approx([1.80, 1.60, 1.75])
     assert b["trial_id"].tolist() == [trial_id(2), trial_id(0), trial_id(3)]
     assert b["trials"].tolist() == [2, 2, 2]  # ranked trials only: t5, t6, t7 left out
+    assert b["status"].tolist() == ["finished"] * 3 and b["steps"].tolist() == [30, 30, 30]
+    only_stopped = df[df["trial_id"] != trial_id(3)].copy()  # batch 32 keeps only its ASHA-stopped trial
+    only_stopped.attrs = dict(df.attrs)
+    row = report.best_lr_per_batch(only_stopped).loc[32]
+    assert row["status"] == "early-stopped" and row["steps"] == 10  # shown as the shorter run it is
 
 
 def small_df(rows: list[tuple[float, int, float]], space: dict, status: str = "finished"):

@@ -710,7 +710,8 @@ def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = L
 
 def best_lr_per_batch(df: "pd.DataFrame", metric: str | None = None, *, lr: str = LR,
                       batch: str = BATCH) -> "pd.DataFrame":
-    """For each batch size: the learning rate of its best trial, that trial's value and id, trials run."""
+    """For each batch size: the learning rate of its best trial, that trial's value, steps, status and id,
+    trials run (the steps and status tell an early-stopped best, whose value is from a shorter run)."""
     import pandas as pd
 
     col, mode = _objective(df, metric)
@@ -721,7 +722,8 @@ def best_lr_per_batch(df: "pd.DataFrame", metric: str | None = None, *, lr: str 
     if d.empty:
         return pd.DataFrame(columns=[lr, col, "trial_id", "trials"])
     idx = d.groupby(batch)[col].idxmin() if mode == "min" else d.groupby(batch)[col].idxmax()
-    out = d.loc[idx.values, [batch, lr, col, "trial_id"]].set_index(batch)
+    cols = [batch, lr, col] + [c for c in ("steps", "status") if c in d.columns] + ["trial_id"]
+    out = d.loc[idx.values, cols].set_index(batch)
     out["trials"] = d.groupby(batch).size()
     return out.sort_index()
 

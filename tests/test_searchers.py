@@ -206,3 +206,16 @@ def test_a_budget_that_runs_out_between_trials_marks_the_search(tmp_path, monkey
     assert run(31, [*two, trial("c", ran=False), trial("d", ran=False)], planned=4)  # random/grid: made, never ran
     assert not run(28, two, planned=4)  # Ctrl+C 2 s before the budget, ended 5 s later: --resume continues it
     assert not run(31, two, planned=2)  # every planned trial ran: done, whatever the clock says
+
+
+def test_a_report_again_of_a_recorded_step_is_dropped_quietly():
+    import warnings
+
+    s = searcher([1e-3, 1e-2])
+    s.suggest("a")
+    s.on_trial_result("a", {"loss": 2.5, "training_iteration": 1})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        s.on_trial_result("a", {"loss": 2.4, "training_iteration": 1})  # a resumed trial, its step again
+    assert not [w for w in seen if "already reported" in str(w.message)], [str(w.message) for w in seen]
+    assert s._ot_study.trials[0].intermediate_values == {1: 2.5}  # the first report stands

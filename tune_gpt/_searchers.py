@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -115,7 +116,11 @@ class UniqueOptunaSearch(OptunaSearch):
         self._reopen_if_retried(trial_id)
         if isinstance(self.metric, str) and self.metric in result:
             self._last[trial_id] = result[self.metric]
-        super().on_trial_result(trial_id, result)
+        with warnings.catch_warnings():
+            # A resumed trial reports again the evaluations after the saved state's, which Optuna may have
+            # recorded already (a shared study, or a driver stopped between the two saves): the first stands.
+            warnings.filterwarnings("ignore", message="The reported value is ignored because this")
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._reopen_if_retried(trial_id)  # (a retry that fails again before its first report)

@@ -133,6 +133,40 @@ def test_url_is_fetched_once_with_its_sha256(tmp_path):
     assert json.loads(meta.read_text())["sha256"] == hashlib.sha256(body).hexdigest()
 
 
+def test_a_url_that_is_no_corpus_is_not_cached_and_a_changed_download_is_fetched_again(tmp_path):
+    from tune_gpt.errors import DataError
+
+    served = {"body": b"\x00\x01binary\x00" * 50}
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
+        with pytest.raises(DataError, match="binary"):
+            load_corpus(url, cache_dir=tmp_path)
+        assert not list((tmp_path / "downloads").iterdir())  # the bad download is not kept
+        served["body"] = ("all the world's a stage\n" * 200).encode()  # the server's file, fixed
+        assert load_corpus(url, cache_dir=tmp_path).n_chars == len(served["body"])
+        (cached,) = (tmp_path / "downloads").glob("*.txt")
+        cached.write_bytes(cached.read_bytes() + b"tampered\n")  # no longer what its sha256 says
+        assert load_corpus(url, cache_dir=tmp_path).n_chars == len(served["body"])  # fetched again
+    finally:
+        server.shutdown()
+    assert len(hits) == 3
+
+
 def test_batches_are_shifted_windows_and_seeded():
     tokens = np.arange(1000, dtype=np.uint16)
     a = BatchSampler(tokens, 4, 8, seed=3)

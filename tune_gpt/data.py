@@ -161,7 +161,11 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
         return spec, text, sources
     if re.match(r"^https?://", spec):
         path = fetch_url(spec, cache_dir or default_cache_dir())
-        return spec, _read_file(path, label=spec), [spec]
+        try:
+            return spec, _read_file(path, label=spec), [spec]
+        except DataError:
+            _forget_download(path)  # not kept: once the server has a good file, the next run fetches it
+            raise
     files = resolve_files(spec)
     parts = [_read_file(f) for f in files]
     text = "\n".join(parts)
@@ -259,7 +263,9 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     dest = dest_dir / f"{key}.txt"
     meta = dest_dir / f"{key}.json"
     if dest.is_file() and meta.is_file():
-        return dest
+        if _matches_record(dest, meta):
+            return dest
+        _forget_download(dest)  # changed or cut short since it was fetched: fetched again
     dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(f".part{os.getpid()}")
     try:
@@ -274,6 +280,30 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     os.replace(tmp, dest)
     meta.write_text(json.dumps({"url": url, "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
     return dest
+
+
+def _matches_record(path: Path, meta: Path) -> bool:
+    """Whether a cached download still has the size and sha256 recorded when it was fetched."""
+    try:
+        record = json.loads(meta.read_text())
+        if path.stat().st_size != record["bytes"]:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest() == record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _forget_download(path: Path) -> None:
+    """Remove a cached download and its record."""
+    for f in (path, path.with_suffix(".json")):
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpus:

@@ -209,11 +209,21 @@ def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
         (dict(gpus_per_trial=-1), "--gpus-per-trial"),
         (dict(num_samples=0), "--num-samples"),
         (dict(max_concurrent=0), "--max-concurrent"),
+        (dict(mode="max"), r"--mode max: val/loss is lower for better models"),
+        (dict(mode="max", metric="val_bpc"), r"--mode max: val/bpc"),
     ],
 )
 def test_impossible_requests_are_refused_before_ray_starts(opts, needle):
     with pytest.raises(TuneGPTError, match=needle):
         plan_search(SearchOptions(**opts))
+
+
+def test_maximizing_a_loss_is_refused_where_the_space_asks_for_it_too(tmp_path):
+    sweep = write_space(tmp_path / "sweep.yaml", "method: random\nmetric: {name: val_loss, goal: maximize}\n"
+                                                 "parameters: {learning_rate: {values: [0.001, 0.01]}}\n")
+    with pytest.raises(TuneGPTError, match=r"sweep.yaml: its metric's goal is to maximize: val/loss"):
+        plan_search(SearchOptions(space=str(sweep)))
+    assert plan_search(SearchOptions(mode="max", metric="tokens_per_s")).mode == "max"  # higher is better there
 
 
 def test_cli_dry_run_and_gpu_refusal_exit_cleanly(tmp_path):

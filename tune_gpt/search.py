@@ -281,6 +281,10 @@ def plan_search(opts: SearchOptions) -> Plan:
     mode = opts.mode or space.mode or "min"
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode: must be min or max, got {mode!r}")
+    if mode == "max" and metric in ("val/loss", "val/bpc", "train/loss"):
+        where = "--mode max" if opts.mode else f"{space.source}: its metric's goal is to maximize"
+        raise ConfigError(f"{where}: {metric} is lower for better models, so the search would pick the worst "
+                          "trial as its best; use min")
     if metric in GPU_ONLY_METRICS and opts.gpus_per_trial <= 0:
         raise ConfigError(f"{'--metric' if opts.metric else space.source + ': metric'}: {metric} is only reported "
                           "by trials on a GPU, and these run on the CPU (--gpus-per-trial 0); use val/loss")

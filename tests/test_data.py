@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -104,40 +105,9 @@ def test_builtin_chinese_corpus_strips_pos_tags(tmp_path):
     assert han > 1000 and c.vocab_size > 3000
 
 
-def test_url_is_fetched_once_with_its_sha256(tmp_path):
-    body = ("to be or not to be, that is the question\n" * 200).encode()
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/hamlet.txt"
-        c1 = load_corpus(url, cache_dir=tmp_path)
-        c2 = load_corpus(url, cache_dir=tmp_path)
-    finally:
-        server.shutdown()
-    assert len(hits) == 1
-    assert c1.n_chars == c2.n_chars == len(body)
-    (meta,) = (tmp_path / "downloads").glob("*.json")
-    assert json.loads(meta.read_text())["sha256"] == hashlib.sha256(body).hexdigest()
-
-
-def test_a_url_that_is_no_corpus_is_not_cached_and_a_changed_download_is_fetched_again(tmp_path):
-    from tune_gpt.errors import DataError
-
-    served = {"body": b"\x00\x01binary\x00" * 50}
-    hits = []
+@contextlib.contextmanager
+def serving(served: dict, hits: list):
+    """A local HTTP server answering every GET with ``served["body"]``; yields its base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -153,7 +123,31 @@ def test_a_url_that_is_no_corpus_is_not_cached_and_a_changed_download_is_fetched
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
+def test_url_is_fetched_once_with_its_sha256(tmp_path):
+    body = ("to be or not to be, that is the question\n" * 200).encode()
+    hits = []
+    with serving({"body": body}, hits) as base:
+        url = f"{base}/hamlet.txt"
+        c1 = load_corpus(url, cache_dir=tmp_path)
+        c2 = load_corpus(url, cache_dir=tmp_path)
+    assert len(hits) == 1
+    assert c1.n_chars == c2.n_chars == len(body)
+    (meta,) = (tmp_path / "downloads").glob("*.json")
+    assert json.loads(meta.read_text())["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_url_that_is_no_corpus_is_not_cached_and_a_changed_download_is_fetched_again(tmp_path):
+    from tune_gpt.errors import DataError
+
+    served = {"body": b"\x00\x01binary\x00" * 50}
+    hits = []
+    with serving(served, hits) as base:
+        url = f"{base}/corpus.txt"
         with pytest.raises(DataError, match="binary"):
             load_corpus(url, cache_dir=tmp_path)
         assert not list((tmp_path / "downloads").iterdir())  # the bad download is not kept
@@ -162,8 +156,6 @@ def test_a_url_that_is_no_corpus_is_not_cached_and_a_changed_download_is_fetched
         (cached,) = (tmp_path / "downloads").glob("*.txt")
         cached.write_bytes(cached.read_bytes() + b"tampered\n")  # no longer what its sha256 says
         assert load_corpus(url, cache_dir=tmp_path).n_chars == len(served["body"])  # fetched again
-    finally:
-        server.shutdown()
     assert len(hits) == 3
 
 

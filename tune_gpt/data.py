@@ -306,6 +306,11 @@ def _forget_download(path: Path) -> None:
             pass
 
 
+def train_size(n_tokens: int) -> int:
+    """Tokens in the training split of a corpus of `n_tokens`: the first 90 % (the last 10 % validate)."""
+    return int(n_tokens * 0.9)
+
+
 def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpus:
     """Tokenize `text` (or load it from the cache) and split it 90/10."""
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -325,8 +330,7 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
             pass  # a damaged cache entry is rebuilt below
     tok = CharTokenizer.from_text(text)
     ids = tok.encode_array(text)
-    n = len(ids)
-    split = int(n * 0.9)
+    split = train_size(len(ids))
     train, val = ids[:split].copy(), ids[split:].copy()
     try:
         tmp = d.with_name(d.name + f".tmp{os.getpid()}")

@@ -57,6 +57,7 @@ CORPUS_KEYS = ("data", "use_chinese", "cache_dir")
 GPU_ONLY_METRICS = ("mfu", "gpu/mem_gb", "gpu/util")
 # How a trial ended that a resumed search must not train again (its status file says so).
 DONE_STATUSES = ("finished", "diverged", "oom")
+GRACE_PERIOD = {"asha": 1, "median": 2}  # evaluations before the scheduler may stop a trial, unless set
 # What a trial that diverged or ran out of memory reports last: the worst value there is, so that
 # Optuna (which accepts inf, not NaN) and ASHA rank it below every trial that trained.
 FAILED_METRICS = {"val/loss": float("inf"), "val/bpc": float("inf"), "train/loss": float("inf")}
@@ -164,7 +165,7 @@ class Plan:
         if not self.max_evals or kind not in ("asha", "median"):
             return []
         last = int(self.scheduler.get("max_t") or self.max_evals) if kind == "asha" else self.max_evals
-        grace = self.scheduler.get("grace_period", 1 if kind == "asha" else 2)
+        grace = self.scheduler.get("grace_period", GRACE_PERIOD[kind])
         if last > grace:
             return []
         return [f"{kind} can stop no trial: each reports at most {last} evaluation(s) and the grace period is "
@@ -781,7 +782,7 @@ def _dry_run_checks(plan: Plan) -> None:
     """What --dry-run can check without starting Ray, tokenizing or downloading: the corpus can be read
     (a local file, folder or glob; not a URL), the experiment folder is as --resume says, --address
     answers, and the GPUs asked for exist here."""
-    from tune_gpt.data import read_text
+    from tune_gpt.data import read_text, train_size
 
     try:
         _check_experiment_folder(plan)
@@ -794,7 +795,7 @@ def _dry_run_checks(plan: Plan) -> None:
     cfg = plan.base_cfg
     if not (cfg.data and re.match(r"^https?://", cfg.data)):
         _, text, _ = read_text(cfg.data, use_chinese=cfg.use_chinese)
-        plan.max_evals = max_evaluations(plan, int(len(text) * 0.9))  # one token a character, as the run splits
+        plan.max_evals = max_evaluations(plan, train_size(len(text)))  # the char tokenizer: a token a character
     if plan.opts.address:
         _check_address_answers(plan.opts.address)
     elif plan.opts.gpus_per_trial > 0:
@@ -1289,13 +1290,14 @@ def _scheduler(plan: Plan):
         from ray.tune.schedulers import ASHAScheduler
 
         max_t = int(s.get("max_t") or plan.max_evals)
-        grace = int(min(s.get("grace_period", 1), max_t))
+        grace = int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t))
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
                              reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)))
     if kind == "median":
         from ray.tune.schedulers import MedianStoppingRule
 
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=float(s.get("grace_period", 2)),
+        return MedianStoppingRule(time_attr="training_iteration",
+                                  grace_period=float(s.get("grace_period", GRACE_PERIOD["median"])),
                                   min_samples_required=int(s.get("min_samples_required", 3)))
     from ray.tune.schedulers import FIFOScheduler
 

@@ -787,15 +787,22 @@ def test_report_tells_trials_the_time_budget_stopped_from_those_asha_stopped(tmp
 
     exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "early-stopped", [2.5, 2.2]),
                                      FakeTrial(2e-3, 8, "early-stopped", [2.9]),
-                                     FakeTrial(3e-3, 8, "early-stopped", [2.6, 2.4])], name="budget")
-    dirs = [next(p for p in exp.iterdir() if trial_id(i) in p.name) for i in range(3)]
-    for d in (dirs[0], dirs[2]):
+                                     FakeTrial(3e-3, 8, "early-stopped", [2.6, 2.4]),
+                                     FakeTrial(4e-3, 8, "finished", [2.7, 2.3, 2.1])], name="budget")
+    dirs = [next(p for p in exp.iterdir() if trial_id(i) in p.name) for i in range(4)]
+    for d in (dirs[0], dirs[2], dirs[3]):
         (d / STOPPED_FILE).write_text(json.dumps({"stopped_by": "time budget", "time_budget_s": 60}))
     (dirs[2] / STATUS_FILE).write_text(json.dumps({"status": "early-stopped", "steps": 20, "total_steps": 30}))
+    # trained to its end, but the budget ended the search before Tune recorded its step-30 evaluation
+    (dirs[3] / STATUS_FILE).write_text(json.dumps({"status": "finished", "steps": 30, "total_steps": 30}))
+    result = dirs[3] / "result.json"
+    result.write_text("".join(result.read_text().splitlines(keepends=True)[:2]))
     df = load_results(exp).set_index("trial_id")
-    assert [df["status"][trial_id(i)] for i in range(3)] == ["out-of-time", "early-stopped", "out-of-time"]
+    assert [df["status"][trial_id(i)] for i in range(4)] == ["out-of-time", "early-stopped", "out-of-time",
+                                                             "out-of-time"]
+    assert df["steps"][trial_id(3)] == 20  # what Tune recorded, which everything is ranked on
     assert df["rank"][trial_id(0)] == 1  # ranked like any trial with a result
-    assert any(w.startswith("2 trial(s) were still training when the search's --time-budget ran out")
+    assert any(w.startswith("3 trial(s) were still training when the search's --time-budget ran out")
                and "the best trial is one of them" in w for w in warnings_for(df.reset_index()))
 
 

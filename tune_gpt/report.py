@@ -414,6 +414,10 @@ def _status(t: _Trial) -> tuple[str, str]:
     if said == "errored":
         return "errored", message or "errored (no message)"
     if said == "finished":
+        if t.budget_stopped and _short_of_plan(t):
+            # it trained to its end, but the time budget ended the search before Tune recorded its last
+            # evaluation: its results (and everything ranked on them) stop short, as an out-of-time trial's do
+            return "out-of-time", ""
         return "finished", ""
     if said in ("early-stopped", "stopped", "terminated"):
         if t.ray_status in ("RUNNING", "PENDING", "PAUSED"):
@@ -431,13 +435,18 @@ def _status(t: _Trial) -> tuple[str, str]:
         return "running", ""
     last = t.records[-1] if t.records else {}
     if t.ray_status == "TERMINATED" or last.get("done") is True:
-        step = max((_num(r.get("step")) or 0 for r in t.records), default=None)
-        total = _planned_steps(t)
-        if not t.records or (step is not None and total is not None and step < total):
+        if not t.records or _short_of_plan(t):
             return ("out-of-time" if t.budget_stopped else "early-stopped"), ""
         return "finished", ""
     # Ray has not saved its state yet (or never will, for this trial): it is still going.
     return "running", ""
+
+
+def _short_of_plan(t: _Trial) -> bool:
+    """Whether the trial's recorded results stop before its planned last step."""
+    step = max((_num(r.get("step")) or 0 for r in t.records), default=None)
+    total = _planned_steps(t)
+    return step is not None and total is not None and step < total
 
 
 def _newer(a: Path, b: Path) -> bool:

@@ -241,7 +241,10 @@ def plan_search(opts: SearchOptions) -> Plan:
     if searcher == "grid":
         not_grid = [k for k, d in space.domains.items() if not isinstance(d, Grid)]
         if not_grid:
-            raise ConfigError(f"--search grid: {', '.join(not_grid)} are not grid axes in {space.source}")
+            what = "is not a grid axis" if len(not_grid) == 1 else "are not grid axes"
+            raise ConfigError(f"--search grid: {', '.join(not_grid)} {what} in {space.source} (a grid walks"
+                              " `grid: [...]` domains, or a W&B sweep's `values`; choice and ranges are sampled:"
+                              " use --search optuna or random)")
 
     if space.scheduler is not None:
         sched = dict(space.scheduler)

@@ -66,6 +66,18 @@ def test_bad_input_exits_2_with_one_line(args, needles, bad_corpora, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_an_unquoted_glob_the_shell_expanded_gets_a_hint(tmp_path, corpus_file):
+    parts = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for part in parts:
+        part.write_text(corpus_file.read_text())
+    p = run("-m", "tune_gpt.train", "--data", *map(str, parts), "--output_dir", str(tmp_path / "out"))  # data/*.txt
+    assert_one_line_error(p, "unrecognized arguments", str(parts[1]), "quote it")
+    assert not (tmp_path / "out").exists()
+    p = run("-m", "tune_gpt.train", "--no_such_flag", "1")
+    assert_one_line_error(p, "--no_such_flag")
+    assert "quote it" not in p.stderr  # not for arguments that are no files
+
+
 def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
     out = tmp_path / "run"
     p = run("-m", "tune_gpt.train", "--data", str(corpus_file), "--model_size", "tiny", *TINY,

@@ -20,6 +20,9 @@ class OneLineParser(argparse.ArgumentParser):
         # Named as run_main names the entry point (``tune_gpt.search: error: ...``), not as the usage line does
         # (``python -m tune_gpt.search``): every error of a command starts the same way.
         name = self.prog.removeprefix("python -m ")
+        extra = message.removeprefix("unrecognized arguments:").split() if message.startswith("unrecognized") else []
+        if extra and all(Path(a).exists() for a in extra):  # `--data corp/*.txt`: the shell expanded the glob
+            message += " (existing files: a glob the shell expanded? quote it, e.g. --data 'corpus/*.txt')"
         self.exit(2, f"{name}: error: {message}\n")
 
 

@@ -426,7 +426,7 @@ def train(
                 losses = _evaluate(model, eval_batches, autocast)
                 if not math.isfinite(losses["val"]):
                     raise Diverged(f"val loss became {losses['val']} at step {step} (lr {lr:.3g})")
-                bpc = losses["val"] / math.log(2) / corpus.chars_per_token
+                bpc = bits_per_char(losses["val"], corpus)
                 tps = _rate(tokens, train_s + train_s_before)
                 best_val = losses["val"] if best_val is None else min(best_val, losses["val"])
                 metrics = {
@@ -452,7 +452,7 @@ def train(
                 result.steps, result.tokens = step, tokens
                 result.final_val_loss, result.final_val_bpc = losses["val"], bpc
                 result.best_val_loss = best_val
-                result.best_val_bpc = best_val / math.log(2) / corpus.chars_per_token
+                result.best_val_bpc = bits_per_char(best_val, corpus)
                 if last and cfg.sample_tokens > 0:  # before the last report: a search's scheduler may end the trial in it
                     raw_model.set_bf16_products(False)  # as `python -m tune_gpt.generate` samples: in float32
                     result.sample = sample_text(raw_model, corpus.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
@@ -492,6 +492,11 @@ def train(
     raise interrupted
 
 
+def bits_per_char(loss: float, corpus: Corpus) -> float:
+    """A loss in nats per token as bits per character (comparable across tokenizers)."""
+    return loss / math.log(2) / corpus.chars_per_token
+
+
 def _save_model(path: Path, model: torch.nn.Module, model_args: dict[str, Any], corpus: Corpus, cfg: TrainConfig,
                 val_loss: float | None, step: int) -> None:
     """The run's model.pt: what `generate` and a replay load (weights, shape, tokenizer, config)."""
@@ -507,12 +512,11 @@ def _already_done(cfg: TrainConfig, step: int, end: int, tokens: int, best_val: 
     """The result of a run resumed from a checkpoint at its last step, from that checkpoint; no reporter is
     started (the run's logs and W&B run stay as its end left them)."""
     last = history[-1] if history else {}
-    bpc = (lambda loss: None if loss is None else loss / math.log(2) / corpus.chars_per_token)
     model_path = out_dir / MODEL_NAME
     return TrainResult(
         status="finished", steps=step, tokens=tokens, final_val_loss=last.get("val/loss"), best_val_loss=best_val,
-        final_val_bpc=last.get("val/bpc"), best_val_bpc=bpc(best_val), wall_s=time.perf_counter() - t_start,
-        train_s=train_s, tokens_per_s=_rate(tokens, train_s), output_dir=str(out_dir),
+        final_val_bpc=last.get("val/bpc"), best_val_bpc=None if best_val is None else bits_per_char(best_val, corpus),
+        wall_s=time.perf_counter() - t_start, train_s=train_s, tokens_per_s=_rate(tokens, train_s), output_dir=str(out_dir),
         checkpoint_path=str(Path(src) / CKPT_NAME), checkpoint_step=step,
         model_path=str(model_path) if model_path.is_file() else None, history=history,
         message=f"already at step {step} of {end}: nothing to train")

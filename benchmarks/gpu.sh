@@ -12,4 +12,7 @@ export WANDB_MODE=disabled
 if [ "${1:-}" != "--dry-run" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
 fi
-timeout 480 python "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"
+# python3 where `python` is not there (the lent GPU machines have python3 only); PYTHON=... overrides
+py="${PYTHON:-$(command -v python || command -v python3)}"
+# gpu_bench.py writes its tables after every row: a run the limit cuts short keeps what it measured
+timeout 480 "$py" "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"

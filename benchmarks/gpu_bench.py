@@ -1,72 +1,115 @@
 """GPU measurements, all in one run (called by benchmarks/gpu.sh).
 
-    python benchmarks/gpu_bench.py OUT_DIR [--dry-run]
+    python benchmarks/gpu_bench.py OUT_DIR [--dry-run] [--data PATH]
 
-1. training speed: tokens/s and MFU of `tiny`, `small` and `medium` in bf16,
-   eager and with torch.compile (median over timed steps, evaluations excluded);
-2. packing: 1, 2, 4 and 8 concurrent fractional-GPU trials (gpus_per_trial =
-   1/n) of `tiny` and `small` through the real search: aggregate tokens/s and
-   peak GPU memory per trial.
+1. resume on the GPU: a run stopped at step 30 and resumed to 60 against one run to 60 (does a
+   checkpoint written on the GPU resume there, and to the same losses);
+2. training speed: tokens/s and MFU of `tiny`, `small` and `medium` in bf16, eager, then with
+   torch.compile (median over timed steps, evaluations excluded; MFU from that median);
+3. packing: 1, 2, 4 and 8 concurrent fractional-GPU trials (gpus_per_trial = 1/n) of `tiny`
+   and `small` through the real search: aggregate training tokens/s and peak GPU memory per
+   trial. Needs Ray and Optuna where it runs; without them the rows say so.
 
-Writes OUT_DIR/gpu_speed.md, OUT_DIR/gpu_packing.md and OUT_DIR/gpu.json.
-``--dry-run`` runs the same code on the CPU with a handful of steps and fp32,
-so the tests prove the script works on a machine without a GPU.
+Every row is written to OUT_DIR/gpu.json, OUT_DIR/gpu_speed.md and OUT_DIR/gpu_packing.md as soon
+as it is measured, so a run cut short by gpu.sh's time limit keeps what it measured; a row that
+fails records its error and the next one runs. ``--dry-run`` runs the same code on the CPU with a
+handful of steps and fp32, so the tests prove the script works on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(REPO))
 
 
-def speed(size: str, compile_: bool, steps: int, dry: bool, data: str) -> dict:
-    """One training run in this process; per-step stamps through a reporter."""
-    sys.path.insert(0, str(REPO))
+def _cfg(size: str, dry: bool, data: str, **over):
     from tune_gpt.config import TrainConfig
-    from tune_gpt.data import load_corpus
-    from tune_gpt.tracking import Reporter
-    from tune_gpt.train import train
 
-    class Stamps(Reporter):
-        def __init__(self):
-            self.t, self.mfu, self.mem = [], [], 0.0
-
-        def log(self, step, m):
-            self.t.append(time.perf_counter())
-            if "mfu" in m:
-                self.mfu.append(m["mfu"])
-            self.mem = max(self.mem, m.get("gpu/max_mem_gb", 0.0))
-
-    flat = {"model_size": size, "max_steps": 100000, "eval_interval": 10**9, "log_interval": 1, "sample_tokens": 0,
-            "checkpoint": False, "progress": False, "tensorboard": False, "wandb.enabled": False,
-            "compile": compile_, "output_dir": tempfile.mkdtemp(), "data": data}
+    flat = {"model_size": size, "sample_tokens": 0, "progress": False, "tensorboard": False, "wandb.enabled": False,
+            "output_dir": tempfile.mkdtemp(), "data": data}
     if size == "medium":
         flat["batch_size"] = 16
     if dry:
         flat.update({"device": "cpu", "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 32, "batch_size": 2})
     else:
         flat.update({"device": "cuda", "precision": "bf16"})
-    cfg = TrainConfig.from_flat(flat)
+    flat.update(over)
+    return TrainConfig.from_flat(flat)
+
+
+def resume_check(dry: bool, data: str) -> dict:
+    """Stop at 30, resume to 60; against an uninterrupted 60. Evaluated every 10 steps."""
+    from tune_gpt.config import TrainConfig
+    from tune_gpt.data import load_corpus
+    from tune_gpt.train import train
+
+    corpus = load_corpus(data)
+    over = {"max_steps": 60, "eval_interval": 10, "eval_iters": 4, "checkpoint": True}
+    whole = train(_cfg("tiny", dry, data, **over), corpus=corpus)
+    cfg = _cfg("tiny", dry, data, **over)
+    train(cfg, corpus=corpus, stop_after=30)
+    resumed = train(TrainConfig.from_flat({"resume": True}, base=cfg), corpus=corpus)
+    a = [h["val/loss"] for h in whole.history if h.get("step", 0) > 30]
+    b = [h["val/loss"] for h in resumed.history if h.get("step", 0) > 30]
+    return {"check": "resume", "steps": resumed.steps, "val_losses_whole": a, "val_losses_resumed": b,
+            "max_abs_diff": max((abs(x - y) for x, y in zip(a, b)), default=None), "same_count": len(a) == len(b)}
+
+
+def speed(size: str, compile_: bool, steps: int, dry: bool, data: str) -> dict:
+    """One training run in this process, timed between logs every `log_every` steps (each log syncs)."""
+    import torch
+
+    from tune_gpt.data import load_corpus
+    from tune_gpt.model import GPT, GPTConfig
+    from tune_gpt.tracking import Reporter
+    from tune_gpt.train import peak_flops, train
+
+    class Stamps(Reporter):
+        def __init__(self):
+            self.t, self.mem = [], 0.0
+
+        def log(self, step, m):
+            self.t.append((step, time.perf_counter()))
+            self.mem = max(self.mem, m.get("gpu/max_mem_gb", 0.0))
+
+    log_every = 1 if dry else 10
+    if compile_ and hasattr(torch, "_dynamo"):
+        torch._dynamo.reset()  # each compiled row compiles afresh, as its own run would
+    cfg = _cfg(size, dry, data, max_steps=100000, eval_interval=10**9, log_interval=log_every, checkpoint=False,
+               compile=compile_)
+    corpus = load_corpus(data)
     rep = Stamps()
-    train(cfg, rep, corpus=load_corpus(data), stop_after=steps)
-    warm = min(len(rep.t) // 3, 20)
-    dts = sorted(b - a for a, b in zip(rep.t[warm:], rep.t[warm + 1:]))
-    med = dts[len(dts) // 2]
-    return {"size": size, "compile": compile_, "tokens_per_s": cfg.tokens_per_step / med, "ms_per_step": med * 1e3,
-            "mfu": (sorted(rep.mfu)[len(rep.mfu) // 2] if rep.mfu else None), "peak_mem_gb": rep.mem}
+    train(cfg, rep, corpus=corpus, stop_after=steps)
+    warm = max(1, len(rep.t) // 3)  # the first intervals hold compilation and warm-up
+    per_step = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(rep.t[warm:], rep.t[warm + 1:]))
+    med = per_step[len(per_step) // 2]
+    tps = cfg.tokens_per_step / med
+    m = cfg.model
+    with torch.device("meta"):
+        fpt = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+                            n_head=m.n_head, n_embd=m.n_embd, bias=m.bias)).flops_per_token()
+    peak = peak_flops(torch.device(cfg.device), cfg.precision, cfg.matmul_precision)
+    return {"size": size, "compile": compile_, "tokens_per_s": tps, "ms_per_step": med * 1e3,
+            "mfu": fpt * tps / peak if peak else None, "peak_mem_gb": rep.mem}
 
 
 def packing(size: str, n: int, steps: int, dry: bool, data: str) -> dict:
     """n concurrent trials, each with 1/n of the GPU, through python -m tune_gpt.search."""
+    missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"size": size, "trials": n, "error": [f"{' and '.join(missing)} not installed here"]}
     tmp = Path(tempfile.mkdtemp())
     space = tmp / "pack.yaml"
     fixed = {"model_size": size, "max_steps": steps, "eval_interval": max(1, steps // 2), "eval_iters": 2,
@@ -84,51 +127,44 @@ def packing(size: str, n: int, steps: int, dry: bool, data: str) -> dict:
     else:
         cmd += ["--gpus-per-trial", f"{1 / n:.4f}", "--cpus-per-trial", "1"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, WANDB_MODE="disabled"))
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"))
     wall = time.perf_counter() - t0
     if p.returncode:
         return {"size": size, "trials": n, "error": p.stderr.strip().splitlines()[-1:] or ["?"]}
     rows = []
-    for d in (tmp / "r" / "pack").iterdir():
-        f = d / "result.json"
-        if f.is_file():
-            last = [json.loads(x) for x in f.read_text().splitlines()][-1]
-            rows.append({"start": last["timestamp"] - last["time_total_s"], "end": last["timestamp"],
-                         "tokens": last["tokens"], "mem": last.get("gpu/max_mem_gb", 0.0)})
-    span = max(r["end"] for r in rows) - min(r["start"] for r in rows)
-    return {"size": size, "trials": n, "aggregate_tokens_per_s": sum(r["tokens"] for r in rows) / span,
+    for f in (tmp / "r" / "pack").glob("*/result.json"):
+        lines = f.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            rows.append({"tokens_per_s": last.get("tokens_per_s", 0.0), "mem": last.get("gpu/max_mem_gb", 0.0)})
+    if len(rows) < n:
+        return {"size": size, "trials": n, "error": [f"{len(rows)} of {n} trials reported"]}
+    # the trials run side by side throughout: their own training rates (start-up and evaluations excluded) add up
+    return {"size": size, "trials": n, "aggregate_tokens_per_s": sum(r["tokens_per_s"] for r in rows),
             "peak_mem_gb_per_trial": max(r["mem"] for r in rows), "wall_s": wall}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out")
-    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: checks the script")
-    ap.add_argument("--data", default=str(DATA) if DATA.is_file() else "python-docs")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dry = args.dry_run
-    results: dict = {"speed": [], "packing": [], "dry_run": dry, "date": time.strftime("%Y-%m-%d %H:%M")}
-    if not dry:
-        import torch
+def _attempt(what: dict, fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - one row's failure is a finding; the next row still runs
+        traceback.print_exc()
+        return {**what, "error": [f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"]}
 
-        results["gpu"] = torch.cuda.get_device_name(0)
-    speed_steps = {"tiny": 300, "small": 200, "medium": 60} if not dry else {"tiny": 8, "small": 8, "medium": 8}
-    for size in ("tiny", "small", "medium"):
-        for comp in ((False, True) if not dry else (False,)):
-            results["speed"].append(speed(size, comp, speed_steps[size], dry, args.data))
-            print(json.dumps(results["speed"][-1]), flush=True)
-    pack_steps = {"tiny": 400, "small": 150} if not dry else {"tiny": 6, "small": 6}
-    for size in (("tiny", "small") if not dry else ("tiny",)):
-        for n in ((1, 2, 4, 8) if not dry else (1, 2)):
-            results["packing"].append(packing(size, n, pack_steps[size], dry, args.data))
-            print(json.dumps(results["packing"][-1]), flush=True)
+
+def write_tables(out: Path, results: dict) -> None:
     (out / "gpu.json").write_text(json.dumps(results, indent=2))
     lines = ["| size | compile | ms/step | tokens/s | MFU | peak GPU mem (GB) |", "|---|---|---|---|---|---|"]
     for r in results["speed"]:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['compile']} | error: {r['error'][0]} | | | |")
+            continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] else "n/a"
-        lines.append(f"| {r['size']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gb']:.2f} |")
+        lines.append(f"| {r['size']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} "
+                     f"| {r['peak_mem_gb']:.2f} |")
+    for r in results["checks"]:
+        lines.append("")
+        lines.append(f"resume check: {json.dumps(r)}")
     (out / "gpu_speed.md").write_text("\n".join(lines) + "\n")
     lines = ["| size | trials sharing the GPU | aggregate tokens/s | vs one trial | peak mem per trial (GB) |",
              "|---|---|---|---|---|"]
@@ -141,6 +177,40 @@ def main() -> None:
             gain = f"{r['aggregate_tokens_per_s'] / base:.2f}x" if base else "n/a"
             lines.append(f"| {size} | {r['trials']} | {r['aggregate_tokens_per_s']:,.0f} | {gain} | {r['peak_mem_gb_per_trial']:.2f} |")
     (out / "gpu_packing.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: checks the script")
+    ap.add_argument("--data", default=str(DATA) if DATA.is_file() else "python-docs")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dry = args.dry_run
+    results: dict = {"speed": [], "packing": [], "checks": [], "dry_run": dry, "data": args.data,
+                     "date": time.strftime("%Y-%m-%d %H:%M")}
+    if not dry:
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0)
+        results["torch"] = torch.__version__
+
+    def add(kind: str, row: dict) -> None:
+        results[kind].append(row)
+        print(json.dumps(row), flush=True)
+        write_tables(out, results)
+
+    add("checks", _attempt({"check": "resume"}, resume_check, dry, args.data))
+    speed_steps = {"tiny": 300, "small": 200, "medium": 60} if not dry else {"tiny": 8, "small": 8, "medium": 8}
+    # eager first, then compiled (slow to start): the rows a time limit would cut are the last ones
+    for comp in ((False, True) if not dry else (False,)):
+        for size in ("tiny", "small", "medium"):
+            add("speed", _attempt({"size": size, "compile": comp}, speed, size, comp, speed_steps[size], dry, args.data))
+    pack_steps = {"tiny": 400, "small": 150} if not dry else {"tiny": 6, "small": 6}
+    for size in (("tiny", "small") if not dry else ("tiny",)):
+        for n in ((1, 2, 4, 8) if not dry else (1, 2)):
+            add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_steps[size], dry, args.data))
     print((out / "gpu_speed.md").read_text())
     print((out / "gpu_packing.md").read_text())
 

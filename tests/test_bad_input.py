@@ -133,6 +133,7 @@ FLAG_CASES = [
     ("gpus_negative", ["--gpus-per-trial", "-0.5"], ["--gpus-per-trial", "-0.5"]),
     ("gpus_text", ["--gpus-per-trial", "lots"], ["--gpus-per-trial", "lots"]),
     ("gpus_fraction_above_one", ["--gpus-per-trial", "1.5"], ["--gpus-per-trial", "1.5"]),
+    ("gpus_above_one", ["--gpus-per-trial", "2"], ["--gpus-per-trial", "2", "one GPU"]),
     ("max_concurrent_zero", ["--max-concurrent", "0"], ["--max-concurrent", "0"]),
     ("max_concurrent_text", ["--max-concurrent", "two"], ["--max-concurrent", "two"]),
     ("time_budget_zero", ["--time-budget", "0"], ["--time-budget", "0"]),

@@ -225,3 +225,86 @@ def test_bf16_products_need_a_cpu_and_stay_off_under_compile_unless_asked_for():
     assert uses_bf16_products(cfg(compile=True, matmul_precision="medium"), cpu) is True  # asked for
     assert uses_bf16_products(cfg(matmul_precision="highest"), cpu) is False
     assert uses_bf16_products(cfg(matmul_precision="medium"), cuda) is False  # CUDA: the global setting instead
+
+
+class _FakeGPU:
+    """torch.cuda as a machine with GPUs would answer, for the device logic that runs before any kernel."""
+
+    def __init__(self, monkeypatch, name: str = "NVIDIA H200", major: int = 9, count: int = 1) -> None:
+        from types import SimpleNamespace
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+        monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_cuda_resolves_to_an_indexed_device(monkeypatch):
+    """torch.cuda.set_device and set_per_process_memory_fraction refuse torch.device("cuda"), which has no index."""
+    from tune_gpt.train import resolve_device
+
+    _FakeGPU(monkeypatch, count=2)
+    for asked, want in (("auto", 0), ("cuda", 0), ("cuda:1", 1)):
+        device = resolve_device(TrainConfig.from_flat({"device": asked}))
+        assert device == torch.device("cuda", want) and device.index == want
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda._utils._get_device_index(torch.device("cuda"))  # what the unindexed device met before
+
+
+def test_bf16_needs_a_gpu_that_has_it_not_one_that_emulates_it(monkeypatch):
+    from tune_gpt.train import resolve_device
+
+    _FakeGPU(monkeypatch, name="Tesla V100-SXM2-16GB", major=7)
+    with pytest.raises(ConfigError, match="GPU Tesla V100-SXM2-16GB does not support bf16; use --fp16"):
+        resolve_device(TrainConfig.from_flat({"device": "cuda", "precision": "bf16"}))
+    assert resolve_device(TrainConfig.from_flat({"device": "cuda", "precision": "fp16"})).type == "cuda"
+    _FakeGPU(monkeypatch, name="NVIDIA A100-SXM4-80GB", major=8)
+    assert resolve_device(TrainConfig.from_flat({"device": "cuda", "precision": "bf16"})).type == "cuda"
+
+
+@pytest.mark.parametrize("name, major, precision, matmul, peak", [
+    ("NVIDIA H200", 9, "bf16", "auto", 989e12),
+    ("NVIDIA H100 PCIe", 9, "bf16", "auto", 756e12),  # not the SXM part's 989
+    ("NVIDIA L40", 8, "bf16", "auto", 181e12),  # not the L4's 121
+    ("NVIDIA L4", 8, "bf16", "auto", 121e12),
+    ("NVIDIA H200", 9, "fp32", "auto", 989e12 / 2),  # TF32
+    ("NVIDIA H200", 9, "fp32", "highest", None),  # plain fp32: no figure rather than a 7x wrong one
+    ("Tesla V100-SXM2-16GB", 7, "fp32", "auto", None),  # no TF32 before Ampere
+    ("Some Unknown GPU", 9, "bf16", "auto", None),
+])
+def test_peak_flops_is_the_gpus_for_the_arithmetic_used(monkeypatch, name, major, precision, matmul, peak):
+    from tune_gpt.train import peak_flops
+
+    _FakeGPU(monkeypatch, name=name, major=major)
+    assert peak_flops(torch.device("cuda", 0), precision, matmul) == peak
+    assert peak_flops(torch.device("cpu"), precision, matmul) is None
+
+
+def test_cuda_allocation_failures_count_as_out_of_memory():
+    from tune_gpt.train import is_oom
+
+    assert is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+
+
+def test_a_checkpoint_from_before_keeps_resuming_and_rng_states_stay_on_the_cpu(tiny_cfg, tmp_path):
+    """RNG states are CPU byte tensors whatever the device (torch.set_rng_state and a Generator refuse any
+    other): a resume loads the checkpoint to the CPU. A checkpoint written before 2026-11-30 holds a list of
+    every GPU's CUDA state: still accepted."""
+    from tune_gpt.train import _set_rng_state
+
+    cfg = tiny_cfg(max_steps=20, output_dir=str(tmp_path / "r"))
+    train(cfg, stop_after=10)
+    path = tmp_path / "r" / "checkpoint" / CKPT_NAME
+    state = load_checkpoint(path)
+    assert all(t.device.type == "cpu" for t in (state["rng"]["torch"], state["sampler"]))
+    assert "cuda" not in state["rng"]  # a CPU run has no GPU generator to save
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # the old form
+    _set_rng_state(state["rng"], torch.device("cpu"))  # ignored on a CPU run; no error
+    torch.save(state, path)
+    resumed = train(TrainConfig.from_flat({"resume": True}, base=cfg))
+    assert resumed.steps == 20 and resumed.status == "finished"

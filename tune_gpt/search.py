@@ -210,8 +210,9 @@ def plan_search(opts: SearchOptions) -> Plan:
         raise ConfigError("--retry-errored: only with --resume (it re-runs the errored trials of the search resumed)")
     _check_number("--cpus-per-trial", opts.cpus_per_trial, low=0, strict=True)
     _check_number("--gpus-per-trial", opts.gpus_per_trial, low=0)
-    if opts.gpus_per_trial > 1 and not float(opts.gpus_per_trial).is_integer():
-        raise ConfigError(f"--gpus-per-trial: {opts.gpus_per_trial:g}: above 1 a trial takes whole GPUs (Ray's rule)")
+    if opts.gpus_per_trial > 1:  # (Ray's rule too: above 1 a trial takes whole GPUs)
+        raise ConfigError(f"--gpus-per-trial: {opts.gpus_per_trial:g}: a trial trains on one GPU, so the others "
+                          "would sit idle; use 1, or a fraction (0.25: four trials share a GPU)")
     if opts.max_concurrent is not None:
         _check_number("--max-concurrent", opts.max_concurrent, low=1)
     if opts.num_samples is not None:

@@ -8,7 +8,7 @@
 Metric names are the same everywhere (see DESIGN.md): ``train/loss``, ``val/loss``,
 ``val/bpc``, ``lr``, ``tokens_per_s``, ``mfu``, ``gpu/mem_gb``, ``gpu/util``,
 ``cpu/percent``, ``rss_gb``, ``step``, ``tokens``, ``epoch``.
-Heavy imports (tensorboard, wandb, tqdm, pynvml) happen inside the reporters.
+Heavy imports (tensorboard, wandb, tqdm; NVML through torch.cuda) happen inside the reporters.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ class SystemMetrics:
         self.torch = torch
         self.device = torch.device(device)
         self._proc = None
-        self._nvml = None
+        self._util = None
         try:
             import psutil
 
@@ -499,14 +499,11 @@ class SystemMetrics:
         except ImportError:  # pragma: no cover - psutil comes with ray
             pass
         if self.device.type == "cuda":
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
-            except Exception:  # no NVML (ROCm, or driver without it): utilisation is left out
-                self._nvml = None
+            try:  # torch maps the device through CUDA_VISIBLE_DEVICES (Ray gives a trial "its" GPU as cuda:0)
+                torch.cuda.utilization(self.device)  # to NVML's index; on ROCm it asks amdsmi
+                self._util = True
+            except Exception:  # no NVML / amdsmi, or a driver without it: utilisation is left out
+                self._util = None
 
     def read(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -518,10 +515,9 @@ class SystemMetrics:
             out["gpu/mem_gb"] = cuda.memory_allocated(self.device) / 1e9
             out["gpu/mem_reserved_gb"] = cuda.memory_reserved(self.device) / 1e9
             out["gpu/max_mem_gb"] = cuda.max_memory_allocated(self.device) / 1e9
-            if self._nvml is not None:
-                pynvml, handle = self._nvml
+            if self._util:
                 try:
-                    out["gpu/util"] = float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+                    out["gpu/util"] = float(cuda.utilization(self.device))
                 except Exception:
                     pass
         return out

@@ -40,8 +40,9 @@ EVAL_BATCH_SIZE = 12  # sequences per evaluation batch, whatever the run's batch
 EVAL_SEED = 20240601  # eval windows do not depend on the run's seed: every trial is scored on the same text
 
 # Dense bf16 peak FLOP/s of common accelerators, for MFU. Matched by substring of the device name.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
+PEAK_FLOPS = {  # dense bf16/fp16 tensor-core peaks; looked up by the longest name the GPU's name contains
+    "H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+    "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
     "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12, "MI300": 1307e12, "MI250": 362e12,
 }
 
@@ -100,10 +101,22 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
         else:
             dev = "cpu"
     device = available_device(dev, cfg.device)
+    if device.type == "cuda" and device.index is None:
+        # "cuda" means the current GPU (cuda:0 in a Ray trial, which sees only its own): named, because
+        # torch.cuda.set_device and set_per_process_memory_fraction refuse a CUDA device without an index
+        device = torch.device("cuda", torch.cuda.current_device())
     check_precision(cfg, device.type)
-    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if cfg.precision == "bf16" and device.type == "cuda" and not cuda_supports_bf16(device):
         raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
     return device
+
+
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """bfloat16 in hardware: compute capability 8.0 (Ampere) or later, or any ROCm GPU. Not the emulation
+    that `torch.cuda.is_bf16_supported()` also accepts (V100, T4): it runs, many times slower than fp16."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
 
 
 def uses_bf16_products(cfg: TrainConfig, device: torch.device) -> bool:
@@ -142,13 +155,17 @@ def available_device(dev: str, requested: str | None = None) -> torch.device:
     return device
 
 
-def peak_flops(device: torch.device, precision: str) -> float | None:
+def peak_flops(device: torch.device, precision: str, matmul_precision: str = "auto") -> float | None:
+    """The device's dense peak for the arithmetic the run uses (None off CUDA or for an unknown GPU)."""
     if device.type != "cuda":
         return None  # no meaningful MFU figure on CPU
     name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS.items():
+    for key, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if key in name:
-            return peak if precision in ("bf16", "fp16") else peak / 2  # tf32 ~ half of bf16
+            if precision in ("bf16", "fp16"):
+                return peak
+            tf32 = matmul_precision != "highest" and torch.cuda.get_device_properties(device).major >= 8
+            return peak / 2 if tf32 else None  # TF32 is about half the bf16 peak; no figure for plain fp32
     return None
 
 
@@ -216,24 +233,28 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu", source: st
     return model, tok
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     st = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # the training GPU's generator only: a resume may see other GPUs, or fewer
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def _set_rng_state(st: dict[str, Any]) -> None:
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    """Restore `st` (loaded to the CPU: RNG states are CPU byte tensors) for a run on `device`."""
     torch.set_rng_state(st["torch"])
     keys = np.frombuffer(st["numpy"].numpy().tobytes(), dtype=np.uint32)
     np.random.set_state(("MT19937", keys, 624, 0, 0.0))
     random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    cuda = st.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written before 2026-11-30: every visible GPU's, the first the run's
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 _CKPT_KEYS = ("model", "optimizer", "scaler", "sampler", "rng", "step", "tokens", "model_args")
@@ -281,6 +302,7 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)  # gpu/max_mem_gb is this run's (a Ray actor runs trial after trial)
         torch.set_float32_matmul_precision("high" if cfg.matmul_precision == "auto" else cfg.matmul_precision)
         torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"
         if cfg.gpu_memory_fraction:
@@ -328,7 +350,9 @@ def train(
     if src is None and cfg.resume and (ckpt_dir / CKPT_NAME).is_file():
         src = ckpt_dir
     if src is not None:
-        state = check_state(load_checkpoint(src, map_location=device), _CKPT_KEYS, src)
+        # to the CPU: RNG and sampler states must stay CPU tensors; load_state_dict puts the weights and
+        # the optimizer's state on the parameters' device
+        state = check_state(load_checkpoint(src, map_location="cpu"), _CKPT_KEYS, src)
         if state["model_args"] != model_args:
             raise ConfigError(f"resume: checkpoint {src} has model {state['model_args']}, this run wants {model_args}")
         try:
@@ -336,7 +360,7 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             sampler.set_state(state["sampler"])
-            _set_rng_state(state["rng"])
+            _set_rng_state(state["rng"], device)
             step, tokens = int(state["step"]), int(state["tokens"])
         except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, IndexError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -357,7 +381,7 @@ def train(
         model = torch.compile(model)
 
     flops_per_token = raw_model.flops_per_token()
-    peak = peak_flops(device, cfg.precision)
+    peak = peak_flops(device, cfg.precision, cfg.matmul_precision)
     sysm = SystemMetrics(device)
     info = {
         "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
@@ -441,7 +465,7 @@ def train(
                 if cfg.checkpoint:
                     save_checkpoint(ckpt_dir / CKPT_NAME, {
                         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "sampler": sampler.state(), "rng": _rng_state(),
+                        "scaler": scaler.state_dict(), "sampler": sampler.state(), "rng": _rng_state(device),
                         "step": step, "tokens": tokens, "best_val_loss": best_val, "history": history,
                         "train_s": train_s + train_s_before, "model_args": model_args,
                         "tokenizer": corpus.tokenizer.to_dict(), "config": cfg.to_flat(),
@@ -529,7 +553,8 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "outofmemory" in text)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("out of memory", "outofmemory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed"))
 
 
 def smaller_micro_batch(cfg: TrainConfig) -> TrainConfig | None:
@@ -551,6 +576,8 @@ def free_accelerator_memory() -> None:
     import gc
 
     gc.collect()
+    if "torch._dynamo" in sys.modules:  # a compiled attempt's graphs hold on to its buffers
+        torch._dynamo.reset()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

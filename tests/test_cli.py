@@ -91,8 +91,10 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
     assert g.stdout.startswith("the qu") and len(g.stdout.splitlines()[0]) >= 6
     g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--top_k", "0", "--max_new_tokens", "5")  # 0: no filter
     assert g.returncode == 0, g.stderr
-    for args, needles in ((["--top_k", "-3"], ["top_k >= 0"]), (["--device", "cuda:7"], ["device", "'cuda:7'"]),
-                          (["--device", "tpu"], ["device", "'tpu'"])):
+    for args, needles in ((["--top_k", "-3"], ["--top_k", "got -3"]), (["--device", "cuda:7"], ["device", "'cuda:7'"]),
+                          (["--device", "tpu"], ["device", "'tpu'"]), (["--temperature", "nan"], ["--temperature", "nan"]),
+                          (["--temperature", "0"], ["--temperature", "--top_k 1"]),
+                          (["--max_new_tokens", "-5"], ["--max_new_tokens", "-5"])):
         assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(out), *args), *needles)
 
 
@@ -151,3 +153,35 @@ def test_use_chinese_trains_offline_and_samples_chinese(tmp_path):
     sample = (out / "sample.txt").read_text(encoding="utf-8")
     han = sum("\u4e00" <= ch <= "\u9fff" for ch in sample)
     assert han >= 20, sample
+
+
+def test_an_output_dir_that_is_a_file_and_a_diverged_run_each_say_so(tmp_path, corpus_file):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    p = run("-m", "tune_gpt.train", *TINY, "--data", str(corpus_file), "--output_dir", str(afile))
+    assert_one_line_error(p, "--output_dir", "is a file, not a folder")
+    assert afile.read_text() == "keep me"
+    p = run("-m", "tune_gpt.train", *TINY, "--data", str(corpus_file), "--output_dir", str(tmp_path / "div"),
+            "--learning_rate", "1e4", "--grad_clip", "0")
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "loss became" in p.stderr and "try a lower --learning_rate" in p.stderr
+
+
+def test_generate_takes_the_newest_model_in_a_folder_and_a_trials_latest_checkpoint(tmp_path):
+    import os
+
+    from tune_gpt.generate import find_model
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    old, new = run_dir / "model.pt", run_dir / "checkpoint" / "ckpt.pt"
+    old.write_bytes(b"PK"), new.write_bytes(b"PK")
+    os.utime(old, (1_000_000, 1_000_000))  # an earlier run's final model; this run stopped after a checkpoint
+    assert find_model(run_dir) == new
+    os.utime(new, (900_000, 900_000))
+    assert find_model(run_dir) == old  # the run finished: its final model is the newest
+    trial = tmp_path / "trial_abc"
+    for i in (0, 1, 2):
+        (trial / f"checkpoint_00000{i}").mkdir(parents=True)
+        (trial / f"checkpoint_00000{i}" / "ckpt.pt").write_bytes(b"PK")
+    assert find_model(trial) == trial / "checkpoint_000002" / "ckpt.pt"

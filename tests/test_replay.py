@@ -60,3 +60,19 @@ def test_unknown_trial_is_a_one_line_error(finished_search):
     p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--trial", "nosuchtrial", "--no-wandb")
     assert p.returncode == 2 and "nosuchtrial" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_check_of_a_trial_that_reported_nothing_and_an_output_dir_that_is_a_file_are_refused_first(tmp_path):
+    import pytest
+    from fake_experiment import standard_experiment, trial_id
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import replay
+
+    exp = standard_experiment(tmp_path)
+    with pytest.raises(ConfigError, match=r"--check: trial .*\(errored\) reported no val loss"):
+        replay(exp, trial_id(6), check=True, output_dir=str(tmp_path / "c"), wandb=False)
+    assert not (tmp_path / "c").exists()  # refused before training
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"--output-dir .*afile/sub: cannot be made: .*afile is a file"):
+        replay(exp, trial_id(0), output_dir=str(tmp_path / "afile" / "sub"), wandb=False)

@@ -193,7 +193,8 @@ def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, corpus_file
                     f"continue with: python -m tune_gpt.train {' '.join(argv)} --resume")
     assert interrupted_at(5) == 130  # a new run in the same dir, stopped before its first evaluation
     assert capsys.readouterr().err.strip().endswith(
-        "tune_gpt.train: interrupted; no checkpoint of this run yet (one is written at each evaluation, every 10 steps)")
+        "tune_gpt.train: interrupted; no checkpoint of this run yet (one is written at each evaluation: every 10 steps "
+        "and at the last step)")
     argv.append("--resume")  # goes on from the first run's step 20: that checkpoint is this run's until the next
     assert interrupted_at(25) == 130
     assert "interrupted; the last checkpoint (step 20) is in" in capsys.readouterr().err.strip().splitlines()[-1]
@@ -308,3 +309,38 @@ def test_a_checkpoint_from_before_keeps_resuming_and_rng_states_stay_on_the_cpu(
     torch.save(state, path)
     resumed = train(TrainConfig.from_flat({"resume": True}, base=cfg))
     assert resumed.steps == 20 and resumed.status == "finished"
+
+
+def test_resume_refuses_another_corpus_and_warns_of_changed_settings(tiny_cfg, tmp_path):
+    """--resume on a corpus with another vocabulary would feed the embeddings the wrong characters: refused,
+    naming both. Changed settings go on, with a warning naming each (the run is not the one it continued)."""
+    import warnings
+
+    cfg = tiny_cfg(max_steps=20, output_dir=str(tmp_path / "r"))
+    train(cfg, stop_after=10)
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 +-*/=\n" * 4000, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"resume: checkpoint .* was trained on .*words\.txt .*other\.txt.*--data"):
+        train(TrainConfig.from_flat({"resume": True, "data": str(other)}, base=cfg))
+    changed = TrainConfig.from_flat({"resume": True, "learning_rate": 1e-2, "max_steps": 30}, base=cfg)
+    with pytest.warns(UserWarning, match=r"--learning_rate 0\.003 -> 0\.01, --max_steps 20 -> 30 differ"):
+        res = train(changed)
+    assert res.steps == 30 and res.status == "finished"
+    same = TrainConfig.from_flat({"resume": True, "log_interval": 1, "num_threads": 2}, base=changed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # how it logs and where it runs change nothing: no warning
+        train(same)
+
+
+def test_a_resumed_run_interrupted_keeps_the_best_val_loss_it_resumed_with(tiny_cfg, tmp_path):
+    class StopAt(Recorder):
+        def log(self, step, metrics):
+            super().log(step, metrics)
+            if step >= 15:
+                raise KeyboardInterrupt
+
+    cfg = tiny_cfg(max_steps=40, output_dir=str(tmp_path / "r"))
+    first = train(cfg, stop_after=10)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(TrainConfig.from_flat({"resume": True}, base=cfg), StopAt())
+    assert info.value.train_result.best_val_loss == first.best_val_loss is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import warnings
@@ -110,6 +111,20 @@ def build_train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
+    """One line, before any training, when `out` cannot be a folder this process writes into: a file is
+    in its way (itself or a parent), or the nearest existing folder above it is not writable."""
+    out = out.expanduser()
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == out else f"cannot be made: {probe} is a file"
+        raise ConfigError(f"{flag} {out}: {where}, not a folder")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {probe} is not writable")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_flat(overrides_from_args(args))
 
@@ -130,14 +145,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
             resolve_device(cfg)
         out = Path(cfg.output_dir).expanduser()
+        check_output_dir(out)
         if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
-        if not cfg.resume and ((out / "checkpoint" / CKPT_NAME).is_file() or (out / "model.pt").is_file()):
-            fate = "are replaced by this run's" if cfg.checkpoint else "stay (this run saves none)"
-            warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
-                          f"stay in {out / 'logs'} beside this run's (--resume continues it; --output_dir NEW keeps it)")
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
         corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+        if not cfg.resume and ((out / "checkpoint" / CKPT_NAME).is_file() or (out / "model.pt").is_file()):
+            fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
+            warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
+                          f"stay in {out / 'logs'} beside this run's (--resume continues it; --output_dir NEW keeps it)")
 
         from tune_gpt.tracking import default_reporters
         from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
@@ -163,7 +179,13 @@ def train_main(argv: list[str] | None = None) -> int:
             best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
             print(f"tune_gpt.train: {result.message} (best val loss {best}); to train on, raise --max_steps or "
                   f"--epochs", file=sys.stderr)
-        print(f"output: {result.output_dir}", file=sys.stderr)
+        elif result.status == "diverged":
+            print(f"tune_gpt.train: {result.message or 'the loss diverged'}; try a lower --learning_rate, or keep "
+                  f"--grad_clip on (default 1.0)", file=sys.stderr)
+        elif result.message and result.status != "finished":
+            print(f"tune_gpt.train: {result.message}", file=sys.stderr)
+        saved = "" if result.model_path else " (no model saved: --no-checkpoint)" if not cfg.checkpoint else ""
+        print(f"output: {result.output_dir}{saved}", file=sys.stderr)
         return 0 if result.status == "finished" else 3
 
     return run_main(_run, prog="tune_gpt.train")
@@ -176,7 +198,8 @@ def _resume_hint(cfg: TrainConfig, result: Any, argv: list[str] | None) -> str:
         return "checkpoints are off (--no-checkpoint): nothing to resume from"
     path = getattr(result, "checkpoint_path", None)
     if not path:
-        return f"no checkpoint of this run yet (one is written at each evaluation, every {cfg.eval_interval} steps)"
+        return (f"no checkpoint of this run yet (one is written at each evaluation: every {cfg.eval_interval} steps "
+                f"and at the last step)")
     cmd = resume_command("tune_gpt.train", sys.argv[1:] if argv is None else argv)
     return f"the last checkpoint (step {result.checkpoint_step}) is in {Path(path).parent}; continue with: {cmd}"
 
@@ -187,5 +210,5 @@ def resume_command(module: str, args: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in ["python", "-m", module, *kept, "--resume"])
 
 
-__all__ = ["OneLineParser", "run_main", "train_main", "add_config_flags", "overrides_from_args", "field_help",
-           "resume_command"]
+__all__ = ["OneLineParser", "run_main", "train_main", "check_output_dir", "add_config_flags", "overrides_from_args",
+           "field_help", "resume_command"]

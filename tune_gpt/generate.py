@@ -6,6 +6,8 @@ output folder, a replay's, or a trial's checkpoint).
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -15,23 +17,44 @@ from tune_gpt.errors import ConfigError
 
 
 def find_model(path: str | Path) -> Path:
+    """The model file `path` names: a file, or in a folder the newest of its final model (model.pt) and its
+    last checkpoint (a run stopped early in a folder an earlier run used leaves that run's model.pt behind,
+    older than its own checkpoint). A trial's folder: its latest checkpoint_NNNNNN."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
-    for cand in (p / "model.pt", p / "checkpoint" / "ckpt.pt", p / "ckpt.pt"):
-        if cand.is_file():
-            return cand
-    raise ConfigError(f"checkpoint: no model.pt or ckpt.pt at {path}")
+    found = [c for c in (p / "model.pt", p / "checkpoint" / "ckpt.pt", p / "ckpt.pt") if c.is_file()]
+    if not found and p.is_dir():  # a Tune trial's folder: its checkpoints are checkpoint_000000, _000001, ...
+        found = sorted(p.glob("checkpoint_*/ckpt.pt"))[-1:]
+    if not found:
+        raise ConfigError(f"checkpoint: no model.pt or ckpt.pt at {path}")
+    return max(found, key=lambda c: c.stat().st_mtime_ns)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, num_samples: int = 1) -> None:
+    """One line naming the first bad sampling setting."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max_new_tokens: must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ConfigError(f"--num_samples: must be >= 1, got {num_samples}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"--temperature: must be a number > 0, got {temperature} (for the likeliest character "
+                          f"each time, use --top_k 1)")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"--top_k: must be >= 0 (0: no filter), got {top_k}")
 
 
 def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
-    """Return `num_samples` continuations of `prompt` (prompt included)."""
-    if max_new_tokens < 0 or num_samples < 1 or temperature <= 0 or (top_k is not None and top_k < 0):
-        raise ConfigError("max_new_tokens must be >= 0, num_samples >= 1, temperature > 0 and top_k >= 0")
+    """Return `num_samples` continuations of `prompt` (prompt included); sample i uses seed `seed` + 1000 i."""
+    check_sampling(max_new_tokens, temperature, top_k, num_samples)
     path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
+    import torch
+
     from tune_gpt.train import available_device, load_checkpoint, model_from_checkpoint, sample_text
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = str(available_device(device))  # not a load error when the device is missing here
     top_k = top_k or None  # 0: no top-k filter
     state = load_checkpoint(path, map_location=device)
@@ -39,19 +62,23 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     unknown = tok.unknown_chars(prompt)
     if unknown:
         warnings.warn(f"prompt characters never seen in training are replaced: {''.join(sorted(unknown))!r}")
-    return [sample_text(model, tok, prompt, max_new_tokens, seed + i, device, temperature, top_k) for i in range(num_samples)]
+    return [sample_text(model, tok, prompt, max_new_tokens, seed + 1000 * i, device, temperature, top_k)
+            for i in range(num_samples)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m tune_gpt.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="model.pt, ckpt.pt, or a folder holding one")
+    parser = OneLineParser(prog="python -m tune_gpt.generate", description=__doc__.splitlines()[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="model.pt, ckpt.pt, or a folder holding one (a run's, a replay's, a trial's)")
     parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200, help="characters to add")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="below 1: safer, above 1: more varied (--top_k 1: always the likeliest)")
     parser.add_argument("--top_k", "--top-k", type=int, default=200, help="sample among the k likeliest (0: all)")
-    parser.add_argument("--num_samples", "--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num_samples", "--num-samples", type=int, default=1, help="continuations to print")
+    parser.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps, or auto (a GPU when there is one)")
 
     def _run() -> int:
         args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tune_gpt.cli import OneLineParser, run_main
+from tune_gpt.cli import OneLineParser, check_output_dir, run_main
 from tune_gpt.config import FIELD_TYPES, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError
 
@@ -95,15 +95,19 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
                        trial_bf16_products=where["bf16_products"])
+    check_output_dir(Path(cfg.output_dir), "--output-dir")
     if not check:  # a check reproduces a trial: doing it again replaces nothing of value
         _check_output_dir_free(Path(cfg.output_dir).expanduser())
+    trial_loss = _float(row.get("final_val_loss"))
+    if check and trial_loss is None:
+        raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is nothing "
+                          f"to compare a replay with; replay it without --check, or pick another --trial")
     device = resolve_device(cfg)
     trial_steps = _int(row.get("steps"))
     stop_after = trial_steps if check and trial_steps else None
     reporters = default_reporters(cfg, job_type="final", tags=["final"],
                                   extra_config={"replay_of": trial_id, "experiment": exp.name})
     result = train(cfg, reporters, stop_after=stop_after)
-    trial_loss = _float(row.get("final_val_loss"))
     diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
     tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
     summary = {
@@ -182,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--epochs: must be positive, got {args.epochs}")
         s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
                    max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb)
+        trial_said = (f"trial: {_fmt(s['trial_val_loss'])} after {s['trial_steps']} steps"
+                      if s["trial_val_loss"] is not None else f"the trial ({s['trial_status']}) reported no val loss")
         print(f"replayed trial {s['trial_id']}: val loss {_fmt(s['final_val_loss'])} after {s['steps']} steps "
-              f"(trial: {_fmt(s['trial_val_loss'])} after {s['trial_steps']} steps)")
+              f"({trial_said})")
         print(f"model: {s['model_path']}  summary: {Path(s['output_dir']) / 'replay_summary.json'}")
         if s["model_path"]:
             print(f"sample it: python -m tune_gpt.generate --checkpoint {s['output_dir']}")

@@ -110,7 +110,7 @@ class ConsoleReporter(Reporter):
         self._print(
             f"model {cfg.model_size}: {info['n_params'] / 1e6:.2f}M parameters, "
             f"{info['total_steps']} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
-            f"corpus {info['corpus']}"
+            f"corpus {info['corpus']}" + (f"; resuming at step {info['start_step']}" if info.get("start_step") else "")
         )
         if self.progress:
             from tqdm.auto import tqdm

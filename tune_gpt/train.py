@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_gpt.config import CKPT_NAME, MODEL_NAME, TrainConfig, check_precision
+from tune_gpt.config import CKPT_NAME, MODEL_NAME, RUNTIME_KEYS, TrainConfig, check_precision
 from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
 from tune_gpt.errors import ConfigError, TuneGPTError
 from tune_gpt.model import GPT, GPTConfig
@@ -187,6 +187,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         p = p / CKPT_NAME if (p / CKPT_NAME).is_file() else p / MODEL_NAME
     if not p.is_file():
         raise ConfigError(f"checkpoint: {path} not found")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+        raise ConfigError(f"checkpoint: {p} is not a checkpoint (not a file torch.save wrote)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the verdict below says enough
@@ -258,6 +262,33 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
 
 
 _CKPT_KEYS = ("model", "optimizer", "scaler", "sampler", "rng", "step", "tokens", "model_args")
+# settings a resume may change without changing the training (what is logged and how, and where)
+_RESUME_FREE = frozenset(RUNTIME_KEYS) | {"log_interval", "sample_tokens"}
+
+
+def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpus, src: Path, asked: bool) -> None:
+    """A checkpoint continues on the corpus it was trained on (another vocabulary would feed its embeddings
+    the wrong characters: ConfigError). On a resume the user asked for (`asked`: --resume), a warning lists the
+    settings that differ from the checkpoint's run: it goes on, but not as that run would have (a different
+    model is refused after this, by its shape)."""
+    old_tok = state.get("tokenizer")
+    if isinstance(old_tok, dict) and old_tok != corpus.tokenizer.to_dict():
+        before = (state.get("config") or {}).get("data") or "the default corpus"
+        raise ConfigError(f"resume: checkpoint {src} was trained on {before} ({len(old_tok.get('chars', ''))} "
+                          f"characters); this run's corpus ({corpus.name}, {corpus.vocab_size} characters) is "
+                          f"another: give the --data (or --use_chinese) of the run it continues")
+    old = state.get("config")
+    if not asked or not isinstance(old, dict):
+        return
+    from tune_gpt.cli import flag_name
+
+    new = cfg.to_flat()
+    changed = [k for k in sorted(set(old) | set(new))
+               if k not in _RESUME_FREE and not k.startswith(("wandb.", "model")) and old.get(k) != new.get(k)]
+    if changed:
+        listed = ", ".join(f"--{flag_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+        warnings.warn(f"resume: {listed} differ from the run in {src}, which goes on from step {state.get('step')} "
+                      f"but not as it would have (give its settings to continue it as it was)")
 
 
 # --------------------------------------------------------------- schedule
@@ -353,6 +384,7 @@ def train(
         # to the CPU: RNG and sampler states must stay CPU tensors; load_state_dict puts the weights and
         # the optimizer's state on the parameters' device
         state = check_state(load_checkpoint(src, map_location="cpu"), _CKPT_KEYS, src)
+        _check_resume_matches(state, cfg, corpus, src, asked=src == ckpt_dir and resume_from is None)
         if state["model_args"] != model_args:
             raise ConfigError(f"resume: checkpoint {src} has model {state['model_args']}, this run wants {model_args}")
         try:
@@ -390,7 +422,8 @@ def train(
     }
     reporter.start(cfg, info)
 
-    result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history)
+    result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history,
+                         best_val_loss=best_val)
     if src is not None and Path(src).resolve() == ckpt_dir.resolve():  # this run goes on from its own checkpoint
         result.checkpoint_path, result.checkpoint_step = str(ckpt_dir / CKPT_NAME), step
     interrupted: KeyboardInterrupt | None = None

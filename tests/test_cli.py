@@ -185,3 +185,13 @@ def test_generate_takes_the_newest_model_in_a_folder_and_a_trials_latest_checkpo
         (trial / f"checkpoint_00000{i}").mkdir(parents=True)
         (trial / f"checkpoint_00000{i}" / "ckpt.pt").write_bytes(b"PK")
     assert find_model(trial) == trial / "checkpoint_000002" / "ckpt.pt"
+
+
+def test_train_errors_name_the_flag_and_two_precisions_are_refused(tmp_path, corpus_file):
+    out = ["--data", str(corpus_file), "--output_dir", str(tmp_path / "o")]
+    for args, needles in ((["--n_embd", "0"], ["--n_embd: must be positive"]),
+                          (["--wandb_mode", "foo"], ["--wandb_mode: unknown value 'foo'"]),
+                          (["--bf16", "--fp16"], ["--bf16 and --fp16: give one"]),
+                          (["--precision", "fp32", "--bf16"], ["--bf16 and --precision fp32"])):
+        assert_one_line_error(run("-m", "tune_gpt.train", *args, *out), *needles)
+    assert not (tmp_path / "o").exists()

@@ -183,3 +183,17 @@ def test_without_wandb_installed_it_warns_and_keeps_tensorboard(tiny_cfg, tmp_pa
         train(cfg, default_reporters(cfg))
     assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
     assert not (tmp_path / "out" / "wandb").exists()
+
+
+def test_the_progress_bar_is_for_terminals_piped_output_gets_lines(tiny_cfg):
+    """| tee or > log: a bar's carriage returns would glue the evaluation lines onto it."""
+    import io
+
+    from tune_gpt.tracking import ConsoleReporter
+    from tune_gpt.train import train
+
+    out = io.StringIO()
+    train(tiny_cfg(max_steps=20, progress=True), ConsoleReporter(progress=True, stream=out))
+    text = out.getvalue()
+    assert "\r" not in text
+    assert "step 5: train loss" in text and "step 10: train loss" in text and "val loss" in text

@@ -93,11 +93,16 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()
 def overrides_from_args(args: argparse.Namespace, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The config keys the user actually gave, values converted (ConfigError names the flag)."""
     out: dict[str, Any] = {}
+    switches = [k for k in ("bf16", "fp16") if getattr(args, k, False)]
     for k, v in vars(args).items():
         if k in FIELD_TYPES:
             out[k] = coerce(k, v)
-        elif k in ("bf16", "fp16") and v:
-            out["precision"] = k
+    if len(switches) == 2:
+        raise ConfigError("--bf16 and --fp16: give one (bf16 where the GPU has it, fp16 on older GPUs)")
+    if switches:
+        if out.get("precision", switches[0]) != switches[0]:
+            raise ConfigError(f"--{switches[0]} and --precision {out['precision']}: give one")
+        out["precision"] = switches[0]
     return out
 
 
@@ -126,7 +131,14 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig.from_flat(overrides_from_args(args))
+    """The run's config; an error about a field names the flag that sets it (--n_embd, not model.n_embd)."""
+    try:
+        return TrainConfig.from_flat(overrides_from_args(args))
+    except ConfigError as exc:
+        key, sep, rest = str(exc).partition(":")
+        if sep and key in FIELD_TYPES:
+            raise ConfigError(f"--{flag_name(key)}:{rest}") from None
+        raise
 
 
 def train_main(argv: list[str] | None = None) -> int:

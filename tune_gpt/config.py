@@ -112,7 +112,7 @@ class TrainConfig:
     resume: bool = _f(False, "resume from output_dir's last checkpoint")
     checkpoint: bool = _f(True, "save a checkpoint at every evaluation")
     tensorboard: bool = _f(True, "write TensorBoard events to <output_dir>/logs")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show a progress bar (in a terminal; piped output gets a line per log instead)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:

@@ -111,7 +111,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
     tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
     summary = {
-        "experiment": str(exp), "trial_id": trial_id, "trial_status": row.get("status"),
+        "experiment": str(Path(exp).resolve()), "trial_id": trial_id, "trial_status": row.get("status"),
         "trial_steps": trial_steps, "trial_val_loss": trial_loss, "check": check,
         "steps": result.steps, "status": result.status, "final_val_loss": result.final_val_loss,
         "best_val_loss": result.best_val_loss, "difference": diff, "tolerance": tol if check else None,
@@ -138,7 +138,8 @@ def _check_output_dir_free(out: Path) -> None:
         what = f" ({', '.join(parts)})" if parts else ""
     except (OSError, ValueError, AttributeError):
         pass
-    raise ConfigError(f"replay: {out} already holds a final run{what}; give another --output-dir (or remove it)")
+    held = f"a final run{what}" if summary.is_file() else "a trained model (model.pt)"
+    raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
 
 
 def _trial_where(trial_dir: Path) -> dict[str, Any]:

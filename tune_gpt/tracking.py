@@ -112,6 +112,8 @@ class ConsoleReporter(Reporter):
             f"{info['total_steps']} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
             f"corpus {info['corpus']}" + (f"; resuming at step {info['start_step']}" if info.get("start_step") else "")
         )
+        if self.progress and not _is_terminal(self.stream):
+            self.progress = False  # a pipe or a file (| tee, > log): a line per log, not a bar's carriage returns
         if self.progress:
             from tqdm.auto import tqdm
 
@@ -468,6 +470,13 @@ def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:
         return None
     run_id = prev.get("id")
     return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:

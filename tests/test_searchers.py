@@ -219,30 +219,3 @@ def test_a_report_again_of_a_recorded_step_is_dropped_quietly():
         s.on_trial_result("a", {"loss": 2.4, "training_iteration": 1})  # a resumed trial, its step again
     assert not [w for w in seen if "already reported" in str(w.message)], [str(w.message) for w in seen]
     assert s._ot_study.trials[0].intermediate_values == {1: 2.5}  # the first report stands
-
-
-def test_a_trial_the_scheduler_stopped_ends_pruned_at_its_last_value_and_so_does_its_repeat():
-    """ASHA's stop (last step below total_steps) is PRUNED in the study, as Optuna's own pruners leave a
-    trial; a trial that ran to its end, or diverged (an infinite loss), ends as before."""
-    State = optuna.trial.TrialState
-    s = searcher([1e-3, 1e-2, 1e-1])
-    a, b, c = (s.suggest(t) for t in "abc")
-    for t, loss in (("a", 2.6), ("b", 2.4), ("c", 2.5)):
-        s.on_trial_result(t, {"loss": loss, "step": 30, "total_steps": 300, "training_iteration": 1})
-    s.on_trial_complete("a", {"loss": 2.6, "step": 30, "total_steps": 300, "training_iteration": 1})  # stopped
-    s.on_trial_result("b", {"loss": 2.1, "step": 300, "total_steps": 300, "training_iteration": 10})
-    s.on_trial_complete("b", {"loss": 2.1, "step": 300, "total_steps": 300, "training_iteration": 10})  # ran to the end
-    s.on_trial_complete("c", {"loss": float("inf"), "step": 40, "total_steps": 300, "training_iteration": 2})  # diverged
-    study = s._ot_study
-    stopped, full, diverged = (study.trials[s._ot_trials[t].number] for t in "abc")
-    assert stopped.state == State.PRUNED and stopped.value == 2.6 and stopped.intermediate_values == {1: 2.6}
-    assert full.state == State.COMPLETE and full.value == 2.1
-    assert diverged.state != State.PRUNED
-    assert study.best_trial.number == full.number  # a stopped trial is never the study's best
-    before = len(study.trials)
-    assert s.suggest("d") == Searcher.FINISHED  # only repeats are left; each is told as its first ended
-    later = study.trials[before:]
-    repeats = [t for t in later if t.user_attrs.get("repeat_of") == "a"]
-    assert repeats and all(t.state == State.PRUNED and t.value == 2.6 for t in repeats)
-    of_full = [t for t in later if t.user_attrs.get("repeat_of") == "b"]
-    assert of_full and all(t.state == State.COMPLETE and t.value == 2.1 for t in of_full)

@@ -20,20 +20,12 @@ When every proposal in a row of `max_redraws` is a repeat, the search is over: i
 trial is still running (its result may steer TPE elsewhere), then ends (``Searcher.FINISHED``,
 before ``num_samples`` trials; `exhausted` is then True).
 
-A trial the scheduler stopped before its last step (ASHA, the median rule) ends PRUNED in the study at
-its last reported value, as Optuna's own pruners leave their trials, not COMPLETE (what OptunaSearch
-tells): a dashboard then shows it stopped, and TPE ranks it below every trial that ran to its end, by
-how far it got, then by its value (Optuna's rule for pruned trials) rather than comparing a loss after
-30 steps with one after 300. A trial is stopped short when its last result's ``step`` is below its
-``total_steps`` (the training function reports both).
-
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import warnings
 from typing import Any
@@ -69,7 +61,6 @@ class UniqueOptunaSearch(OptunaSearch):
         self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
         self._ended: dict[str, tuple[dict | None, bool]] = {}  # trial id -> ({metric: last value} or None, errored)
         self._last: dict[str, Any] = {}  # trial id -> its last reported value of the metric, while it runs
-        self._pruned_at: dict[str, int] = {}  # trial id -> the iteration at which the scheduler stopped it
         self._waiting = False  # only repeats were proposed while trials run: ask again once one ends
         self.repeats_skipped = 0
         self.exhausted = False
@@ -92,9 +83,6 @@ class UniqueOptunaSearch(OptunaSearch):
             self.repeats_skipped += 1
             self._ot_trials[ask_id].set_user_attr("repeat_of", first)
             result, errored = self._ended.get(first, (None, True))  # a running trial's repeat: a failure
-            if not errored and result and first in self._pruned_at:  # a stopped trial's repeat: stopped alike
-                self._tell_pruned(ask_id, result[self.metric], self._pruned_at[first])
-                continue
             # OptunaSearch tells COMPLETE whenever the metric is in `result`, whatever `error` says
             super().on_trial_complete(ask_id, result=None if errored else result, error=errored or not result)
         if any(t not in self._ended for t in self._trial_of.values()):  # trials still running: wait for one to end
@@ -141,28 +129,4 @@ class UniqueOptunaSearch(OptunaSearch):
         self._ended[trial_id] = ({self.metric: value} if value is not None else None, error)
         self._last.pop(trial_id, None)
         self._waiting = False
-        iteration = (result or {}).get("training_iteration")
-        if (not error and _stopped_short(result) and isinstance(value, (int, float)) and math.isfinite(value)
-                and isinstance(iteration, int) and trial_id not in self._completed_trials):
-            self._pruned_at[trial_id] = iteration
-            self._tell_pruned(trial_id, value, iteration)
-            return
         super().on_trial_complete(trial_id, result=result, error=error)
-
-    def _tell_pruned(self, trial_id: str, value: float, iteration: int) -> None:
-        """End the study's trial PRUNED at `value`, its report at `iteration` (Optuna takes a pruned trial's
-        value from its last report; OptunaSearch has reported every result but maybe not this last one)."""
-        from optuna.trial import TrialState
-
-        ot_trial = self._ot_trials[trial_id]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The reported value is ignored because this")
-            ot_trial.report(value, iteration)
-        self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
-
-
-def _stopped_short(result: dict | None) -> bool:
-    """The trial's last result is from before its last step: the scheduler (or a user's stop) ended it."""
-    step, total = (result or {}).get("step"), (result or {}).get("total_steps")
-    return isinstance(step, int) and isinstance(total, int) and step < total

@@ -192,6 +192,10 @@ def test_train_errors_name_the_flag_and_two_precisions_are_refused(tmp_path, cor
     for args, needles in ((["--n_embd", "0"], ["--n_embd: must be positive"]),
                           (["--wandb_mode", "foo"], ["--wandb_mode: unknown value 'foo'"]),
                           (["--bf16", "--fp16"], ["--bf16 and --fp16: give one"]),
-                          (["--precision", "fp32", "--bf16"], ["--bf16 and --precision fp32"])):
+                          (["--precision", "fp32", "--bf16"], ["--bf16 and --precision fp32"]),
+                          (["--n_head", "3"], ["--n_embd: 128 is not divisible by --n_head=3"])):
         assert_one_line_error(run("-m", "tune_gpt.train", *args, *out), *needles)
     assert not (tmp_path / "o").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "deeper")
+    p = run("-m", "tune_gpt.train", "--data", str(corpus_file), "--output_dir", str(tmp_path / "link"))
+    assert_one_line_error(p, "--output_dir", "is a link to nothing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -122,6 +123,8 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
     out = out.expanduser()
     probe = out
     while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            raise ConfigError(f"{flag} {out}: {probe} is a link to nothing ({os.readlink(probe)})")
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         where = "is a file" if probe == out else f"cannot be made: {probe} is a file"
@@ -136,7 +139,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return TrainConfig.from_flat(overrides_from_args(args))
     except ConfigError as exc:
         key, sep, rest = str(exc).partition(":")
-        if sep and key in FIELD_TYPES:
+        if sep and key in FIELD_TYPES:  # (also the other fields it names: model.n_head=3 -> --n_head=3)
+            rest = re.sub(r"\b(?:model|wandb)\.\w+", lambda m: f"--{flag_name(m.group(0))}"
+                          if m.group(0) in FIELD_TYPES else m.group(0), rest)
             raise ConfigError(f"--{flag_name(key)}:{rest}") from None
         raise
 

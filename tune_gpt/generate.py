@@ -54,7 +54,8 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     from tune_gpt.train import available_device, load_checkpoint, model_from_checkpoint, sample_text
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mps = getattr(torch.backends, "mps", None)
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
     device = str(available_device(device))  # not a load error when the device is missing here
     top_k = top_k or None  # 0: no top-k filter
     state = load_checkpoint(path, map_location=device)

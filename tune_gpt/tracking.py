@@ -473,6 +473,9 @@ def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:
 
 
 def _is_terminal(stream: Any) -> bool:
+    """A terminal, or a Jupyter kernel (whose streams are not ttys; tqdm.auto draws a widget there)."""
+    if "ipykernel" in sys.modules:
+        return True
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream

@@ -263,7 +263,7 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
 
 _CKPT_KEYS = ("model", "optimizer", "scaler", "sampler", "rng", "step", "tokens", "model_args")
 # settings a resume may change without changing the training (what is logged and how, and where)
-_RESUME_FREE = frozenset(RUNTIME_KEYS) | {"log_interval", "sample_tokens"}
+_RESUME_FREE = frozenset(RUNTIME_KEYS) | {"log_interval", "sample_tokens", "sample_prompt"}
 
 
 def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpus, src: Path, asked: bool) -> None:
@@ -283,8 +283,19 @@ def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpu
     from tune_gpt.cli import flag_name
 
     new = cfg.to_flat()
+
+    def same(k: str) -> bool:
+        a, b = old.get(k), new.get(k)
+        if k == "data" and isinstance(a, str) and isinstance(b, str) and "://" not in a + b:
+            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        return a == b
+
     changed = [k for k in sorted(set(old) | set(new))
-               if k not in _RESUME_FREE and not k.startswith(("wandb.", "model")) and old.get(k) != new.get(k)]
+               if k not in _RESUME_FREE and not k.startswith(("wandb.", "model")) and not same(k)]
+    tokens = [(d.get("batch_size"), d.get("gradient_accumulation_steps")) for d in (old, new)]
+    if all(isinstance(v, int) for t in tokens for v in t) and tokens[0][0] * tokens[0][1] == tokens[1][0] * tokens[1][1]:
+        # the same batch in other pieces (what the out-of-memory hint asks for): the same training
+        changed = [k for k in changed if k not in ("batch_size", "gradient_accumulation_steps")]
     if changed:
         listed = ", ".join(f"--{flag_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         warnings.warn(f"resume: {listed} differ from the run in {src}, which goes on from step {state.get('step')} "

@@ -197,3 +197,19 @@ def test_the_progress_bar_is_for_terminals_piped_output_gets_lines(tiny_cfg):
     text = out.getvalue()
     assert "\r" not in text
     assert "step 5: train loss" in text and "step 10: train loss" in text and "val loss" in text
+
+
+def test_the_progress_bar_stays_in_a_jupyter_kernel(monkeypatch):
+    """A kernel's streams are not ttys, but tqdm.auto draws a widget there; importing ipykernel is not enough."""
+    import io
+    import sys
+    import types
+
+    from tune_gpt.tracking import _is_terminal
+
+    assert not _is_terminal(io.StringIO())
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    assert not _is_terminal(io.StringIO())
+    kernel = type("ZMQInteractiveShell", (), {})()
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    assert _is_terminal(io.StringIO())

@@ -474,7 +474,9 @@ def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:
 
 def _is_terminal(stream: Any) -> bool:
     """A terminal, or a Jupyter kernel (whose streams are not ttys; tqdm.auto draws a widget there)."""
-    if "ipykernel" in sys.modules:
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    if type(shell).__name__ == "ZMQInteractiveShell":  # running in a kernel, not merely having imported one
         return True
     try:
         return bool(stream.isatty())

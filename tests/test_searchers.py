@@ -219,3 +219,19 @@ def test_a_report_again_of_a_recorded_step_is_dropped_quietly():
         s.on_trial_result("a", {"loss": 2.4, "training_iteration": 1})  # a resumed trial, its step again
     assert not [w for w in seen if "already reported" in str(w.message)], [str(w.message) for w in seen]
     assert s._ot_study.trials[0].intermediate_values == {1: 2.5}  # the first report stands
+
+
+def test_a_trial_the_scheduler_stopped_is_complete_at_its_value_and_labelled_for_dashboards():
+    """ASHA's stop stays COMPLETE (TPE ranks it by its value; a diverged trial, at inf, stays last) and carries
+    stopped_at_step; a trial that ran to its end and a diverged one carry no such label."""
+    s = searcher([1e-3, 1e-2, 1e-1])
+    for t in "abc":
+        s.suggest(t)
+    s.on_trial_complete("a", {"loss": 2.6, "step": 30, "total_steps": 300, "training_iteration": 1})
+    s.on_trial_complete("b", {"loss": 2.1, "step": 300, "total_steps": 300, "training_iteration": 10})
+    s.on_trial_complete("c", {"loss": float("inf"), "step": 40, "total_steps": 300, "diverged": 1,
+                              "training_iteration": 2}, error=False)
+    stopped, full, diverged = (s._ot_study.trials[s._ot_trials[t].number] for t in "abc")
+    assert stopped.state.name == "COMPLETE" and stopped.value == 2.6 and stopped.user_attrs["stopped_at_step"] == 30
+    assert full.state.name == "COMPLETE" and "stopped_at_step" not in full.user_attrs
+    assert diverged.value == float("inf") and "stopped_at_step" not in diverged.user_attrs  # the worst value there is

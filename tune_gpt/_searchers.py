@@ -20,12 +20,19 @@ When every proposal in a row of `max_redraws` is a repeat, the search is over: i
 trial is still running (its result may steer TPE elsewhere), then ends (``Searcher.FINISHED``,
 before ``num_samples`` trials; `exhausted` is then True).
 
+A trial the scheduler stopped (ASHA, the median rule) ends COMPLETE at its last value, as OptunaSearch
+tells it (TPE then ranks it by that value; PRUNED would put a diverged trial, COMPLETE at an infinite
+loss, among TPE's best while few trials have run to their end). For dashboards it carries the user
+attribute ``stopped_at_step`` (the step of its last report) when its last result's ``step`` is below
+its ``total_steps``.
+
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from typing import Any
@@ -129,4 +136,12 @@ class UniqueOptunaSearch(OptunaSearch):
         self._ended[trial_id] = ({self.metric: value} if value is not None else None, error)
         self._last.pop(trial_id, None)
         self._waiting = False
+        step, total = (result or {}).get("step"), (result or {}).get("total_steps")
+        if (not error and isinstance(step, int) and isinstance(total, int) and step < total
+                and isinstance(value, (int, float)) and math.isfinite(value)  # (not a diverged or OOM trial)
+                and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+            try:
+                self._ot_trials[trial_id].set_user_attr("stopped_at_step", step)
+            except Exception:  # noqa: BLE001 - a label for dashboards; the trial's end is told below either way
+                pass
         super().on_trial_complete(trial_id, result=result, error=error)

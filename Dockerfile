@@ -6,7 +6,7 @@
 # The base image brings Python and a torch built for its CUDA or ROCm; the project is installed
 # on top of it without replacing that torch. No W&B credentials are baked in: pass
 # WANDB_API_KEY at run time (`docker run -e WANDB_API_KEY …`) or mount ~/.netrc or
-# ~/.config/wandb read-only; see docs/SCALING.md for the run commands.
+# ~/.config/wandb read-only; see the README (Scaling out, Docker) for the run commands.
 
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 FROM ${BASE_IMAGE}

@@ -12,7 +12,14 @@ export WANDB_MODE=disabled
 if [ "${1:-}" != "--dry-run" ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
 fi
-# python3 where `python` is not there (the lent GPU machines have python3 only); PYTHON=... overrides
-py="${PYTHON:-$(command -v python || command -v python3)}"
+# the first of python3, python that imports torch (on the lent GPU machines python3 is the one with
+# PyTorch, and a `python` there may be another interpreter); PYTHON=... overrides
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for c in python3 python; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c "import torch" >/dev/null 2>&1; then py="$c"; break; fi
+  done
+fi
+: "${py:?no python3 or python that imports torch here; set PYTHON=/path/to/python}"
 # gpu_bench.py writes its tables after every row: a run the limit cuts short keeps what it measured
 timeout 480 "$py" "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"

@@ -49,14 +49,9 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     """Return `num_samples` continuations of `prompt` (prompt included); sample i uses seed `seed` + 1000 i."""
     check_sampling(max_new_tokens, temperature, top_k, num_samples)
     path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
-    import torch
+    from tune_gpt.train import auto_device, available_device, load_checkpoint, model_from_checkpoint, sample_text
 
-    from tune_gpt.train import available_device, load_checkpoint, model_from_checkpoint, sample_text
-
-    if device == "auto":
-        mps = getattr(torch.backends, "mps", None)
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps and mps.is_available() else "cpu"
-    device = str(available_device(device))  # not a load error when the device is missing here
+    device = str(available_device(auto_device() if device == "auto" else device))  # missing here: one line
     top_k = top_k or None  # 0: no top-k filter
     state = load_checkpoint(path, map_location=device)
     model, tok = model_from_checkpoint(state, device, source=path)

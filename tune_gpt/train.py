@@ -92,14 +92,7 @@ class TrainResult:
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """The device to run on; raises ConfigError when the request cannot work here."""
-    dev = cfg.device
-    if dev == "auto":
-        if torch.cuda.is_available():
-            dev = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            dev = "mps"
-        else:
-            dev = "cpu"
+    dev = auto_device() if cfg.device == "auto" else cfg.device
     device = available_device(dev, cfg.device)
     if device.type == "cuda" and device.index is None:
         # "cuda" means the current GPU (cuda:0 in a Ray trial, which sees only its own): named, because
@@ -109,6 +102,15 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.precision == "bf16" and device.type == "cuda" and not cuda_supports_bf16(device):
         raise ConfigError(f"bf16: GPU {torch.cuda.get_device_name(device)} does not support bf16; use --fp16")
     return device
+
+
+def auto_device() -> str:
+    """What ``--device auto`` means here: a CUDA (or ROCm) GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +15,7 @@ from conftest import REPO
 @pytest.mark.slow
 def test_gpu_sh_dry_run_writes_its_tables(tmp_path, corpus_file):
     out = tmp_path / "gpu"
-    env = dict(os.environ, WANDB_MODE="disabled")
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHON=sys.executable)  # this interpreter, not the first on PATH
     p = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(out), "--dry-run", "--data", str(corpus_file)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]

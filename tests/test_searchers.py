@@ -235,3 +235,10 @@ def test_a_trial_the_scheduler_stopped_is_complete_at_its_value_and_labelled_for
     assert stopped.state.name == "COMPLETE" and stopped.value == 2.6 and stopped.user_attrs["stopped_at_step"] == 30
     assert full.state.name == "COMPLETE" and "stopped_at_step" not in full.user_attrs
     assert diverged.value == float("inf") and "stopped_at_step" not in diverged.user_attrs  # the worst value there is
+    before = len(s._ot_study.trials)
+    s.suggest("d")  # only repeats are left: each is told what its first got, and labelled as it
+    later = s._ot_study.trials[before:]
+    repeats = [t for t in later if t.user_attrs.get("repeat_of") == "a"]
+    assert repeats and all(t.user_attrs.get("stopped_at_step") == 30 and t.value == 2.6 for t in repeats)
+    of_full = [t for t in later if t.user_attrs.get("repeat_of") == "b"]
+    assert of_full and all("stopped_at_step" not in t.user_attrs for t in of_full)

@@ -210,6 +210,9 @@ def test_the_progress_bar_stays_in_a_jupyter_kernel(monkeypatch):
     assert not _is_terminal(io.StringIO())
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     assert not _is_terminal(io.StringIO())
-    kernel = type("ZMQInteractiveShell", (), {})()
-    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
-    assert _is_terminal(io.StringIO())
+    zmq_shell = type("ZMQInteractiveShell", (), {})
+    for kernel in (zmq_shell(), type("Shell", (zmq_shell,), {})()):  # Jupyter's, and Colab's subclass of it
+        monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda k=kernel: k))
+        assert _is_terminal(io.StringIO())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))  # a plain script
+    assert not _is_terminal(io.StringIO())

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,6 +328,11 @@ def test_resume_refuses_another_corpus_and_warns_of_changed_settings(tiny_cfg, t
     with pytest.warns(UserWarning, match=r"--learning_rate 0\.003 -> 0\.01, --max_steps 20 -> 30 differ"):
         res = train(changed)
     assert res.steps == 30 and res.status == "finished"
+    shuffled = tmp_path / "shuffled.txt"  # the same characters in another order: another text
+    lines = Path(cfg.data).read_text(encoding="utf-8").splitlines(keepends=True)
+    shuffled.write_text("".join(reversed(lines)), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"resume: --data .*words\.txt' -> .*shuffled\.txt' differ"):
+        train(TrainConfig.from_flat({"resume": True, "data": str(shuffled)}, base=changed))
     relative = os.path.relpath(cfg.data)
     same = TrainConfig.from_flat({"resume": True, "log_interval": 1, "data": relative, "batch_size": 4,
                                   "gradient_accumulation_steps": 2}, base=changed)

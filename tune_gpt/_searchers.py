@@ -68,6 +68,7 @@ class UniqueOptunaSearch(OptunaSearch):
         self._trial_of: dict[str, str] = {}  # configuration key -> the trial that trains it
         self._ended: dict[str, tuple[dict | None, bool]] = {}  # trial id -> ({metric: last value} or None, errored)
         self._last: dict[str, Any] = {}  # trial id -> its last reported value of the metric, while it runs
+        self._stopped_at: dict[str, int] = {}  # trial id -> the step the scheduler stopped it at
         self._waiting = False  # only repeats were proposed while trials run: ask again once one ends
         self.repeats_skipped = 0
         self.exhausted = False
@@ -90,6 +91,8 @@ class UniqueOptunaSearch(OptunaSearch):
             self.repeats_skipped += 1
             self._ot_trials[ask_id].set_user_attr("repeat_of", first)
             result, errored = self._ended.get(first, (None, True))  # a running trial's repeat: a failure
+            if first in self._stopped_at:  # told the stopped trial's short-run value: labelled as it is
+                self._ot_trials[ask_id].set_user_attr("stopped_at_step", self._stopped_at[first])
             # OptunaSearch tells COMPLETE whenever the metric is in `result`, whatever `error` says
             super().on_trial_complete(ask_id, result=None if errored else result, error=errored or not result)
         if any(t not in self._ended for t in self._trial_of.values()):  # trials still running: wait for one to end
@@ -140,6 +143,7 @@ class UniqueOptunaSearch(OptunaSearch):
         if (not error and isinstance(step, int) and isinstance(total, int) and step < total
                 and isinstance(value, (int, float)) and math.isfinite(value)  # (not a diverged or OOM trial)
                 and trial_id in self._ot_trials and trial_id not in self._completed_trials):
+            self._stopped_at[trial_id] = step
             try:
                 self._ot_trials[trial_id].set_user_attr("stopped_at_step", step)
             except Exception:  # noqa: BLE001 - a label for dashboards; the trial's end is told below either way

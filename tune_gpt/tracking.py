@@ -476,8 +476,8 @@ def _is_terminal(stream: Any) -> bool:
     """A terminal, or a Jupyter kernel (whose streams are not ttys; tqdm.auto draws a widget there)."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    if type(shell).__name__ == "ZMQInteractiveShell":  # running in a kernel, not merely having imported one
-        return True
+    if any(c.__name__ == "ZMQInteractiveShell" for c in type(shell).__mro__):  # in a kernel (Colab's Shell is
+        return True  # a subclass), not merely having imported one
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream

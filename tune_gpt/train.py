@@ -285,12 +285,13 @@ def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpu
     from tune_gpt.cli import flag_name
 
     new = cfg.to_flat()
+    old = {**TrainConfig().to_flat(), **old}  # a checkpoint from before a field existed: its default then
+    same_text = state.get("corpus_sha256") == corpus.sha256 if state.get("corpus_sha256") else None
 
     def same(k: str) -> bool:
-        a, b = old.get(k), new.get(k)
-        if k == "data" and isinstance(a, str) and isinstance(b, str) and "://" not in a + b:
-            return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-        return a == b
+        if k == "data" and same_text is not None:  # the text itself, however its path was typed
+            return same_text
+        return old.get(k) == new.get(k)
 
     changed = [k for k in sorted(set(old) | set(new))
                if k not in _RESUME_FREE and not k.startswith(("wandb.", "model")) and not same(k)]
@@ -515,6 +516,7 @@ def train(
                         "step": step, "tokens": tokens, "best_val_loss": best_val, "history": history,
                         "train_s": train_s + train_s_before, "model_args": model_args,
                         "tokenizer": corpus.tokenizer.to_dict(), "config": cfg.to_flat(),
+                        "corpus_sha256": corpus.sha256,
                         "reporters": getattr(reporter, "checkpoint_state", dict)(),  # optional, as every method
                     })
                     saved = ckpt_dir

@@ -72,13 +72,15 @@ def speed(size: str, compile_: bool, steps: int, dry: bool, data: str) -> dict:
     import torch
 
     from tune_gpt.data import load_corpus
-    from tune_gpt.model import GPT, GPTConfig
     from tune_gpt.tracking import Reporter
     from tune_gpt.train import peak_flops, train
 
     class Stamps(Reporter):
         def __init__(self):
-            self.t, self.mem = [], 0.0
+            self.t, self.mem, self.flops_per_token = [], 0.0, 0.0
+
+        def start(self, cfg, info):
+            self.flops_per_token = info["flops_per_token"]  # the model's own count, as train() uses for its mfu
 
         def log(self, step, m):
             self.t.append((step, time.perf_counter()))
@@ -89,20 +91,15 @@ def speed(size: str, compile_: bool, steps: int, dry: bool, data: str) -> dict:
         torch._dynamo.reset()  # each compiled row compiles afresh, as its own run would
     cfg = _cfg(size, dry, data, max_steps=100000, eval_interval=10**9, log_interval=log_every, checkpoint=False,
                compile=compile_)
-    corpus = load_corpus(data)
     rep = Stamps()
-    train(cfg, rep, corpus=corpus, stop_after=steps)
+    train(cfg, rep, corpus=load_corpus(data), stop_after=steps)
     warm = max(1, len(rep.t) // 3)  # the first intervals hold compilation and warm-up
     per_step = sorted((t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(rep.t[warm:], rep.t[warm + 1:]))
     med = per_step[len(per_step) // 2]
     tps = cfg.tokens_per_step / med
-    m = cfg.model
-    with torch.device("meta"):
-        fpt = GPT(GPTConfig(vocab_size=corpus.vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                            n_head=m.n_head, n_embd=m.n_embd, bias=m.bias)).flops_per_token()
     peak = peak_flops(torch.device(cfg.device), cfg.precision, cfg.matmul_precision)
     return {"size": size, "compile": compile_, "tokens_per_s": tps, "ms_per_step": med * 1e3,
-            "mfu": fpt * tps / peak if peak else None, "peak_mem_gb": rep.mem}
+            "mfu": rep.flops_per_token * tps / peak if peak else None, "peak_mem_gb": rep.mem}
 
 
 def packing(size: str, n: int, steps: int, dry: bool, data: str) -> dict:

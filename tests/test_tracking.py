@@ -19,10 +19,14 @@ def _scalars(log_dir):
     return acc
 
 
-def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path):
+def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg(wandb_project="tune-gpt-tests", wandb_run_name="unit", wandb_entity=None)
     res = train(cfg, default_reporters(cfg))
     out = tmp_path / "out"
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the run's last words: how to upload it
+    assert last.startswith("W&B: offline run in ") and " wandb sync " in last, last
+    assert Path(last.split(" wandb sync ")[1]).parent == out / "wandb"
+    assert Path(last.split(" wandb sync ")[1]).name.startswith("offline-run-")
 
     acc = _scalars(out / "logs")
     tags = set(acc.Tags()["scalars"])
@@ -89,6 +93,41 @@ def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg):
     by_project = {p: {r.run_id for r in runs if r.project == p} for p in ("tune-gpt-tests", "elsewhere")}
     assert len(runs) == 4 and len(by_project["tune-gpt-tests"]) == 2 and len(by_project["elsewhere"]) == 1, by_project
     assert not by_project["elsewhere"] & by_project["tune-gpt-tests"]
+
+
+
+def test_tensorboard_shows_one_run_per_output_dir_after_a_rerun_or_a_resume(tiny_cfg):
+    """logs/ holds one run: a fresh run in the same dir hides the earlier run's events (Python's loader drew
+    both as one zig-zag line), and a resume from an earlier checkpoint hides what was logged after it."""
+    import shutil
+
+    def losses(out):
+        points = _scalars(out / "logs").Scalars("train/loss")
+        steps = [e.step for e in points]
+        assert len(steps) == len(set(steps)), f"a step shown twice: {steps}"
+        return {e.step: e.value for e in points}
+
+    first = tiny_cfg(tensorboard=True, **{"wandb.enabled": False})
+    out = Path(first.output_dir)
+    train(first, default_reporters(first))
+    again = tiny_cfg(tensorboard=True, learning_rate=1e-2, seed=7, **{"wandb.enabled": False})
+    res = train(again, default_reporters(again))
+    shown = losses(out)
+    assert sorted(shown) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert shown[40] == pytest.approx(res.history[-1]["train/loss"], rel=1e-6)  # the second run's, not the first's
+
+    # an interrupted run: it logged past its last checkpoint (step 20) before it stopped
+    cfg = tiny_cfg(output_dir=str(out.parent / "resumed"), tensorboard=True, **{"wandb.enabled": False})
+    resumed_out = Path(cfg.output_dir)
+    train(cfg, default_reporters(cfg), stop_after=20)
+    shutil.copytree(resumed_out / "checkpoint", out.parent / "at20")
+    resume = TrainConfig.from_flat({**cfg.to_flat(), "resume": True})
+    train(resume, default_reporters(resume), stop_after=30)
+    shutil.rmtree(resumed_out / "checkpoint")
+    shutil.copytree(out.parent / "at20", resumed_out / "checkpoint")  # back to step 20: 25 and 30 are logged again
+    res = train(resume, default_reporters(resume))
+    shown = losses(resumed_out)
+    assert sorted(shown) == [5, 10, 15, 20, 25, 30, 35, 40] and res.steps == 40
 
 
 @pytest.fixture

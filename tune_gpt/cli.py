@@ -170,7 +170,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if not cfg.resume and ((out / "checkpoint" / CKPT_NAME).is_file() or (out / "model.pt").is_file()):
             fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
             warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
-                          f"stay in {out / 'logs'} beside this run's (--resume continues it; --output_dir NEW keeps it)")
+                          f"stay in {out / 'logs'}, hidden from TensorBoard by this run's (--resume continues it; --output_dir NEW keeps it)")
 
         from tune_gpt.tracking import default_reporters
         from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train

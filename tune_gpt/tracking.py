@@ -174,7 +174,13 @@ def _fmt(x: float | None) -> str:
 
 
 class TensorBoardReporter(Reporter):
-    """Scalars (and the sample as text) in `log_dir`, for ``tensorboard --logdir``."""
+    """Scalars (and the sample as text) in `log_dir`, for ``tensorboard --logdir``.
+
+    `log_dir` holds one run, as the output dir holds one model. Events an earlier writer left there are
+    purged from TensorBoard's view (they stay on disk) from where this run begins: a fresh run in the same
+    dir hides the old run's curves instead of drawing both as one zig-zag line, and a resumed run hides
+    what the interrupted one logged after the checkpoint it goes on from (it logs those steps again).
+    """
 
     def __init__(self, log_dir: str | Path) -> None:
         self.log_dir = Path(log_dir)
@@ -187,7 +193,8 @@ class TensorBoardReporter(Reporter):
             warnings.warn("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        start = int(info.get("start_step") or 0)  # a resumed run keeps the checkpoint's own step, which it logs no more
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start + 1 if start else 0)
         self.writer.add_text("config", _markdown_table(cfg.to_flat()), 0)
 
     def _scalars(self, step, metrics):
@@ -457,8 +464,11 @@ class WandbReporter(Reporter):
             art = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"val_loss": result.final_val_loss})
             art.add_file(result.model_path)
             self.run.log_artifact(art)
+        run_dir = self.run.dir.rsplit("/files", 1)[0]
         self.run.finish(exit_code=0 if result.status == "finished" else 1)
         self.run = None
+        if self.mode == "offline":  # said again at the end, where a user reads (the start's line scrolled away)
+            print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {run_dir}", file=sys.stderr)
 
 
 def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:

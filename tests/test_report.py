@@ -295,6 +295,61 @@ def test_best_lr_per_batch(df):
     assert row["status"] == "early-stopped" and row["steps"] == 10  # shown as the shorter run it is
 
 
+
+def test_pivot_spread_is_over_full_runs_and_cells_of_stopped_trials_say_so(tmp_path):
+    """A loss after 10 steps and one after 30 differ by their lengths: the mean and spread of a cell are
+    over the trials that ran their whole budget, and a cell holding only stopped trials is marked."""
+    space = {"learning_rate": {"type": "choice", "values": [1e-3, 3e-3]}, "batch_size": {"type": "choice", "values": [16, 32]}}
+    trials = [FakeTrial(1e-3, 16, "finished", [2.0, 1.8, 1.6]), FakeTrial(1e-3, 16, "early-stopped", [2.9], status_file=False),
+              FakeTrial(3e-3, 32, "early-stopped", [2.85], status_file=False), FakeTrial(1e-3, 32, "finished", [2.1, 2.0, 1.95])]
+    exp = make_experiment(tmp_path, trials, space=space)
+    d = report.load_results(exp)
+    p = report.lr_batch_pivot(d)
+    assert p["best"].loc[16, 1e-3] == pytest.approx(1.6) and p["count"].loc[16, 1e-3] == 2
+    assert p["full"].loc[16, 1e-3] == 1 and p["mean"].loc[16, 1e-3] == pytest.approx(1.6)  # not (1.6 + 2.9) / 2
+    assert math.isnan(p["std"].loc[16, 1e-3])  # one full run: no spread (it was 0.92 from the two lengths)
+    assert p["full"].loc[32, 3e-3] == 0 and math.isnan(p["mean"].loc[32, 3e-3])
+    fig = report.heatmap_figure(d, p)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert "2.850\nstopped early" in texts and "1.950" in texts and "1.600\nn=2" in texts
+    md = (Path(report.write_report(exp, tmp_path / "rep")) / "report.md").read_text()
+    assert "stopped early" in md and "over the trials that ran their whole budget" in md
+
+
+def test_batches_are_compared_as_effective_batches_when_accumulation_differs(tmp_path):
+    """batch_size 16 with 4 accumulation steps trains on batches of 64: when the trials accumulated over
+    different numbers of steps, the learning rate x batch tables group by the effective batch."""
+    space = {"learning_rate": {"type": "choice", "values": [1e-3, 3e-3]}, "batch_size": {"type": "choice", "values": [16, 32]},
+             "gradient_accumulation_steps": {"type": "choice", "values": [1, 4]}}
+    trials = [FakeTrial(1e-3, 16, "finished", [1.6], extra={"gradient_accumulation_steps": 1}),
+              FakeTrial(3e-3, 16, "finished", [1.5], extra={"gradient_accumulation_steps": 4}),
+              FakeTrial(1e-3, 32, "finished", [1.7], extra={"gradient_accumulation_steps": 1})]
+    exp = make_experiment(tmp_path, trials, space=space)
+    d = report.load_results(exp)
+    assert report.batch_column(d) == "effective_batch"
+    assert sorted(d["effective_batch"]) == [16, 32, 64]
+    b = report.best_lr_per_batch(d)
+    assert list(b.index) == [16, 32, 64] and b.loc[16, "learning_rate"] == 1e-3 and b.loc[64, "learning_rate"] == 3e-3
+    assert b.loc[64, "batch_size"] == 16 and b.loc[64, "gradient_accumulation_steps"] == 4
+    assert report.lr_batch_pivot(d).index.name == "effective_batch"
+    md = (Path(report.write_report(exp, tmp_path / "rep")) / "report.md").read_text()
+    assert "effective batches" in md
+
+    same = [FakeTrial(lr, bs, "finished", [v], extra={"gradient_accumulation_steps": 4})
+            for lr, bs, v in [(1e-3, 16, 1.6), (3e-3, 16, 1.5), (1e-3, 32, 1.7)]]
+    d = report.load_results(make_experiment(tmp_path, same, name="same", space=space))
+    assert report.batch_column(d) == "batch_size"  # one accumulation for all: the batch size the user set
+    assert list(report.best_lr_per_batch(d).index) == [16, 32]
+
+
+def test_importance_explains_the_ranking_column_by_default(tmp_path):
+    d = report.load_results(lr_dominant_experiment(tmp_path))
+    assert report.importance(d).index[0] == "learning_rate"  # ranked by best_val_loss, which the lr decides
+    d["final_val_loss"] = 2.0 + d["batch_size"] / 10  # a ranking column that the batch size decides
+    d.attrs["rank_by"] = "final_val_loss"  # (a search ranked by another metric)
+    assert report.importance(d).index[0] == "batch_size"
+    pd.testing.assert_series_equal(report.importance(d), report.importance(d, "final_val_loss"))
+
 def small_df(rows: list[tuple[float, int, float]], space: dict, status: str = "finished"):
     d = pd.DataFrame([{"trial_id": f"t{i}", "status": status, "learning_rate": lr, "batch_size": bs,
                        "best_val_loss": v, "error": ""} for i, (lr, bs, v) in enumerate(rows)])
@@ -563,10 +618,50 @@ def test_search_summary_counts_trials_as_the_report_classifies_them(tmp_path):
     assert _status_counts(exp) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"
     # at the end of a search the report is written first, and the summary counts from its trials.csv
     from tune_gpt.report import write_report
-    from tune_gpt.search import _csv_statuses
+    from tune_gpt.search import _read_table
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = write_report(exp)
-    assert _status_counts(None, _csv_statuses(out / "trials.csv")) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"
-    assert _csv_statuses(tmp_path / "missing.csv") is None
+    statuses = list(_read_table(out / "trials.csv")["status"])
+    assert _status_counts(None, statuses) == "1 finished, 1 early-stopped, 1 diverged, 1 errored"
+    assert _read_table(tmp_path / "missing.csv") is None
+
+
+def test_the_search_names_as_best_the_trial_the_report_ranks_first_and_replay_replays(tmp_path):
+    """Tune's own pick (the best value over each trial's reports) named a trial that reported 1.45 and then
+    diverged, while the report, and so `replay`, took the finished trial: the search's "best" line and its
+    returned config now come from the report's ranking."""
+    from types import SimpleNamespace
+
+    from tune_gpt.replay import pick_trial
+    from tune_gpt.search import _best_from_table, _best_from_tune, _read_table
+
+    exp = make_experiment(tmp_path, [
+        FakeTrial(3e-3, 8, "diverged", [2.5, 1.45, float("inf")], error="loss became inf at step 30"),
+        FakeTrial(1e-3, 8, "finished", [2.0, 1.6, 1.7]),
+        FakeTrial(2e-3, 16, "errored", [1.2], error="RuntimeError: boom"),
+        FakeTrial(3e-4, 16, "early-stopped", [2.4], status_file=False),
+    ])
+    table = _read_table(exp)
+    ids = dict(zip(table["learning_rate"], table["trial_id"]))
+    grid = [SimpleNamespace(metrics={"trial_id": ids[lr]}, config={"learning_rate": lr}) for lr in ids]
+    plan = SimpleNamespace(metric="val/loss", mode="min")
+    best_cfg, best_val, top = _best_from_table(plan, grid, table)
+    assert best_cfg == {"learning_rate": 1e-3} and best_val == 1.6  # its best report, as the report ranks by
+    assert [t[0] for t in top] == [ids[1e-3], ids[3e-4]] and [t[3] for t in top] == ["finished", "early-stopped"]
+    _, row, params = pick_trial(exp)
+    assert params["learning_rate"] == best_cfg["learning_rate"] and row["trial_id"] == top[0][0]
+
+    # without the report's table, Tune's results: the diverged and the errored trial are left out as well
+    def result(lr, losses, error=None):
+        import pandas as pd
+
+        return SimpleNamespace(metrics={"val/loss": losses[-1]}, config={"learning_rate": lr}, error=error,
+                               metrics_dataframe=pd.DataFrame({"val/loss": losses}))
+
+    tune_grid = [result(3e-3, [2.5, 1.45, float("inf")]), result(1e-3, [2.0, 1.6, 1.7]),
+                 result(2e-3, [1.2], error=RuntimeError("boom")), result(3e-4, [2.4])]
+    assert _best_from_tune(plan, tune_grid) == ({"learning_rate": 1e-3}, 1.6, [])
+    assert _best_from_tune(plan, tune_grid[:1]) == (None, None, [])
+    assert _best_from_table(plan, grid, table[table["status"] == "diverged"])[:2] == (None, None)

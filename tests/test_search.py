@@ -726,11 +726,12 @@ def test_a_search_without_a_best_trial_says_why_last(statuses, budget, says, cap
     from tune_gpt.search import _print_summary
 
     plan = plan_search(SearchOptions(time_budget=budget))
-    _print_summary(plan, pd.DataFrame(), None, None, Path("/nonexistent"), None, None, 12.0, len(statuses), 0, statuses)
+    _print_summary(plan, pd.DataFrame(), [], None, None, Path("/nonexistent"), None, None, 12.0, len(statuses), 0,
+                   statuses)
     out, err = capsys.readouterr()
     assert "replay the best trial" not in out
     last = err.strip().splitlines()[-1]
     assert last.startswith("no trial reported a finite val/loss") and says in last, last
     if statuses and set(statuses) == {"errored"}:  # --no-report: no statuses, Tune's count of errors
-        _print_summary(plan, pd.DataFrame(), None, None, Path("/nonexistent"), None, None, 12.0, 2, 2, None)
+        _print_summary(plan, pd.DataFrame(), [], None, None, Path("/nonexistent"), None, None, 12.0, 2, 2, None)
         assert says in capsys.readouterr().err.strip().splitlines()[-1]

@@ -59,7 +59,7 @@ __all__ = [
     "load_results", "load_curves", "find_experiment", "experiment_info", "lr_batch_pivot",
     "lr_bin_label", "best_lr_per_batch", "importance", "warnings_for", "heatmap_figure",
     "lr_scatter_figure", "curves_figure", "figure_png", "markdown_table", "write_report",
-    "replay_command", "error_line", "lr_is_continuous", "main", "STATUSES", "FAILED",
+    "replay_command", "error_line", "lr_is_continuous", "main", "STATUSES", "FAILED", "batch_column",
 ]
 
 STATUS_FILE = "tune_gpt_status.json"  # written by search.py's trainable in each trial folder
@@ -69,6 +69,7 @@ STATUSES = ("finished", "early-stopped", "out-of-time", "running", "diverged", "
 FAILED = ("errored", "diverged", "oom")
 COMPLETED = ("finished", "early-stopped", "out-of-time")
 LR, BATCH = "learning_rate", "batch_size"
+ACCUM, EFFECTIVE = "gradient_accumulation_steps", "effective_batch"  # effective_batch = batch_size x ACCUM
 PLOTS = ("heatmap", "lr_scatter", "curves")
 CONTINUOUS_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "normal", "qnormal",
                     "lognormal", "randn", "qrandn")
@@ -567,6 +568,9 @@ def _results_frame(exp: _Experiment) -> "pd.DataFrame":
     for c in metric_cols:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    if BATCH in df.columns and ACCUM in df.columns:  # the batch a step trains on (an OOM retry keeps it)
+        n = pd.to_numeric(df[BATCH], errors="coerce") * pd.to_numeric(df[ACCUM], errors="coerce")
+        df.insert(df.columns.get_loc(ACCUM) + 1, EFFECTIVE, n.astype("Int64") if n.notna().all() else n)
     rankable = df["status"].isin(COMPLETED + ("running",)) & df[rank_col].map(_finite)
     df.insert(1, "rank", pd.array([pd.NA] * len(df), dtype="Int64"))
     if rankable.any():
@@ -670,19 +674,32 @@ def _lr_bin_labels(lo: float, hi: float) -> list[str]:
     return [f"{_decade_text(k)}..{_decade_text(k + 1)}" for k in range(_half_decade(lo), _half_decade(hi) + 1)]
 
 
+def batch_column(df: "pd.DataFrame") -> str:
+    """The batch size to compare learning rates across: ``batch_size``, or ``effective_batch``
+    (batch_size x gradient_accumulation_steps) when the trials accumulated gradients over different
+    numbers of steps: the same batch_size then trained on different batches (16 x 4 is a batch of 64)."""
+    if EFFECTIVE in df.columns and ACCUM in df.columns and df[ACCUM].dropna().nunique() > 1:
+        return EFFECTIVE
+    return BATCH
+
+
 def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = LR,
-                   batch: str = BATCH, binned: bool | None = None) -> "pd.DataFrame":
+                   batch: str | None = None, binned: bool | None = None) -> "pd.DataFrame":
     """Best `metric` (default: the ranking one) by batch size (rows) x learning rate (columns).
 
-    Columns are a MultiIndex ``(stat, learning rate)`` with stat in ``best``, ``mean``, ``std``
-    and ``count`` (several trials can share a cell): ``pivot["best"]`` is the table to read.
+    Columns are a MultiIndex ``(stat, learning rate)`` with stat in ``best``, ``mean``, ``std``,
+    ``count`` and ``full`` (several trials can share a cell): ``pivot["best"]`` is the table to read.
+    ``best`` and ``count`` take every trial of the cell, early-stopped ones too; ``mean`` and ``std``
+    only the ``full`` ones, the trials that ran their whole budget (a loss after 10 steps and one after
+    300 differ by their lengths, not by noise).
     Learning rates are binned by half-decade (``1e-3..3e-3``) when they were sampled from a
     range or there are more than six distinct ones. Failed trials are left out. Empty when
-    the learning rate or the batch size is not a column.
+    the learning rate or the batch size is not a column. `batch` defaults to `batch_column`.
     """
     import pandas as pd
 
     col, mode = _objective(df, metric)
+    batch = batch or batch_column(df)
     d = _ranked(df, col)
     if lr not in df.columns or batch not in df.columns:
         return pd.DataFrame()
@@ -690,7 +707,7 @@ def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = L
     if d.empty:
         return pd.DataFrame()
     binned = lr_is_continuous(df, lr) if binned is None else binned
-    d = d[[batch, lr, col]].copy()
+    d = d[[batch, lr, col, "status"]].copy()
     if binned and (d[lr] > 0).all():
         labels = _lr_bin_labels(float(d[lr].min()), float(d[lr].max()))
         d[lr] = pd.Categorical([lr_bin_label(x) for x in d[lr]], categories=labels, ordered=True)
@@ -698,17 +715,20 @@ def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = L
     else:
         columns = sorted(d[lr].unique())
     g = d.groupby([batch, lr], observed=True)[col]
+    full = d[d["status"] == "finished"].groupby([batch, lr], observed=True)[col]
     stats = {
         "best": g.min() if mode == "min" else g.max(),
-        "mean": g.mean(),
-        "std": g.std(),
+        "mean": full.mean(),
+        "std": full.std(),
         "count": g.size(),
+        "full": full.size(),
     }
+    rows = sorted(d[batch].unique())
     parts = {}
     for name, s in stats.items():
-        t = s.unstack(lr)
-        t = t.reindex(columns=pd.Index(columns, name=lr))
-        if name == "count":
+        t = s.unstack(lr) if len(s) else pd.DataFrame(index=pd.Index([], name=batch))
+        t = t.reindex(index=rows, columns=pd.Index(columns, name=lr))
+        if name in ("count", "full"):
             t = t.fillna(0).astype(int)
         parts[name] = t
     out = pd.concat(parts, axis=1, names=["stat"])
@@ -718,12 +738,14 @@ def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = L
 
 
 def best_lr_per_batch(df: "pd.DataFrame", metric: str | None = None, *, lr: str = LR,
-                      batch: str = BATCH) -> "pd.DataFrame":
+                      batch: str | None = None) -> "pd.DataFrame":
     """For each batch size: the learning rate of its best trial, that trial's value, steps, status and id,
-    trials run (the steps and status tell an early-stopped best, whose value is from a shorter run)."""
+    trials run (the steps and status tell an early-stopped best, whose value is from a shorter run).
+    `batch` defaults to `batch_column` (with the micro-batch and accumulation of each best trial shown)."""
     import pandas as pd
 
     col, mode = _objective(df, metric)
+    batch = batch or batch_column(df)
     if lr not in df.columns or batch not in df.columns:
         return pd.DataFrame(columns=[lr, col, "trial_id", "trials"])
     d = _ranked(df, col)
@@ -731,7 +753,8 @@ def best_lr_per_batch(df: "pd.DataFrame", metric: str | None = None, *, lr: str 
     if d.empty:
         return pd.DataFrame(columns=[lr, col, "trial_id", "trials"])
     idx = d.groupby(batch)[col].idxmin() if mode == "min" else d.groupby(batch)[col].idxmax()
-    cols = [batch, lr, col] + [c for c in ("steps", "status") if c in d.columns] + ["trial_id"]
+    parts = [BATCH, ACCUM] if batch == EFFECTIVE else []
+    cols = [batch, lr, *parts, col] + [c for c in ("steps", "status") if c in d.columns] + ["trial_id"]
     out = d.loc[idx.values, cols].set_index(batch)
     out["trials"] = d.groupby(batch).size()
     return out.sort_index()
@@ -772,9 +795,10 @@ def _distribution(values: list, spec: Mapping | None) -> Any:
     return CategoricalDistribution(distinct)
 
 
-def importance(df: "pd.DataFrame", metric: str = "best_val_loss", *, params: Sequence[str] | None = None,
+def importance(df: "pd.DataFrame", metric: str | None = None, *, params: Sequence[str] | None = None,
                min_trials: int = 4) -> "pd.Series":
-    """How much each searched parameter explains `metric`, by Optuna's importance evaluators.
+    """How much each searched parameter explains `metric` (default: the column the trials are ranked
+    by, as in the report), by Optuna's importance evaluators.
 
     Uses the finished, early-stopped and out-of-time trials, put into an in-memory Optuna study with
     distributions from the search space (or the data). fANOVA when scikit-learn is
@@ -785,6 +809,7 @@ def importance(df: "pd.DataFrame", metric: str = "best_val_loss", *, params: Seq
     import pandas as pd
 
     empty = pd.Series(dtype=float, name="importance")
+    metric = metric or df.attrs.get("rank_by") or "best_val_loss"
     params = list(params if params is not None else df.attrs.get("searched") or [])
     params = [p for p in params if p in df.columns]
     if metric not in df.columns or not params:
@@ -1017,12 +1042,14 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
     """Best value per batch size x learning rate cell, annotated; None when either was not searched."""
     import numpy as np
 
-    if not (_searched(df, LR) and _searched(df, BATCH)):
+    batch = batch_column(df)
+    if not (_searched(df, LR) and _searched(df, batch)):
         return None
     pivot = lr_batch_pivot(df) if pivot is None else pivot
     if pivot.empty:
         return None
     best, count = pivot["best"], pivot["count"]
+    full = pivot["full"] if "full" in pivot.columns.get_level_values(0) else count
     values = best.to_numpy(dtype=float)
     nrows, ncols = values.shape
     fig = _figure(max(4.0, 1.25 * ncols + 2.5), max(2.5, 0.55 * nrows + 1.8))
@@ -1033,7 +1060,7 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
     ax.set_xticks(range(ncols), [_lr_label(c) for c in best.columns], rotation=30, ha="right")
     ax.set_yticks(range(nrows), [str(i) for i in best.index])
     ax.set_xlabel(f"{LR}" + (" (half-decade bins)" if pivot.attrs.get("binned") else ""))
-    ax.set_ylabel(BATCH)
+    ax.set_ylabel(f"{EFFECTIVE} ({BATCH} x {ACCUM})" if batch == EFFECTIVE else BATCH)
     ax.set_title(f"{pivot.attrs.get('metric', 'best_val_loss')} (best per cell)")
     finite = values[np.isfinite(values)]
     mid = (finite.min() + finite.max()) / 2 if finite.size else 0
@@ -1043,7 +1070,7 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
             if not math.isfinite(v):
                 continue
             n = int(count.iloc[i, j])
-            text = f"{v:.3f}" + (f"\nn={n}" if n > 1 else "")
+            text = f"{v:.3f}" + (f"\nn={n}" if n > 1 else "") + ("\nstopped early" if not int(full.iloc[i, j]) else "")
             dark = (v > mid) == (cmap == "viridis_r")
             ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     fig.colorbar(im, ax=ax)
@@ -1062,13 +1089,14 @@ def lr_scatter_figure(df: "pd.DataFrame", metric: str | None = None) -> "Figure 
         return None
     fig = _figure(6.5, 4.2)
     ax = fig.add_subplot()
-    if BATCH in ok.columns and ok[BATCH].notna().any():
-        sizes = sorted(ok[BATCH].dropna().unique(), key=lambda v: (str(type(v)), v))
+    batch = batch_column(df)
+    if batch in ok.columns and ok[batch].notna().any():
+        sizes = sorted(ok[batch].dropna().unique(), key=lambda v: (str(type(v)), v))
         colors = [f"C{i % 10}" for i in range(len(sizes))]
         for b, c in zip(sizes, colors):
-            part = ok[ok[BATCH] == b]
+            part = ok[ok[batch] == b]
             ax.scatter(part[LR], part[col], color=c, label=str(b), s=36, alpha=0.85, edgecolor="black", linewidth=0.4)
-        legend_title = BATCH
+        legend_title = batch
     else:
         ax.scatter(ok[LR], ok[col], color="C0", s=36, label="trials")
         legend_title = None
@@ -1196,7 +1224,8 @@ def replay_command(experiment: str | Path) -> str:
 
 def _summary_columns(df: "pd.DataFrame") -> list[str]:
     col = df.attrs.get("rank_by", "best_val_loss")
-    cols = ["rank", "trial_id", "status", *df.attrs.get("searched", []), col]
+    cols = ["rank", "trial_id", "status", *df.attrs.get("searched", []),
+            *([EFFECTIVE] if batch_column(df) == EFFECTIVE else []), col]
     cols += [c for c in ("best_val_loss", "final_val_loss", "best_val_bpc", "steps", "total_steps", "wall_s",
                          "tokens_per_s") if c not in cols]
     return [c for c in dict.fromkeys(cols) if c in df.columns]
@@ -1256,7 +1285,7 @@ def _skip_reason(name: str, df: "pd.DataFrame", curves: "pd.DataFrame") -> str:
         return "; ".join(f"{k} not searched" if k not in searched else f"only one {k} tried" for k in keys)
 
     if name == "heatmap":
-        missing = [k for k in (BATCH, LR) if not _searched(df, k)]
+        missing = [k for k in (batch_column(df), LR) if not _searched(df, k)]
         if missing:
             return f"no heatmap: {why(missing)}"
     if name == "lr_scatter" and not _searched(df, LR):
@@ -1278,6 +1307,17 @@ def _best_config(df: "pd.DataFrame") -> dict[str, Any]:
 def _status_counts(df: "pd.DataFrame") -> str:
     counts = df["status"].value_counts()
     return ", ".join(f"{int(counts[s])} {s}" for s in STATUSES if s in counts)
+
+
+_EFFECTIVE_NOTE = (f"Batch sizes here are effective batches, `{BATCH}` x `{ACCUM}`: the trials accumulated "
+                   f"gradients over different numbers of steps, so the same `{BATCH}` trained on different batches.")
+
+
+_SHORT_NOTE = ("Some cells hold trials stopped before the end of their budget (early-stopped, out of time): their "
+               "values come from shorter runs, and a cell with no full run is marked \"stopped early\" in the heatmap; "
+               "the steps of each cell's best trial are in the table below.")
+_SHARE_NOTE = ("Several trials share a cell: mean and spread (std) over the trials that ran their whole budget "
+               "(full), of all the trials in the cell (count):")
 
 
 def _markdown(r: _Report) -> str:
@@ -1307,11 +1347,15 @@ def _markdown(r: _Report) -> str:
     if r.pivot.empty:
         lines.append(f"_Not available: {LR} or {BATCH} missing, or no trial with a result._")
     else:
+        if r.pivot.index.name == EFFECTIVE:
+            lines += [_EFFECTIVE_NOTE, ""]
         lines += [f"Best `{col}` per cell" + (" (learning rates in half-decade bins)" if r.pivot.attrs.get("binned") else "")
                   + ":", "", markdown_table(r.pivot["best"], index=True, as_col="best")]
+        if (r.pivot["full"] < r.pivot["count"]).to_numpy().any():
+            lines += ["", _SHORT_NOTE]
         if (r.pivot["count"] > 1).to_numpy().any():
-            lines += ["", "Several trials share a cell: mean, spread (std) and count:", "",
-                      markdown_table(r.pivot.loc[:, ["mean", "std", "count"]], index=True)]
+            lines += ["", _SHARE_NOTE, "",
+                      markdown_table(r.pivot.loc[:, ["mean", "std", "full", "count"]], index=True)]
         lines += ["", "Best learning rate per batch size:", "", markdown_table(r.per_batch, index=True)]
     lines += ["", "## Parameter importance", ""]
     if r.importance.empty:
@@ -1385,12 +1429,16 @@ def _html(r: _Report) -> str:
     if r.pivot.empty:
         parts.append(f"<p><em>Not available: {LR} or {BATCH} missing, or no trial with a result.</em></p>")
     else:
+        if r.pivot.index.name == EFFECTIVE:
+            parts.append(f"<p>{e(_EFFECTIVE_NOTE).replace('`', '')}</p>")
         parts.append(f"<p>Best <code>{e(col)}</code> per cell"
                      + (" (learning rates in half-decade bins)" if r.pivot.attrs.get("binned") else "") + ":</p>")
         parts.append(_html_table(r.pivot["best"], index=True, as_col="best"))
+        if (r.pivot["full"] < r.pivot["count"]).to_numpy().any():
+            parts.append(f"<p>{e(_SHORT_NOTE)}</p>")
         if (r.pivot["count"] > 1).to_numpy().any():
-            parts.append("<p>Several trials share a cell: mean, spread (std) and count:</p>")
-            parts.append(_html_table(r.pivot.loc[:, ["mean", "std", "count"]], index=True))
+            parts.append(f"<p>{e(_SHARE_NOTE)}</p>")
+            parts.append(_html_table(r.pivot.loc[:, ["mean", "std", "full", "count"]], index=True))
         parts.append("<p>Best learning rate per batch size:</p>" + _html_table(r.per_batch, index=True))
     parts.append(_img(r, "heatmap", "Best value per batch size and learning rate (lower is better)"
                       if a["mode"] == "min" else "Best value per batch size and learning rate"))

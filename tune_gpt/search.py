@@ -1572,65 +1572,119 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     exp_dir = experiment_uri(plan) if remote else Path(grid.experiment_path)
     df = grid.get_dataframe()
     n_err = grid.num_errors
-    best = None
-    try:
-        best = grid.get_best_result(metric=plan.metric, mode=plan.mode, scope="all", filter_nan_and_inf=True)
-    except (RuntimeError, KeyError, ValueError):
-        best = None
-    best_cfg = dict(best.config) if best is not None else None
-    best_val = None
-    if best is not None and best.metrics_dataframe is not None and plan.metric in best.metrics_dataframe:
-        col = best.metrics_dataframe[plan.metric]
-        best_val = float(col.min() if plan.mode == "min" else col.max())
     trials_csv = None if remote else exp_dir / "trials.csv"
-    statuses = None  # the report's classification of how each trial ended, when it was written
+    table = None  # the report's trials table: how each trial ended, and the ranking `replay` follows
     if plan.opts.report:
         try:
             from tune_gpt.report import write_report
 
             out = write_report(exp_dir)  # a URI: read through a temporary copy, written to ./tune_reports/<name>
             trials_csv = Path(out) / "trials.csv"
-            statuses = _csv_statuses(trials_csv)
+            table = _read_table(trials_csv)
         except (ImportError, TuneGPTError) as exc:
             print(f"report not written: {exc}", file=sys.stderr)
             if trials_csv is not None:
                 df.to_csv(trials_csv, index=False)
     elif trials_csv is not None:
         df.to_csv(trials_csv, index=False)
-    replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best is not None else None
+    if table is None and not remote:
+        table = _read_table(exp_dir)
+    best_cfg, best_val, top = _best_from_table(plan, grid, table) if table is not None else _best_from_tune(plan, grid)
+    replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best_cfg is not None else None
+    statuses = [str(s) for s in table["status"].fillna("unknown")] if table is not None else None
     # trials that ended before their first report count too (Tune's DataFrame leaves them out; the report
     # and the ResultGrid have them)
     n_trials = len(statuses) if statuses is not None else len(grid)
     if plan.opts.summary:
-        _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err, statuses)
+        _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
+                       statuses)
     return SearchOutcome(exp_dir, best_cfg, best_val, n_trials, n_err, trials_csv, replay)
 
 
-def _csv_statuses(trials_csv: Path) -> list[str] | None:
-    """The status column of the report's trials.csv (just written), so the summary need not read the experiment again."""
-    import pandas as pd
-
+def _read_table(source: Path) -> Any:
+    """The report's trials table: its trials.csv (just written), or read from the experiment folder.
+    None when it cannot be had: the summary then falls back on Tune's own view."""
     try:
-        return [str(s) for s in pd.read_csv(trials_csv, usecols=["status"])["status"].fillna("unknown")]
-    except (OSError, ValueError):
+        import pandas as pd
+
+        from tune_gpt.report import load_results
+
+        if source.suffix == ".csv":
+            return pd.read_csv(source, dtype={"trial_id": str})
+        return load_results(source)
+    except Exception:  # noqa: BLE001 - only the summary depends on it: never let it fail a search that ran
         return None
 
 
-def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
+def _best_from_table(plan: Plan, grid: Any, table: Any) -> tuple[dict | None, float | None, list]:
+    """The best trial as the report ranks it, which is the trial `replay` replays: the best value each trial
+    reported, among trials that did not diverge, run out of memory or error (Tune's own pick, by the best
+    value over each trial's reports, could name a trial that reported well and then diverged). Returns its
+    config, its value and the top ranked rows (trial id, best value, steps, status)."""
+    from tune_gpt.report import _metric_column
+
+    col = _metric_column(plan.metric, plan.mode)
+    ranked = table[table["rank"].notna()].sort_values("rank") if "rank" in table and col in table else table.iloc[0:0]
+    top = [(str(r["trial_id"]), float(r[col]), r.get("steps"), str(r.get("status"))) for _, r in ranked.head(5).iterrows()]
+    if not top:
+        return None, None, top
+    configs = {_result_trial_id(r): r.config for r in grid}
+    best = configs.get(top[0][0])
+    return (dict(best), top[0][1], top) if best is not None else (None, None, top)
+
+
+def _result_trial_id(result: Any) -> str | None:
+    tid = (result.metrics or {}).get("trial_id")
+    if tid is None and getattr(result, "path", None):
+        tid = str(result.path).rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")
+    return None if tid is None else str(tid)
+
+
+def _best_from_tune(plan: Plan, grid: Any) -> tuple[dict | None, float | None, list]:
+    """Tune's pick (when the report's table cannot be read): the best value over each trial's reports,
+    leaving out trials that errored or whose last report is not finite (diverged, out of memory)."""
+    best_cfg = best_val = None
+    for r in grid:
+        frame = r.metrics_dataframe
+        last = (r.metrics or {}).get(plan.metric)
+        if r.error is not None or frame is None or plan.metric not in frame or not _is_finite(last):
+            continue
+        col = frame[plan.metric][frame[plan.metric].map(_is_finite)]
+        value = float(col.min() if plan.mode == "min" else col.max())
+        if best_val is None or (value < best_val if plan.mode == "min" else value > best_val):
+            best_cfg, best_val = dict(r.config), value
+    return best_cfg, best_val, []
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
                    statuses=None) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
     counts = _status_counts(exp_dir, statuses)
     ended = f"{counts}" if counts else f"{n_err} errored"
     print(f"\n{n_trials} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
-    if metric in df.columns and len(df):
-        cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
-        top = df.sort_values(metric, ascending=plan.mode == "min").head(5)
+    cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
+    if top and "trial_id" in df.columns:  # the report's ranking: the best value each trial reported
+        by_id = {str(r["trial_id"]): r for _, r in df.iterrows()}
+        header = ["trial", *[c.split("/", 1)[1] for c in cols], f"best {metric}", "steps", "status"]
+        rows = [[tid, *[_short(by_id[tid][c]) if tid in by_id else "" for c in cols], _short(value),
+                 _short(_int_or(steps)), status] for tid, value, steps, status in top]
+        title = f"top trials (each by its best {metric}, ranked as the report and replay rank them):"
+    elif metric in df.columns and len(df):
+        top_df = df.sort_values(metric, ascending=plan.mode == "min").head(5)
         header = ["trial", *[c.split("/", 1)[1] for c in cols], metric, "step"]
         rows = [[str(r.get("trial_id", "")), *[_short(r[c]) for c in cols], _short(r[metric]),
-                 _short(r.get("step", ""))] for _, r in top.iterrows()]
+                 _short(r.get("step", ""))] for _, r in top_df.iterrows()]
+        title = "top trials (last reported values):"
+    else:
+        rows = []
+    if rows:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-        print("top trials (last reported values):")
+        print(title)
         print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
         for row in rows:
             print("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
@@ -1646,6 +1700,10 @@ def _print_summary(plan, df, best_cfg, best_val, exp_dir, trials_csv, replay, el
         print(f"replay the best trial as a final run: {replay}")
     if best_cfg is None:
         print(_no_best(plan, statuses, n_trials, n_err), file=sys.stderr)
+
+
+def _int_or(v: Any) -> Any:
+    return int(v) if _is_finite(v) and float(v).is_integer() else v
 
 
 def _no_best(plan: Plan, statuses: list[str] | None, n_trials: int, n_err: int = 0) -> str:

@@ -311,9 +311,9 @@ def test_pivot_spread_is_over_full_runs_and_cells_of_stopped_trials_say_so(tmp_p
     assert p["full"].loc[32, 3e-3] == 0 and math.isnan(p["mean"].loc[32, 3e-3])
     fig = report.heatmap_figure(d, p)
     texts = {t.get_text() for t in fig.axes[0].texts}
-    assert "2.850\nstopped early" in texts and "1.950" in texts and "1.600\nn=2" in texts
+    assert "2.850\nshorter run" in texts and "1.950" in texts and "1.600\nn=2" in texts
     md = (Path(report.write_report(exp, tmp_path / "rep")) / "report.md").read_text()
-    assert "stopped early" in md and "over the trials that ran their whole budget" in md
+    assert "shorter run" in md and "over the trials that ran their whole budget" in md
 
 
 def test_batches_are_compared_as_effective_batches_when_accumulation_differs(tmp_path):
@@ -333,13 +333,16 @@ def test_batches_are_compared_as_effective_batches_when_accumulation_differs(tmp
     assert b.loc[64, "batch_size"] == 16 and b.loc[64, "gradient_accumulation_steps"] == 4
     assert report.lr_batch_pivot(d).index.name == "effective_batch"
     md = (Path(report.write_report(exp, tmp_path / "rep")) / "report.md").read_text()
-    assert "effective batches" in md
+    assert "effective batches" in md and "| effective_batch | 64 |" not in md  # a grouping, not a setting
+    fig = report.heatmap_figure(d)
+    assert fig.axes[0].get_ylabel().startswith("effective_batch")
+    assert report.heatmap_figure(d, report.lr_batch_pivot(d, batch="batch_size")).axes[0].get_ylabel() == "batch_size"
 
     same = [FakeTrial(lr, bs, "finished", [v], extra={"gradient_accumulation_steps": 4})
             for lr, bs, v in [(1e-3, 16, 1.6), (3e-3, 16, 1.5), (1e-3, 32, 1.7)]]
     d = report.load_results(make_experiment(tmp_path, same, name="same", space=space))
     assert report.batch_column(d) == "batch_size"  # one accumulation for all: the batch size the user set
-    assert list(report.best_lr_per_batch(d).index) == [16, 32]
+    assert list(report.best_lr_per_batch(d).index) == [16, 32] and "effective_batch" not in d.columns
 
 
 def test_importance_explains_the_ranking_column_by_default(tmp_path):
@@ -652,6 +655,9 @@ def test_the_search_names_as_best_the_trial_the_report_ranks_first_and_replay_re
     assert [t[0] for t in top] == [ids[1e-3], ids[3e-4]] and [t[3] for t in top] == ["finished", "early-stopped"]
     _, row, params = pick_trial(exp)
     assert params["learning_rate"] == best_cfg["learning_rate"] and row["trial_id"] == top[0][0]
+    others = [g for g in grid if g.metrics["trial_id"] != top[0][0]]  # e.g. a folder an earlier start left
+    cfg, value, _ = _best_from_table(plan, others, table)
+    assert cfg == params and value == 1.6  # its params.json, as replay reads it
 
     # without the report's table, Tune's results: the diverged and the errored trial are left out as well
     def result(lr, losses, error=None):

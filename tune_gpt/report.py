@@ -568,7 +568,8 @@ def _results_frame(exp: _Experiment) -> "pd.DataFrame":
     for c in metric_cols:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
-    if BATCH in df.columns and ACCUM in df.columns:  # the batch a step trains on (an OOM retry keeps it)
+    if BATCH in df.columns and ACCUM in df.columns and df[ACCUM].dropna().nunique() > 1:
+        # the batch a step trains on (an OOM retry keeps it), where the same batch_size meant different ones
         n = pd.to_numeric(df[BATCH], errors="coerce") * pd.to_numeric(df[ACCUM], errors="coerce")
         df.insert(df.columns.get_loc(ACCUM) + 1, EFFECTIVE, n.astype("Int64") if n.notna().all() else n)
     rankable = df["status"].isin(COMPLETED + ("running",)) & df[rank_col].map(_finite)
@@ -678,9 +679,7 @@ def batch_column(df: "pd.DataFrame") -> str:
     """The batch size to compare learning rates across: ``batch_size``, or ``effective_batch``
     (batch_size x gradient_accumulation_steps) when the trials accumulated gradients over different
     numbers of steps: the same batch_size then trained on different batches (16 x 4 is a batch of 64)."""
-    if EFFECTIVE in df.columns and ACCUM in df.columns and df[ACCUM].dropna().nunique() > 1:
-        return EFFECTIVE
-    return BATCH
+    return EFFECTIVE if EFFECTIVE in df.columns else BATCH
 
 
 def lr_batch_pivot(df: "pd.DataFrame", metric: str | None = None, *, lr: str = LR,
@@ -1042,10 +1041,10 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
     """Best value per batch size x learning rate cell, annotated; None when either was not searched."""
     import numpy as np
 
-    batch = batch_column(df)
+    pivot = lr_batch_pivot(df) if pivot is None else pivot
+    batch = pivot.index.name or batch_column(df)
     if not (_searched(df, LR) and _searched(df, batch)):
         return None
-    pivot = lr_batch_pivot(df) if pivot is None else pivot
     if pivot.empty:
         return None
     best, count = pivot["best"], pivot["count"]
@@ -1070,7 +1069,7 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
             if not math.isfinite(v):
                 continue
             n = int(count.iloc[i, j])
-            text = f"{v:.3f}" + (f"\nn={n}" if n > 1 else "") + ("\nstopped early" if not int(full.iloc[i, j]) else "")
+            text = f"{v:.3f}" + (f"\nn={n}" if n > 1 else "") + ("\nshorter run" if not int(full.iloc[i, j]) else "")
             dark = (v > mid) == (cmap == "viridis_r")
             ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
     fig.colorbar(im, ax=ax)
@@ -1138,6 +1137,8 @@ def curves_figure(df: "pd.DataFrame", curves: "pd.DataFrame", top: int = 5,
         for key in (LR, BATCH):
             if key in df.columns and getattr(r, key, None) is not None:
                 parts.append(f"{'lr' if key == LR else 'bs'}={_fmtv(_native(getattr(r, key)))}")
+        if EFFECTIVE in df.columns and getattr(r, ACCUM, None) is not None:
+            parts[-1] += f"x{_fmtv(_native(getattr(r, ACCUM)))}"  # bs=16x4: the accumulation steps differ
         ax.plot(c[x], c[metric], marker="o", markersize=3, label=" ".join(parts))
         drawn += 1
     if not drawn:
@@ -1281,6 +1282,9 @@ def _build(exp: _Experiment, experiment_arg: str) -> _Report:
 def _skip_reason(name: str, df: "pd.DataFrame", curves: "pd.DataFrame") -> str:
     searched = df.attrs.get("searched", [])
 
+    if EFFECTIVE in df.columns:
+        searched = [*searched, EFFECTIVE]  # from batch_size and the accumulation steps
+
     def why(keys: Sequence[str]) -> str:
         return "; ".join(f"{k} not searched" if k not in searched else f"only one {k} tried" for k in keys)
 
@@ -1298,7 +1302,7 @@ def _best_config(df: "pd.DataFrame") -> dict[str, Any]:
     if ranked.empty:
         return {}
     best = ranked.sort_values("rank").iloc[0]
-    skip = set(_METRIC_COLUMNS) | {"trial_id", "rank", "status", "error", "trial_dir", df.attrs.get("rank_by")}
+    skip = set(_METRIC_COLUMNS) | {"trial_id", "rank", "status", "error", "trial_dir", EFFECTIVE, df.attrs.get("rank_by")}
     searched = [c for c in df.attrs.get("searched", []) if c in df.columns]
     rest = [c for c in df.columns if c not in skip and c not in searched]
     return {c: _native(best[c]) for c in searched + rest}
@@ -1313,9 +1317,9 @@ _EFFECTIVE_NOTE = (f"Batch sizes here are effective batches, `{BATCH}` x `{ACCUM
                    f"gradients over different numbers of steps, so the same `{BATCH}` trained on different batches.")
 
 
-_SHORT_NOTE = ("Some cells hold trials stopped before the end of their budget (early-stopped, out of time): their "
-               "values come from shorter runs, and a cell with no full run is marked \"stopped early\" in the heatmap; "
-               "the steps of each cell's best trial are in the table below.")
+_SHORT_NOTE = ("Some cells hold trials that did not run their whole budget (early-stopped, out of time, still "
+               "running): their values come from shorter runs, and a cell with no full run is marked \"shorter run\" "
+               "in the heatmap; the steps of each cell's best trial are in the table below.")
 _SHARE_NOTE = ("Several trials share a cell: mean and spread (std) over the trials that ran their whole budget "
                "(full), of all the trials in the cell (count):")
 

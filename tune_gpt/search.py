@@ -1612,7 +1612,9 @@ def _read_table(source: Path) -> Any:
         if source.suffix == ".csv":
             return pd.read_csv(source, dtype={"trial_id": str})
         return load_results(source)
-    except Exception:  # noqa: BLE001 - only the summary depends on it: never let it fail a search that ran
+    except Exception as exc:  # noqa: BLE001 - only the summary depends on it: never let it fail a search that ran
+        print(f"tune_gpt.search: cannot read the trials table ({' '.join(str(exc).split())[:200]}); the best "
+              f"trial below is Tune's pick, which replay may not follow", file=sys.stderr)
         return None
 
 
@@ -1628,9 +1630,13 @@ def _best_from_table(plan: Plan, grid: Any, table: Any) -> tuple[dict | None, fl
     top = [(str(r["trial_id"]), float(r[col]), r.get("steps"), str(r.get("status"))) for _, r in ranked.head(5).iterrows()]
     if not top:
         return None, None, top
-    configs = {_result_trial_id(r): r.config for r in grid}
-    best = configs.get(top[0][0])
-    return (dict(best), top[0][1], top) if best is not None else (None, None, top)
+    best = {_result_trial_id(r): r.config for r in grid}.get(top[0][0])
+    if best is None:  # not among Tune's results (a folder left by an earlier start): its params, as replay reads them
+        try:
+            best = json.loads((Path(str(ranked.iloc[0]["trial_dir"])) / "params.json").read_text())
+        except (OSError, ValueError, KeyError):
+            return None, None, top
+    return dict(best), top[0][1], top
 
 
 def _result_trial_id(result: Any) -> str | None:
@@ -1657,7 +1663,9 @@ def _best_from_tune(plan: Plan, grid: Any) -> tuple[dict | None, float | None, l
 
 
 def _is_finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    import numbers
+
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
@@ -1703,7 +1711,9 @@ def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, repla
 
 
 def _int_or(v: Any) -> Any:
-    return int(v) if _is_finite(v) and float(v).is_integer() else v
+    if not _is_finite(v):
+        return ""
+    return int(v) if float(v).is_integer() else v
 
 
 def _no_best(plan: Plan, statuses: list[str] | None, n_trials: int, n_err: int = 0) -> str:

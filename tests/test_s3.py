@@ -117,6 +117,15 @@ def test_search_writes_to_s3_and_the_report_reads_it_back(s3, tmp_path, corpus_f
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     assert f"results in {uri}" in p.stdout and "trials table: tune_reports/tiny/trials.csv" in p.stdout
+    (replay,) = [line.split(": ", 1)[1] for line in p.stdout.splitlines() if line.startswith("replay the best trial")]
+    assert replay == f"python -m tune_gpt.replay {uri}"
+    # the command it prints works: the trial replayed from the bucket, into a local folder, reproduced
+    r = subprocess.run([sys.executable, "-m", "tune_gpt.replay", uri, "--check", "--no-wandb"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "check: MATCH" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    (summary,) = (tmp_path / "tune_reports" / "tiny").glob("replay-*-check/replay_summary.json")
+    summary = json.loads(summary.read_text())
+    assert summary["experiment"] == uri and summary["match"] and summary["steps"] == 10
     assert (tmp_path / "tune_reports" / "tiny" / "report.html").is_file()
     assert not (tmp_path / "tune_results").exists()  # nothing went to the local default
 

@@ -25,11 +25,21 @@ GPU_TOLERANCE = 2e-2  # GPU kernels are not bitwise deterministic; a replay land
 
 
 def pick_trial(experiment: str | Path, trial: str | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(experiment folder, the trial's row in the results table, its params) for the best or named trial."""
-    from tune_gpt.report import find_experiment, load_results
+    """(experiment folder, the trial's row in the results table, its params) for the best or named trial.
+    For an experiment in storage (s3://…), the folder is where its replays go by default:
+    ``./tune_reports/<name>`` (beside its report)."""
+    exp, row, params, _ = _pick(experiment, trial)
+    return exp, row, params
 
-    exp = find_experiment(experiment)
-    df = load_results(exp)
+
+def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """`pick_trial`, and where the trial ran (`_trial_where`). The results are read once, through a
+    temporary copy of the files the report reads for an experiment in storage."""
+    from tune_gpt.report import REMOTE_REPORTS, _read_experiment, _results_frame
+
+    read = _read_experiment(experiment)
+    df = _results_frame(read)
+    exp = Path(REMOTE_REPORTS) / read.uri.rstrip("/").rsplit("/", 1)[-1] if read.uri else read.dir
     if trial:
         rows = df[df["trial_id"].astype(str).str.startswith(trial)]
         if rows.empty:
@@ -41,12 +51,10 @@ def pick_trial(experiment: str | Path, trial: str | None = None) -> tuple[Path, 
         if ranked.empty:
             raise ConfigError(f"{exp}: no trial reported a usable val loss; nothing to replay")
         row = ranked.sort_values("rank").iloc[0]
-    params_path = Path(row["trial_dir"]) / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{params_path}: cannot read the trial's config ({exc})") from None
-    return exp, row.to_dict(), params
+    t = next(t for t in read.trials if t.trial_id == row["trial_id"])
+    if not t.params:
+        raise ConfigError(f"{row['trial_dir']}/params.json: cannot read the trial's config (missing or not JSON)")
+    return exp, row.to_dict(), dict(t.params), _trial_where(t.status_file)
 
 
 def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
@@ -89,9 +97,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
 
     if check and (max_steps is not None or epochs is not None):
         raise ConfigError("--check replays the trial at its own budget: drop --max-steps / --epochs")
-    exp, row, params = pick_trial(experiment, trial)
+    exp, row, params, where = _pick(experiment, trial)
     trial_id = str(row["trial_id"])
-    where = _trial_where(Path(row["trial_dir"]))
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
                        trial_bf16_products=where["bf16_products"])
@@ -111,7 +118,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
     tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
     summary = {
-        "experiment": str(Path(exp).resolve()), "trial_id": trial_id, "trial_status": row.get("status"),
+        "experiment": str(row["trial_dir"]).rsplit("/", 1)[0],  # the folder, or the URI, the trials are in
+        "trial_id": trial_id, "trial_status": row.get("status"),
         "trial_steps": trial_steps, "trial_val_loss": trial_loss, "check": check,
         "steps": result.steps, "status": result.status, "final_val_loss": result.final_val_loss,
         "best_val_loss": result.best_val_loss, "difference": diff, "tolerance": tol if check else None,
@@ -142,15 +150,9 @@ def _check_output_dir_free(out: Path) -> None:
     raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
 
 
-def _trial_where(trial_dir: Path) -> dict[str, Any]:
+def _trial_where(status: Any) -> dict[str, Any]:
     """Where and how the trial trained, as its status file recorded it: ``device`` (CPU when
     unknown) and ``bf16_products`` (False when unknown: trials before it was recorded had none)."""
-    from tune_gpt.search import STATUS_FILE
-
-    try:
-        status = json.loads((trial_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        status = {}
     status = status if isinstance(status, dict) else {}
     return {"device": str(status.get("device") or "cpu"), "bf16_products": bool(status.get("bf16_products"))}
 
@@ -170,13 +172,14 @@ def _int(v: Any) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m tune_gpt.replay", description=__doc__.splitlines()[0])
-    p.add_argument("experiment", help="the experiment folder (<storage>/<name>)")
+    p.add_argument("experiment", help="the experiment folder (<storage>/<name>), or its URI (s3://bucket/path/<name>)")
     p.add_argument("--trial", help="trial id (or its prefix); default: the best trial")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=float, help="train the final run for this many epochs")
     budget.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="train the final run this many steps")
     p.add_argument("--check", action="store_true", help="replay at the trial's own budget and seed; compare the val loss")
-    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> (-check for --check)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> "
+                   "(-check for --check); for an experiment in storage, ./tune_reports/<name>/replay-<trial>")
     p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
 
     def _run() -> int:

@@ -40,6 +40,7 @@ import html
 import io
 import json
 import math
+import numbers
 import re
 import shlex
 import sys
@@ -362,7 +363,7 @@ def _read_experiment(path: str | Path) -> _Experiment:
 
 
 def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # numpy's scalars too (a frame's int64 cells)
         return None
     return float(x)
 

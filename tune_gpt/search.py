@@ -164,7 +164,8 @@ class Plan:
         kind = self.scheduler.get("type", "asha")
         if not self.max_evals or kind not in ("asha", "median"):
             return []
-        last = int(self.scheduler.get("max_t") or self.max_evals) if kind == "asha" else self.max_evals
+        ends_at_max_t = kind == "asha" and self.scheduler.get("stop_last_trials", True)
+        last = int(self.scheduler.get("max_t") or self.max_evals) if ends_at_max_t else self.max_evals
         grace = self.scheduler.get("grace_period", GRACE_PERIOD[kind])
         if last > grace:
             return []
@@ -1297,7 +1298,8 @@ def _scheduler(plan: Plan):
         max_t = int(s.get("max_t") or plan.max_evals)
         grace = int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t))
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
-                             reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)))
+                             reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)),
+                             stop_last_trials=bool(s.get("stop_last_trials", True)))  # False: W&B's max_iter
     if kind == "median":
         from ray.tune.schedulers import MedianStoppingRule
 

@@ -738,6 +738,19 @@ class _Parser:
             self.fail(where, f"exp({_fmt(x)}) underflows to 0 (log_uniform bounds are natural-log exponents)")
         return out
 
+    def exponent_bounds(self, dist: str, lo: float, hi: float, where: str) -> None:
+        """W&B's log_uniform, q_log_uniform and inv_log_uniform take natural-log exponents (W&B deprecates
+        them for that, pointing to the *_values forms). Bounds that are small positive numbers are values
+        written for the other form: a learning rate range 1e-5..1e-2 read as exponents samples ~1.0 (W&B
+        does the same, with a "Malformed sweep config" warning). Refused, with what was meant."""
+        if 0 < lo < hi <= 1:
+            self.fail(f"{where}.distribution", f"{dist} takes natural-log exponents: min {_fmt(lo)}, max {_fmt(hi)} "
+                      f"sample values between {_fmt(math.exp(lo))} and {_fmt(math.exp(hi))} (exp of the bounds); "
+                      f"for values between {_fmt(lo)} and {_fmt(hi)} write {dist}_values, or give the exponents "
+                      f"(min {_fmt(math.log(lo))}, max {_fmt(math.log(hi))})")
+        self.notes.append(f"{where}: {dist} takes natural-log exponents (W&B deprecates it for {dist}_values): "
+                          f"min {_fmt(lo)} and max {_fmt(hi)} mean values exp(min)..exp(max)")
+
     def integer_only(self, key: str, kind: str, dist: str, where: str, instead: str) -> None:
         if kind == "int":
             self.fail(where, f"{dist} gives fractional values but {key} takes whole numbers (use {instead})")
@@ -942,6 +955,8 @@ class _Parser:
             q = self.q(spec.get("q", 1), f"{path}.q", integer)
             lo, hi = self.snap(lo, hi, q, integer, path)
             return Uniform(lo, hi, q=None if integer and q == 1 else q, integer=integer, kind=dist)
+        if dist in ("log_uniform", "q_log_uniform", "inv_log_uniform"):
+            self.exponent_bounds(dist, lo, hi, path)
         if dist in ("log_uniform", "q_log_uniform"):  # bounds are natural-log exponents
             lo, hi = self.exp(lo, f"{path}.min"), self.exp(hi, f"{path}.max")
         elif dist in ("inv_log_uniform",):  # log(1/X) ~ U(min, max)  <=>  X log-uniform on [e^-max, e^-min]
@@ -1255,10 +1270,12 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
       min_iter`` and max_t is left out for the search to set to the number of
       evaluations a trial makes.
     * ``max_iter`` + ``s``: W&B brackets at int(max_iter / eta^k), k = 1..s
-      (those >= 1); ASHA gets ``grace_period`` = the lowest of them and
-      ``max_t = max_iter``, so its rungs (grace_period * eta^k < max_iter) are the
-      same brackets when max_iter is a multiple of eta^s, and their nearest
-      neighbours otherwise. ASHA also ends trials at max_t, which W&B does not.
+      (those >= 1), and its runs go on to their own end: max_iter places the
+      brackets, it stops no run. ASHA gets ``grace_period`` = the lowest bracket,
+      ``max_t`` = the highest + 1 (so its rungs, grace_period * eta^k < max_t, are
+      as many as W&B's brackets: the same ones when max_iter is a multiple of
+      eta^s, their nearest neighbours otherwise) and ``stop_last_trials: false``
+      (ASHA would otherwise end every trial at max_t, the best one too).
     """
     if min_iter is not None:
         notes.append(f"early_terminate: hyperband min_iter={min_iter} eta={_fmt(eta)} -> ASHA "
@@ -1271,8 +1288,9 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
         if band < 1:
             break
         bands.append(int(band))
-    grace = min(bands)
+    grace, last = min(bands), max(bands) + 1
     notes.append(f"early_terminate: hyperband max_iter={max_iter} s={s} eta={_fmt(eta)} (brackets at "
-                 f"{sorted(bands)}) -> ASHA grace_period={grace} reduction_factor={_fmt(eta)} max_t={max_iter}; "
-                 "ASHA also stops trials at max_t")
-    return {"type": "asha", "grace_period": grace, "max_t": max_iter, "reduction_factor": eta, "brackets": 1}
+                 f"{sorted(bands)}) -> ASHA grace_period={grace} reduction_factor={_fmt(eta)}, rungs below {last}; "
+                 "trials past the last rung run to their end, as W&B's do")
+    return {"type": "asha", "grace_period": grace, "max_t": last, "reduction_factor": eta, "brackets": 1,
+            "stop_last_trials": False}

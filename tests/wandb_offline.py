@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,24 @@ def _records(path: Path):
             buf = b""
 
 
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
+def read_offline_run(run_dir: str | Path, wait: float = 30.0) -> OfflineRun:
+    """The run as its file holds it, once the file is complete.
+
+    ``run.finish()`` returns before wandb-core has written the file out: the service is told the run is
+    over by a message it does not answer, and it writes the last block (the last history row, the final
+    summary, the exit record) when it closes the run's stream. Under load that comes after the caller
+    reads. So the file is read again until it ends with its exit record, for up to `wait` seconds; a run
+    that was never finished comes back with ``exit_code`` None once the wait is over.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        out = _read_once(run_dir)
+        if out.exit_code is not None or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_once(run_dir: str | Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_dir = Path(run_dir)

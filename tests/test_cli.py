@@ -89,6 +89,9 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
     g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the qu", "--max_new_tokens", "30")
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("the qu") and len(g.stdout.splitlines()[0]) >= 6
+    g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "€λ the", "--max_new_tokens", "8")
+    assert g.returncode == 0 and "never seen in training are replaced: 'λ€'" in g.stderr, g.stderr
+    assert g.stdout.startswith("€λ the") and "\ufffd" not in g.stdout, g.stdout  # the prompt as typed, then the text
     g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--top_k", "0", "--max_new_tokens", "5")  # 0: no filter
     assert g.returncode == 0, g.stderr
     for args, needles in ((["--top_k", "-3"], ["--top_k", "got -3"]), (["--device", "cuda:7"], ["device", "'cuda:7'"]),
@@ -101,7 +104,8 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
 def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, corpus_file):
     """`--resume` of a run that reached its end: one line says so, with its best val loss; its model, its
     TensorBoard events and its W&B run stay as they were (the model used to be rewritten without its loss).
-    A new run into that folder (no --resume) warns that it replaces the earlier one."""
+    A new run into that folder is refused in one line unless it says --overwrite_output_dir (a forgotten
+    --resume used to replace the earlier run's checkpoint at its first evaluation); then it warns."""
     out = tmp_path / "run"
     args = ["-m", "tune_gpt.train", "--data", str(corpus_file), *TINY, "--max_steps", "6", "--eval_interval", "3",
             "--output_dir", str(out)]
@@ -113,7 +117,14 @@ def test_resuming_a_finished_run_trains_nothing_and_rewrites_nothing(tmp_path, c
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     (out / "model.pt").unlink()  # as when stopped between its last checkpoint and writing the model
     assert run(*args, "--resume").returncode == 0 and (out / "model.pt").is_file()
-    fresh = run(*args)  # not a resume: the earlier run is replaced, and the user is told
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert_one_line_error(run(*args), f"--output_dir {out} holds an earlier run (checkpoint/ckpt.pt and model.pt)",
+                          "--resume continues it", "--overwrite_output_dir replaces it")
+    (out / "model.pt").unlink()
+    assert_one_line_error(run(*args), "holds an earlier run (checkpoint/ckpt.pt)")  # a checkpoint alone is a run
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == {k: v for k, v in files.items()
+                                                                         if k.name != "model.pt"}
+    fresh = run(*args, "--overwrite_output_dir")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert f"tune_gpt.train: warning: {out} holds an earlier run: its model and checkpoint are replaced" in fresh.stderr
 
@@ -199,3 +210,62 @@ def test_train_errors_name_the_flag_and_two_precisions_are_refused(tmp_path, cor
     (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "deeper")
     p = run("-m", "tune_gpt.train", "--data", str(corpus_file), "--output_dir", str(tmp_path / "link"))
     assert_one_line_error(p, "--output_dir", "is a link to nothing")
+
+
+def test_config_mistakes_that_used_to_pass_or_end_in_a_traceback(tmp_path, corpus_file):
+    """A W&B project W&B refuses (entity/project typed as one) was a traceback from wandb.init after the run
+    had begun writing; an empty --data (an unset $CORPUS) trained on the default corpus, and an empty
+    --output_dir wrote into the current folder; a seed beyond 64 bits was a traceback from torch."""
+    out = tmp_path / "o"
+    base = ["-m", "tune_gpt.train", *TINY, "--data", str(corpus_file), "--output_dir", str(out)]
+    for args, needles in ((["--wandb_project", "me/gpt"], ["--wandb_project: 'me/gpt' holds /",
+                                                           "give the entity with --wandb_entity"]),
+                          (["--wandb_project", "a" * 129], ["--wandb_project", "128 characters"]),
+                          (["--wandb_entity", "team:x"], ["--wandb_entity: 'team:x' holds :"]),
+                          (["--data", ""], ["--data: empty (leave it out for the default corpus)"]),
+                          (["--output_dir", " "], ["--output_dir: empty"]),
+                          (["--seed", str(2**64)], ["--seed", "outside [0, 2**63)"])):
+        assert_one_line_error(run(*base, *args), *needles)
+    assert not out.exists()
+    (out / "checkpoint").parent.mkdir()
+    (out / "checkpoint").write_text("not a folder")
+    assert_one_line_error(run(*base), f"{out / 'checkpoint'} is a file")
+    assert (out / "checkpoint").read_text() == "not a folder"
+
+
+def test_a_warmup_longer_than_the_run_is_named(tmp_path, corpus_file):
+    p = run("-m", "tune_gpt.train", *TINY, "--data", str(corpus_file), "--output_dir", str(tmp_path / "o"),
+            "--max_steps", "4", "--eval_interval", "4", "--warmup_steps", "10")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--warmup_steps 10 is not below this run's 4 steps: the learning rate never reaches" in p.stderr
+
+
+def test_the_out_of_memory_hint_resumes_only_a_checkpoint_of_this_run(tmp_path, corpus_file, monkeypatch, capsys):
+    """The hint adds --resume when this run wrote a checkpoint, not when an earlier run's is in the folder
+    (resuming that would continue another run)."""
+    import tune_gpt.train as train_mod
+    from tune_gpt.cli import train_main
+    from tune_gpt.train import CKPT_NAME
+
+    out = tmp_path / "o"
+    args = [*TINY, "--data", str(corpus_file), "--output_dir", str(out), "--batch_size", "8",
+            "--overwrite_output_dir"]
+
+    def oom(write_checkpoint):
+        def fake_train(cfg, reporters=None, corpus=None):
+            if write_checkpoint:
+                (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+                (out / "checkpoint" / CKPT_NAME).write_bytes(b"this run's")
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return fake_train
+
+    for earlier, writes, resume in ((False, True, True), (True, False, False), (True, True, True)):
+        if earlier:
+            (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+            (out / "checkpoint" / CKPT_NAME).write_bytes(b"an earlier run's")
+            os.utime(out / "checkpoint" / CKPT_NAME, (1_000_000, 1_000_000))
+        monkeypatch.setattr(train_mod, "train", oom(writes))
+        assert train_main(args) == 3
+        err = capsys.readouterr().err
+        assert "out of memory at batch_size 8" in err and "--batch_size 4 --gradient_accumulation_steps 2" in err
+        assert err.rstrip().endswith("--resume") == resume, (earlier, writes, err)

@@ -185,15 +185,16 @@ def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, corpus_file
             "--max_steps", "40", "--eval_interval", "10", "--eval_iters", "2", "--log_interval", "5",
             "--num_threads", "1"]
 
-    def interrupted_at(step):
+    def interrupted_at(step, *extra):
         monkeypatch.setattr(tracking, "default_reporters", lambda cfg, **kw: CtrlC(step))
-        return cli.train_main(argv)
+        return cli.train_main([*argv, *extra])
 
     assert interrupted_at(25) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"tune_gpt.train: interrupted; the last checkpoint (step 20) is in {out}/checkpoint; "
                     f"continue with: python -m tune_gpt.train {' '.join(argv)} --resume")
-    assert interrupted_at(5) == 130  # a new run in the same dir, stopped before its first evaluation
+    assert interrupted_at(5, "--overwrite_output_dir") == 130  # a new run in the same dir, stopped before its first
+    # evaluation
     assert capsys.readouterr().err.strip().endswith(
         "tune_gpt.train: interrupted; no checkpoint of this run yet (one is written at each evaluation: every 10 steps "
         "and at the last step)")
@@ -324,6 +325,14 @@ def test_resume_refuses_another_corpus_and_warns_of_changed_settings(tiny_cfg, t
     other.write_text("0123456789 +-*/=\n" * 4000, encoding="utf-8")
     with pytest.raises(ConfigError, match=r"resume: checkpoint .* was trained on .*words\.txt .*other\.txt.*--data"):
         train(TrainConfig.from_flat({"resume": True, "data": str(other)}, base=cfg))
+    from tune_gpt.data import load_corpus
+    from tune_gpt.train import _check_resume_matches
+
+    state = load_checkpoint(Path(cfg.output_dir) / "checkpoint" / CKPT_NAME)
+    state["config"] = {**state["config"], "data": None, "use_chinese": True}  # as a --use_chinese run's
+    with pytest.raises(ConfigError, match=r"was trained on the Chinese corpus \(--use_chinese\) \(\d+ characters\)"):
+        _check_resume_matches(state, cfg, load_corpus(str(other), cache_dir=tmp_path / "cache"), Path("ckpt.pt"),
+                              asked=True)
     changed = TrainConfig.from_flat({"resume": True, "learning_rate": 1e-2, "max_steps": 30}, base=cfg)
     with pytest.warns(UserWarning, match=r"--learning_rate 0\.003 -> 0\.01, --max_steps 20 -> 30 differ"):
         res = train(changed)

@@ -114,6 +114,9 @@ def build_train_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_flags(parser)
+    parser.add_argument("--overwrite_output_dir", "--overwrite-output-dir", action="store_true",
+                        help="start afresh in an --output_dir that holds an earlier run, replacing its model and "
+                             "checkpoint (without this flag such a folder is refused; --resume continues it)")
     return parser
 
 
@@ -131,6 +134,9 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
         raise ConfigError(f"{flag} {out}: {where}, not a folder")
     if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {out}: {probe} is not writable")
+    for sub in ("checkpoint", "logs"):  # the folders a run makes in it
+        if (out / sub).exists() and not (out / sub).is_dir():
+            raise ConfigError(f"{flag} {out}: {out / sub} is a file; a run keeps its {sub} folder there")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -153,7 +159,8 @@ def train_main(argv: list[str] | None = None) -> int:
     def _run() -> int:
         from tune_gpt.data import load_corpus
 
-        cfg = config_from_args(build_train_parser().parse_args(argv))
+        args = build_train_parser().parse_args(argv)
+        cfg = config_from_args(args)
         kind = cfg.device.split(":")[0]
         if kind == "cpu":
             check_precision(cfg, kind)
@@ -167,10 +174,20 @@ def train_main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
         corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
-        if not cfg.resume and ((out / "checkpoint" / CKPT_NAME).is_file() or (out / "model.pt").is_file()):
+        ckpt = out / "checkpoint" / CKPT_NAME
+        earlier = [p.relative_to(out).as_posix() for p in (ckpt, out / "model.pt") if p.is_file()]
+        if earlier and not cfg.resume:
+            if not args.overwrite_output_dir:  # a forgotten --resume must not cost the run that is there
+                raise ConfigError(f"--output_dir {out} holds an earlier run ({' and '.join(earlier)}): --resume "
+                                  f"continues it, --output_dir NEW keeps it, --overwrite_output_dir replaces it")
             fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
             warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
-                          f"stay in {out / 'logs'}, hidden from TensorBoard by this run's (--resume continues it; --output_dir NEW keeps it)")
+                          f"stay in {out / 'logs'}, hidden from TensorBoard by this run's")
+        total = cfg.total_steps(len(corpus.train))
+        if cfg.warmup_steps is not None and cfg.warmup_steps >= total:
+            warnings.warn(f"--warmup_steps {cfg.warmup_steps} is not below this run's {total} steps: the learning "
+                          f"rate never reaches --learning_rate {cfg.learning_rate:g}")
+        ckpt_before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
 
         from tune_gpt.tracking import default_reporters
         from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
@@ -185,7 +202,9 @@ def train_main(argv: list[str] | None = None) -> int:
             if not is_oom(exc):
                 raise
             smaller = smaller_micro_batch(cfg)
-            again = " --resume" if (out / "checkpoint" / CKPT_NAME).is_file() else ""
+            # --resume only from a checkpoint of this run (or the one it resumed), never an earlier run's
+            mine = ckpt.is_file() and (cfg.resume or ckpt.stat().st_mtime_ns != ckpt_before)
+            again = " --resume" if mine else ""
             hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
                     f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
                     if smaller is not None else "")

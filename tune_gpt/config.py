@@ -183,6 +183,16 @@ class TrainConfig:
             _positive("num_threads", self.num_threads)
         if self.gpu_memory_fraction is not None and not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ConfigError(f"gpu_memory_fraction: {self.gpu_memory_fraction} is outside (0, 1]")
+        for name in ("data", "output_dir", "cache_dir"):  # an unset $VAR would otherwise mean the default
+            v = getattr(self, name)
+            if isinstance(v, str) and not v.strip():
+                raise ConfigError(f"{name}: empty" + (" (leave it out for the default corpus)" if name == "data"
+                                                      else ""))
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: {self.seed} is outside [0, 2**63)")
+        for name in ("project", "entity"):
+            if getattr(self.wandb, name) is not None:  # None: W&B's default
+                _check_wandb_name(f"wandb.{name}", getattr(self.wandb, name))
         if self.wandb.mode not in (None, "online", "offline", "disabled"):
             raise ConfigError(f"wandb.mode: unknown value {self.wandb.mode!r} (online, offline or disabled)")
         dev = self.device
@@ -394,6 +404,19 @@ def coerce_bool(key: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
         return value.strip().lower() in ("true", "yes", "1", "on")
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _check_wandb_name(name: str, value: str) -> None:
+    """W&B's own rules for a project name (wandb.init refuses others with a traceback, after the run has
+    begun writing): 1 to 128 characters, none of / \\ # ? % :. Entities are held to the same."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name}: empty")
+    bad = sorted({c for c in "/\\#?%:" if c in value})
+    if bad:
+        hint = " (entity/project: give the entity with --wandb_entity)" if name == "wandb.project" and "/" in bad else ""
+        raise ConfigError(f"{name}: {value!r} holds {' '.join(bad)}, which W&B does not allow{hint}")
+    if len(value) > 128:
+        raise ConfigError(f"{name}: {value[:20]!r}... is longer than W&B's 128 characters")
 
 
 def _positive(name: str, value: Any) -> None:

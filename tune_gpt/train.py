@@ -275,7 +275,9 @@ def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpu
     model is refused after this, by its shape)."""
     old_tok = state.get("tokenizer")
     if isinstance(old_tok, dict) and old_tok != corpus.tokenizer.to_dict():
-        before = (state.get("config") or {}).get("data") or "the default corpus"
+        was = state.get("config") or {}
+        before = was.get("data") or ("the Chinese corpus (--use_chinese)" if was.get("use_chinese")
+                                     else "the default corpus")
         raise ConfigError(f"resume: checkpoint {src} was trained on {before} ({len(old_tok.get('chars', ''))} "
                           f"characters); this run's corpus ({corpus.name}, {corpus.vocab_size} characters) is "
                           f"another: give the --data (or --use_chinese) of the run it continues")
@@ -701,8 +703,10 @@ def _evaluate(model: torch.nn.Module, batches: dict[str, list], autocast: Any) -
 
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, device: Any,
                 temperature: float = 0.8, top_k: int | None = 200) -> str:
-    """Generate `n` characters after `prompt` (unseen prompt characters become UNK)."""
-    ids = tok.encode(prompt or "\n") or [tok.unk_id]
+    """`prompt` as given, then `n` generated characters (the model reads unseen prompt characters as UNK;
+    the text shows them as typed)."""
+    prompt = prompt or "\n"
+    ids = tok.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -710,7 +714,7 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, 
     y = model.generate(x, n, temperature=temperature, top_k=top_k, generator=gen, suppress=[tok.unk_id])
     if was_training:
         model.train()
-    return tok.decode(y[0].tolist())
+    return prompt + tok.decode(y[0, len(ids):].tolist())
 
 
 # --------------------------------------------------------------------- CLI

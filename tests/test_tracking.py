@@ -255,3 +255,52 @@ def test_the_progress_bar_stays_in_a_jupyter_kernel(monkeypatch):
         assert _is_terminal(io.StringIO())
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))  # a plain script
     assert not _is_terminal(io.StringIO())
+
+
+def test_a_run_ended_by_an_exception_still_closes_its_logs(tiny_cfg, capsys):
+    """An out-of-memory error, a full disk or a bug mid-run: the exception goes on up, but first the W&B
+    run is finished as failed (left open, a notebook's next train() started a second run beside it) and
+    TensorBoard writes its events out, with the status."""
+    import wandb
+
+    from tune_gpt.tracking import MultiReporter, Reporter
+
+    class Boom(Reporter):
+        def log(self, step, metrics):
+            if step == 15:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=40, eval_interval=10, log_interval=5)
+    reps = default_reporters(cfg)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(cfg, MultiReporter([*reps.reporters, Boom()]))
+    assert wandb.run is None
+    (run,) = offline_runs(Path(cfg.output_dir))
+    assert run.exit_code == 1 and run.summary["status"] == "errored" and run.summary["steps"] == 15
+    assert [row["val/loss"] for row in run.history if "val/loss" in row]  # what it logged before is there
+    acc = _scalars(Path(cfg.output_dir) / "logs")
+    assert max(e.step for e in acc.Scalars("train/loss")) == 15
+    assert "errored: 15 steps" in capsys.readouterr().err
+
+
+def test_a_w_and_b_run_that_cannot_start_is_one_line_and_tensorboard_is_closed(tiny_cfg, monkeypatch):
+    """wandb.init refusing (a revoked key, an unknown entity, a server that does not answer) was a traceback
+    after TensorBoard had opened its file; now one line that names the project and the ways on."""
+    import wandb
+
+    from tune_gpt.errors import TuneGPTError
+    from tune_gpt.tracking import TensorBoardReporter
+
+    def refuse(**kwargs):
+        raise wandb.errors.CommError("permission denied: entity 'nobody' not found")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=10, tensorboard=True)
+    reps = default_reporters(cfg)
+    with pytest.raises(TuneGPTError) as err:
+        train(cfg, reps)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("W&B: cannot start a run (project 'tune-gpt-tests', offline): ")
+    assert "entity 'nobody' not found" in msg and "--wandb_mode offline" in msg and "--no-wandb" in msg
+    (tb,) = [r for r in reps.reporters if isinstance(r, TensorBoardReporter)]
+    assert tb.writer is None  # closed

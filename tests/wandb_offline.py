@@ -47,6 +47,8 @@ def _records(path: Path):
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):
+            return  # a chunk still being written (wandb-core writes a block out as it fills)
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -69,14 +71,22 @@ def read_offline_run(run_dir: str | Path, wait: float = 30.0) -> OfflineRun:
     ``run.finish()`` returns before wandb-core has written the file out: the service is told the run is
     over by a message it does not answer, and it writes the last block (the last history row, the final
     summary, the exit record) when it closes the run's stream. Under load that comes after the caller
-    reads. So the file is read again until it ends with its exit record, for up to `wait` seconds; a run
-    that was never finished comes back with ``exit_code`` None once the wait is over.
+    reads, and may meet a block half written. So the file is read again until it ends with its exit
+    record, for up to `wait` seconds; a run that was never finished comes back with ``exit_code`` None
+    once the wait is over.
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + wait
     while True:
-        out = _read_once(run_dir)
-        if out.exit_code is not None or time.monotonic() >= deadline:
-            return out
+        try:
+            out = _read_once(run_dir)
+        except (DecodeError, AssertionError, ValueError):  # read while wandb-core was writing it (empty, half)
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            if out.exit_code is not None or time.monotonic() >= deadline:
+                return out
         time.sleep(0.2)
 
 

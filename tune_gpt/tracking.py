@@ -20,6 +20,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tune_gpt.errors import TuneGPTError
+
 if TYPE_CHECKING:  # pragma: no cover
     from tune_gpt.config import TrainConfig
     from tune_gpt.train import TrainResult
@@ -402,9 +404,7 @@ class WandbReporter(Reporter):
             settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
         again = _run_to_resume(info.get("reporter_state"), self._where)
-        if again is None:
-            self.run = wandb.init(**kwargs)
-        else:
+        if again is not None:
             # A run resumed from a checkpoint goes on in the W&B run that wrote it (W&B drops the steps it
             # already has); an out-of-memory retry may have changed the batch size.
             try:
@@ -412,7 +412,14 @@ class WandbReporter(Reporter):
             except Exception as exc:  # noqa: BLE001 - e.g. the run was deleted: a new run beats no run
                 warnings.warn(f"W&B: cannot go on in run {again} ({' '.join(str(exc).split())[:200]}); "
                               "starting a new run")
+        if self.run is None:
+            try:
                 self.run = wandb.init(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - a refused key, an unknown entity, a server that does not answer
+                where = f"project {cfg.wandb.project!r}" + (f", entity {cfg.wandb.entity!r}" if cfg.wandb.entity else "")
+                raise TuneGPTError(f"W&B: cannot start a run ({where}, {self.mode}): "
+                                   f"{' '.join(str(exc).split())[:300]}; --wandb_mode offline logs it locally, "
+                                   f"--no-wandb runs without W&B") from None
         if self.mode == "offline":
             print(
                 f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "

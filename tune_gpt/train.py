@@ -65,7 +65,7 @@ class OutOfMemory(RuntimeError):
 
 @dataclass
 class TrainResult:
-    status: str  # finished | diverged (and interrupted, on the KeyboardInterrupt train() raises again)
+    status: str  # finished | diverged (interrupted / errored: on the exception train() raises again)
     steps: int
     tokens: int
     final_val_loss: float | None = None
@@ -436,10 +436,13 @@ def train(
         "corpus": corpus.describe(), "corpus_sha256": corpus.sha256, "total_steps": total, "warmup_steps": warmup, "device": str(device),
         "bf16_products": bf16_products, "start_step": step, "reporter_state": reporter_state,
     }
-    reporter.start(cfg, info)
-
     result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history,
                          best_val_loss=best_val)
+    try:
+        reporter.start(cfg, info)
+    except BaseException as exc:  # e.g. W&B refused the run after TensorBoard had opened its file
+        _close_after_error(reporter, result, exc, t_start)
+        raise
     if src is not None and Path(src).resolve() == ckpt_dir.resolve():  # this run goes on from its own checkpoint
         result.checkpoint_path, result.checkpoint_step = str(ckpt_dir / CKPT_NAME), step
     interrupted: KeyboardInterrupt | None = None
@@ -542,18 +545,23 @@ def train(
         # writes its events out, W&B finishes the run, the progress bar ends its line). The checkpoint
         # stays the last evaluation's, never a step cut in half.
         result.status, interrupted = "interrupted", exc
-    result.steps, result.tokens = step, tokens
-    result.train_s = train_s + train_s_before
-    result.tokens_per_s = _rate(tokens, result.train_s)
+    except BaseException as exc:  # out of memory, a full disk, a bug: the logs are closed, then it goes on up
+        _close_after_error(reporter, _tally(result, step, tokens, train_s + train_s_before), exc, t_start)
+        raise
+    _tally(result, step, tokens, train_s + train_s_before)
 
     if result.status == "finished":
         if cfg.checkpoint:
             model_path = out_dir / MODEL_NAME
-            _save_model(model_path, raw_model, model_args, corpus, cfg, result.final_val_loss, step)
+            try:
+                _save_model(model_path, raw_model, model_args, corpus, cfg, result.final_val_loss, step)
+                if result.sample is not None:
+                    (out_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
+            except BaseException as exc:
+                _close_after_error(reporter, result, exc, t_start)
+                raise
             result.model_path = str(model_path)
             result.checkpoint_path = str(ckpt_dir / CKPT_NAME)
-            if result.sample is not None:
-                (out_dir / "sample.txt").write_text(result.sample, encoding="utf-8")
     result.wall_s = time.perf_counter() - t_start
     if interrupted is None:
         reporter.finish(result)
@@ -564,6 +572,25 @@ def train(
         warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
     interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
     raise interrupted
+
+
+def _tally(result: TrainResult, step: int, tokens: int, train_s: float) -> TrainResult:
+    result.steps, result.tokens, result.train_s = step, tokens, train_s
+    result.tokens_per_s = _rate(tokens, train_s)
+    return result
+
+
+def _close_after_error(reporter: Reporter, result: TrainResult, exc: BaseException, t_start: float) -> None:
+    """A run ended by an exception still ends in its logs: W&B finishes the run as failed (left open, a
+    notebook's next train() would start a second run beside it), TensorBoard writes its events out. The
+    exception is what the caller must hear about: a failure to close is only warned of."""
+    result.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "errored"
+    result.message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    result.wall_s = time.perf_counter() - t_start
+    try:
+        reporter.finish(result)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"closing the logs after {type(exc).__name__} failed: {type(err).__name__}: {err}")
 
 
 def bits_per_char(loss: float, corpus: Corpus) -> float:

@@ -578,6 +578,38 @@ def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file
     assert "Tuner.restore" not in err, err[-3000:]  # Tune's own resume hint, for its Python API: left out
 
 
+@pytest.mark.slow
+def test_a_resumed_search_logs_to_w_and_b_as_the_resuming_command_says(tmp_path, corpus_file):
+    """`Tuner.restore` brought back the W&B callback pickled when the search began, with that session's
+    mode, folder and W&B at all: `--resume --no-wandb` still logged (and, begun online, a resume without
+    key or network went on online). The resuming command's choices hold now."""
+    space = tiny_space(tmp_path, n=2, steps=3000, every=100)
+    exp = tmp_path / "r" / "tiny"
+    args = search_cmd(space, tmp_path / "r", corpus_file, "--no-report", "--scheduler", "none")
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    runs = sorted(p.name for p in (exp / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs  # one W&B run per trial, offline
+    sizes = {p: p.stat().st_size for p in (exp / "wandb").rglob("*.wandb")}
+    p = subprocess.run([*args, "--resume", "--no-wandb"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [status(d)["status"] for d in trial_dirs(exp)] == ["finished", "finished"]
+    assert sorted(p.name for p in (exp / "wandb").glob("offline-run-*")) == runs  # no run, no piece, added
+    assert {p: p.stat().st_size for p in (exp / "wandb").rglob("*.wandb")} == sizes
+
+
 def finished_trials(exp: Path) -> dict[str, str]:
     """trial folder -> its result.json text, for the trials whose status file says finished."""
     if not exp.is_dir():

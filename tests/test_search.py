@@ -311,6 +311,7 @@ def test_every_trial_has_tensorboard_events_and_an_offline_wandb_run(finished_se
         assert run.group == exp.name and set(run.tags) >= {"tiny", "single-gpu"}
         assert "learning_rate" in run.config and "batch_size" in run.config
         assert {"val/loss", "val/bpc", "train/loss", "step"} <= run.history_keys
+        assert run.step_metrics["val/*"] == run.step_metrics["train/*"] == "step"  # the final run's x-axis too
         # how the trial ended, in the report's words (ASHA cuts some), and the run was finished
         trial_id = run.path.parent.name.rsplit("-", 1)[1]
         assert run.summary["trial_status"] == status[trial_id]

@@ -51,6 +51,7 @@ def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path, cap
     assert vals[-1] == pytest.approx(res.final_val_loss, rel=1e-6)
     assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
     assert "sample/_type" in run.history_keys  # logged (as HTML) at the last step, before the last evaluation
+    assert run.step_metrics["val/*"] == run.step_metrics["train/*"] == run.step_metrics["lr"] == "step"
 
 
 def test_wandb_logs_the_sample_with_the_last_evaluation(tiny_cfg):

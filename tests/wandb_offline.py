@@ -31,6 +31,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None  # None: the run was never finished (no exit record)
+    step_metrics: dict[str, str] = field(default_factory=dict)  # define_metric: name or glob -> its x-axis
 
     @property
     def history_keys(self) -> set[str]:
@@ -120,6 +121,10 @@ def _read_once(run_dir: str | Path) -> OfflineRun:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             out.history.append(row)
+        elif kind == "metric":
+            m = rec.metric
+            if m.step_metric and not m.expanded_from_glob:
+                out.step_metrics[m.name or m.glob_name] = m.step_metric
         elif kind == "exit":
             out.exit_code = rec.exit.exit_code
         elif kind == "summary":

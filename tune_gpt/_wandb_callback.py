@@ -120,6 +120,14 @@ class _StatusLoggingActor(_WandbLoggingActor):
                 except Exception:  # noqa: BLE001 - the run was finished; only the wait failed
                     pass
 
+    def _handle_result(self, result: dict) -> tuple[dict, dict]:
+        if not getattr(self, "_axis_defined", False) and self._wandb.run is not None:
+            from tune_gpt.tracking import define_step_axis
+
+            define_step_axis(self._wandb.run)  # Ray logs at W&B step = evaluation count; plot against "step"
+            self._axis_defined = True
+        return super()._handle_result(result)
+
     def _handle_checkpoint(self, checkpoint_path: Any) -> None:
         if not (isinstance(checkpoint_path, dict) and STATUS_KEY in checkpoint_path):
             return super()._handle_checkpoint(checkpoint_path)

@@ -868,6 +868,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
     own_ray = not ray.is_initialized()
+    wandb_mode_before = os.environ.get("WANDB_MODE")  # _wandb_mode may set it for the search's callback
     try:
         _init_ray(opts)
         _check_gpus(opts)
@@ -887,12 +888,11 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
         if restore:
-            if opts.wandb:
-                _wandb_mode(plan)  # the restored W&B callback needs WANDB_MODE=offline when it is offline
             tuner = tune.Tuner.restore(
                 str(plan.experiment_dir) if not remote else experiment_uri(plan),
                 trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
             )
+            _renew_callbacks(tuner, plan)
         else:
             if opts.resume:
                 print(f"--resume: Ray saved no state in {plan.experiment_dir} before the interruption; "
@@ -910,7 +910,24 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     finally:
         if own_ray:
             ray.shutdown()  # also after a ray.init that failed part-way: its processes go too
+        if wandb_mode_before is None:  # a notebook's later train() probes for a key and network again
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = wandb_mode_before
     return grid, elapsed, searcher
+
+
+def _renew_callbacks(tuner: Any, plan: Plan) -> None:
+    """`Tuner.restore` brings back the callbacks pickled when the search began, with that session's W&B
+    choices: its mode (``wandb.init``'s ``mode=`` wins over WANDB_MODE, so a search begun online went
+    on online after the key or the network was gone), its folder (a moved experiment logged to the old
+    one), and W&B at all (``--resume --no-wandb`` still logged, or failed for want of a key). None of the
+    callbacks holds state that Tune saves (none has ``get_state``), so those this command would make
+    replace them. Not under Ray Client (``ray://``), where the tuner lives on the cluster."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None:
+        return
+    internal.get_run_config().callbacks = _run_config(plan).callbacks
 
 
 def _close_study_trials(plan: Plan) -> None:

@@ -420,6 +420,7 @@ class WandbReporter(Reporter):
                 raise TuneGPTError(f"W&B: cannot start a run ({where}, {self.mode}): "
                                    f"{' '.join(str(exc).split())[:300]}; --wandb_mode offline logs it locally, "
                                    f"--no-wandb runs without W&B") from None
+        define_step_axis(self.run)
         if self.mode == "offline":
             print(
                 f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "
@@ -499,6 +500,20 @@ def _is_terminal(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         return False
+
+
+# What train() reports, plotted against its training step ("step") in W&B: a search's trial runs are
+# logged by Ray's callback at W&B step = the evaluation count, a single run and a replay at the training
+# step, so without this the trials and the final run of one group drew on two different x-axes.
+STEP_AXIS_METRICS = ("train/*", "val/*", "best/*", "cpu/*", "gpu/*", "lr", "tokens", "epoch", "tokens_per_s",
+                     "rss_gb", "mfu")
+
+
+def define_step_axis(run: Any) -> None:
+    """Make the training step the x-axis of every metric train() reports (W&B globs take a prefix only)."""
+    run.define_metric("step")
+    for name in STEP_AXIS_METRICS:
+        run.define_metric(name, step_metric="step")
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -550,6 +550,25 @@ def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[st
             "--data", str(corpus), *extra]
 
 
+def sigterm_once_reported(args: list[str], exp: Path, n: int) -> tuple[subprocess.Popen, str]:
+    """Start a search, send its driver SIGTERM once `n` trials have reported; the process and its stderr."""
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == n:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        assert sum(bool(rows(d)) for d in trial_dirs(exp)) == n, f"no {n} trials reported"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, err
+
+
 def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file):
     """Two trials, both started at once: `docker stop` (SIGTERM to the driver alone) after their first
     reports is an interruption (exit 143, the --resume line), not the search's end. Tune hands back every
@@ -557,21 +576,8 @@ def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file
     exit 0 (or 1: "nothing to replay"). (Signals to the driver's whole group: the test after the next.)"""
     space = tiny_space(tmp_path, n=2, steps=100000, every=10)
     exp = tmp_path / "r" / "tiny"
-    proc = subprocess.Popen(search_cmd(space, tmp_path / "r", corpus_file, "--no-wandb", "--no-report",
-                                       "--scheduler", "none"),
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2:
-                break
-            time.sleep(0.5)
-        assert proc.poll() is None and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2, "no two trials reported"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err = sigterm_once_reported(search_cmd(space, tmp_path / "r", corpus_file, "--no-wandb", "--no-report",
+                                                 "--scheduler", "none"), exp, 2)
     last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
     assert proc.returncode == 143, err[-3000:]
     assert "interrupted" in last and "--resume" in last, last
@@ -586,19 +592,7 @@ def test_a_resumed_search_logs_to_w_and_b_as_the_resuming_command_says(tmp_path,
     space = tiny_space(tmp_path, n=2, steps=3000, every=100)
     exp = tmp_path / "r" / "tiny"
     args = search_cmd(space, tmp_path / "r", corpus_file, "--no-report", "--scheduler", "none")
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the search ended before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err = sigterm_once_reported(args, exp, 2)
     assert proc.returncode == 143, err[-3000:]
     runs = sorted(p.name for p in (exp / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, runs  # one W&B run per trial, offline

@@ -736,3 +736,40 @@ def test_a_search_without_a_best_trial_says_why_last(statuses, budget, says, cap
     if statuses and set(statuses) == {"errored"}:  # --no-report: no statuses, Tune's count of errors
         _print_summary(plan, pd.DataFrame(), [], None, None, Path("/nonexistent"), None, None, 12.0, 2, 2, None)
         assert says in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_space_with_nothing_left_to_search_runs_one_trial_of_the_fixed_values(ray_session, tmp_path, corpus_file,
+                                                                                 monkeypatch, capsys):
+    """Every searched parameter fixed on the command line: Optuna refused the empty space at its first
+    suggestion, after the experiment folder existed (a rerun then needed --resume, which crashed again).
+    And a report that fails in an unforeseen way does not fail the search that ran: it ends with its summary."""
+    import tune_gpt.report
+
+    def broken_report(*args, **kwargs):
+        raise KeyError("status")
+
+    monkeypatch.setattr(tune_gpt.report, "write_report", broken_report)
+    opts = SearchOptions(space=str(tiny_space(tmp_path, steps=6, every=3)), storage_path=str(tmp_path / "r"),
+                         overrides={"data": str(corpus_file), "learning_rate": 3e-3, "batch_size": 4},
+                         wandb=False, verbose=0)
+    plan = plan_search(opts)
+    assert plan.searcher == "grid" and plan.n_trials == 1
+    assert "nothing left to search (every parameter is fixed): one trial of the fixed values" in plan.describe()
+    out = run_search(opts)
+    assert out.num_trials == 1 and out.num_errors == 0
+    assert out.best_config["learning_rate"] == 3e-3 and out.best_config["batch_size"] == 4
+    printed = capsys.readouterr()
+    assert "report not written: KeyError: 'status'" in printed.err
+    assert out.replay_command and out.replay_command in printed.out + printed.err  # the summary's last words
+
+
+def test_a_trial_whose_device_does_not_report_the_metric_errors_alone():
+    """`--metric mfu` on a GPU with no known peak (or fp32 without TF32): Tune's strict metric check ended
+    the whole search at the first report; now that trial errors, saying why."""
+    from tune_gpt.search import TuneReporter
+
+    rep = TuneReporter(None, {"device": "cuda:0"}, objective="mfu")
+    rep.total_steps = 10
+    with pytest.raises(ConfigError, match=r"^metric mfu: this trial's evaluations do not report it \(no peak FLOPs "
+                                          r"figure for this GPU and precision; device cuda:0\); search on val/loss"):
+        rep.evaluate(5, {"val/loss": 2.0, "step": 5}, None)

@@ -227,6 +227,9 @@ def plan_search(opts: SearchOptions) -> Plan:
     searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
     if searcher not in SEARCHERS:
         raise ConfigError(f"--search: unknown searcher {searcher!r} (choose from {', '.join(SEARCHERS)})")
+    if not space.domains and searcher != "grid":  # Optuna refuses an empty space at its first suggestion
+        notes.append("nothing left to search (every parameter is fixed): one trial of the fixed values")
+        searcher = "grid"
     has_grid = any(isinstance(d, Grid) for d in space.domains.values())
     if searcher == "optuna":
         if has_grid:
@@ -442,8 +445,10 @@ class TuneReporter:
     trial ASHA ended at its last step by the steps reported.
     """
 
-    def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None, storage: Any = None) -> None:
+    def __init__(self, trial_dir: Path | None = None, where: dict[str, Any] | None = None, storage: Any = None,
+                 objective: str | None = None) -> None:
         self.trial_dir = trial_dir
+        self.objective = objective  # the search's metric: every report must carry it
         self.where = dict(where or {})
         self.storage = storage  # Tune's StorageContext, kept: get_storage() is None once Tune stops the trial
         self.total_steps: int | None = None
@@ -479,6 +484,12 @@ class TuneReporter:
     def evaluate(self, step, metrics, checkpoint_dir):
         from ray import tune
 
+        if self.objective and self.objective not in metrics:
+            # Tune's strict metric check would end the whole search, every trial with it
+            why = ("no peak FLOPs figure for this GPU and precision" if self.objective == "mfu"
+                   else "not measured on this device")
+            raise ConfigError(f"metric {self.objective}: this trial's evaluations do not report it ({why}; device "
+                              f"{self.where.get('device', '?')}); search on val/loss instead")
         metrics = {**metrics, "total_steps": self.total_steps}
         self.last_step, self.last_report = step, metrics
         if checkpoint_dir is not None:
@@ -564,7 +575,7 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
 
     ctx = ray.get_runtime_context()
     where = {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(), "device": cfg.device}
-    reporter = TuneReporter(trial_dir, where, storage)
+    reporter = TuneReporter(trial_dir, where, storage, objective=objective[0])
     reporter.save_status("running")
     status: dict[str, Any] = {"status": "running"}
     try:
@@ -1601,8 +1612,9 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
             out = write_report(exp_dir)  # a URI: read through a temporary copy, written to ./tune_reports/<name>
             trials_csv = Path(out) / "trials.csv"
             table = _read_table(trials_csv)
-        except (ImportError, TuneGPTError) as exc:
-            print(f"report not written: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a search that ran still ends with its summary and replay line
+            why = str(exc) if isinstance(exc, (ImportError, TuneGPTError)) else _one_line(exc)
+            print(f"report not written: {why}", file=sys.stderr)
             if trials_csv is not None:
                 df.to_csv(trials_csv, index=False)
     elif trials_csv is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -773,3 +774,16 @@ def test_a_trial_whose_device_does_not_report_the_metric_errors_alone():
     with pytest.raises(ConfigError, match=r"^metric mfu: this trial's evaluations do not report it \(no peak FLOPs "
                                           r"figure for this GPU and precision; device cuda:0\); search on val/loss"):
         rep.evaluate(5, {"val/loss": 2.0, "step": 5}, None)
+
+
+def test_asha_max_t_counts_the_evaluations_of_the_longest_trial_a_searched_model_size_makes(tmp_path):
+    """ASHA's max_t bounds every trial's reports. With an epoch budget, a searched model_size changes the
+    context length through its preset, and so the steps of an epoch: max_t followed only the baseline's
+    size, and ASHA (stop_last_trials) cut the trials of the other size off with their schedule half run."""
+    from tune_gpt.search import max_evaluations
+
+    space = write_space(tmp_path / "sizes.yaml", "name: sizes\nfixed: {epochs: 1, eval_interval: 10, batch_size: 8}\n"
+                                                 "space:\n  model_size: {choice: [medium, small]}\n")
+    plan = plan_search(SearchOptions(space=str(space)))
+    assert plan.base_cfg.model_size == "medium"  # the baseline: 8 x 1024 tokens a step
+    assert max_evaluations(plan, 100_000) == math.ceil(math.ceil(100_000 / (8 * 256)) / 10)  # small's: 8 x 256 a step

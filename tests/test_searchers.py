@@ -242,3 +242,24 @@ def test_a_trial_the_scheduler_stopped_is_complete_at_its_value_and_labelled_for
     assert repeats and all(t.user_attrs.get("stopped_at_step") == 30 and t.value == 2.6 for t in repeats)
     of_full = [t for t in later if t.user_attrs.get("repeat_of") == "b"]
     assert of_full and all("stopped_at_step" not in t.user_attrs for t in of_full)
+
+
+def test_under_max_concurrent_the_searcher_hears_of_trials_it_did_not_hand_out_this_session():
+    """Tune's ConcurrencyLimiter keeps the trials it handed out in memory only: after --resume, the trials
+    the interrupted search had running (and every trial --retry-errored runs again) ended without the
+    searcher being told, so Optuna kept them RUNNING and UniqueOptunaSearch waited for them for ever."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune_gpt._searchers import TellingLimiter
+
+    for limiter_cls, told in ((ConcurrencyLimiter, False), (TellingLimiter, True)):
+        inner = searcher([1e-3, 1e-2])
+        first = ConcurrencyLimiter(inner, max_concurrent=1)  # the session that was interrupted
+        assert first.suggest("t0") is not None and first.suggest("t1") is None  # the limit holds
+        resumed = limiter_cls(inner, max_concurrent=1)  # Tune.restore: the limiter from tuner.pkl, the searcher's state
+        resumed.on_trial_complete("t0", {"loss": 2.0, "training_iteration": 3})
+        assert ("t0" in inner._ended) is told
+        if told:
+            assert inner._ot_study.trials[inner._ot_trials["t0"].number].value == 2.0
+            assert resumed.suggest("t2")["lr"] != inner._ot_trials["t0"].params["lr"]  # goes on to the other point
+            assert resumed.suggest("t3") is None  # and the limit still holds for trials it hands out

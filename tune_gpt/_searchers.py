@@ -37,7 +37,7 @@ import sys
 import warnings
 from typing import Any
 
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
@@ -148,4 +148,24 @@ class UniqueOptunaSearch(OptunaSearch):
                 self._ot_trials[trial_id].set_user_attr("stopped_at_step", step)
             except Exception:  # noqa: BLE001 - a label for dashboards; the trial's end is told below either way
                 pass
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class TellingLimiter(ConcurrencyLimiter):
+    """Tune's `ConcurrencyLimiter` (``--max-concurrent``), but the searcher hears of every trial's end.
+
+    The limiter passes on the end of the trials it handed out this session only: it keeps that set
+    (``live_trials``) in memory, not in the searcher's saved state, so after ``--resume`` the trials
+    the interrupted search had running, and every trial ``--retry-errored`` runs again, ended without
+    the searcher being told. Optuna then kept them RUNNING (PRUNED in ``--optuna-storage`` at the end,
+    though they finished), TPE counted them as running for ever, and `UniqueOptunaSearch`, which waits
+    for running trials before it calls a space exhausted, could wait with nothing running: the search
+    hung. Such a trial's end now reaches the searcher; it is not counted against the limit (Tune's
+    resources still bound what runs at once).
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._limit_concurrency and trial_id not in self.live_trials:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
         super().on_trial_complete(trial_id, result=result, error=error)

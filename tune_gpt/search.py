@@ -406,8 +406,8 @@ def _trial_runtime(opts: SearchOptions) -> dict[str, Any]:
 def max_evaluations(plan: Plan, train_tokens: int) -> int:
     """An upper bound on the reports a trial makes (ASHA's max_t), over the searched values."""
     candidates: dict[str, list[Any]] = {}
-    for key in ("batch_size", "gradient_accumulation_steps", "model.block_size", "max_steps", "epochs",
-                "max_tokens", "eval_interval"):
+    for key in ("batch_size", "gradient_accumulation_steps", "model_size", "model.block_size", "max_steps", "epochs",
+                "max_tokens", "eval_interval"):  # model_size: its preset's block_size sets the steps of an epoch
         dom = plan.space.domains.get(key)
         if isinstance(dom, (Choice, Grid)):
             candidates[key] = list(dom.values)
@@ -421,7 +421,9 @@ def max_evaluations(plan: Plan, train_tokens: int) -> int:
         flat = dict(zip(keys, combo))
         if "batch_size" in flat:
             flat["batch_size"] = int(flat["batch_size"])
-        cfg = TrainConfig.from_flat(flat, base=plan.base_cfg)
+        # from the fixed values, not on top of base_cfg: a model_size given there resets the model section
+        # to its preset, and the trial's fixed model fields (its block_size) would be lost
+        cfg = TrainConfig.from_flat({**plan.fixed, **plan.space.baseline(), **flat})
         best = max(best, math.ceil(cfg.total_steps(train_tokens) / cfg.eval_interval))
     return best
 
@@ -890,6 +892,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
             param_space = {**plan.space.to_tune(), **plan.fixed}
             tune_config = _tune_config(plan)  # searcher and scheduler built before anything is written
             searcher = tune_config.search_alg
+            searcher = getattr(searcher, "searcher", searcher)  # the searcher itself, not --max-concurrent's limiter
             _check_searcher_space(plan, param_space)
         if opts.verbose:
             print(plan.describe(restoring=restore), file=sys.stderr)
@@ -1299,6 +1302,10 @@ def _tune_config(plan: Plan):
         search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=experiment_id(plan),
                                         points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
+    if search_alg is not None and max_concurrent:
+        from tune_gpt._searchers import TellingLimiter
+
+        search_alg, max_concurrent = TellingLimiter(search_alg, max_concurrent=max_concurrent), None
     if search_alg is None:  # random and grid: Tune's generator, seeded so that --seed repeats a random search
         from ray.tune.search import BasicVariantGenerator
 

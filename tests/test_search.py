@@ -393,8 +393,15 @@ def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
     space = str(tiny_space(tmp_path))
     opts = SearchOptions(space=space, storage_path=str(tmp_path / "r"), overrides={"data": "a.txt", "max_steps": 300})
     saved = {**_search_info(plan_search(opts)), "argv": ["--data", "a.txt", "--max-steps", "300"]}
-    for same in (opts, replace(opts, cpus_per_trial=2, wandb=False, max_concurrent=1, resume=True)):
-        _check_same_search(plan_search(same), saved)
+    for same in (opts, replace(opts, cpus_per_trial=1.4, wandb=False, max_concurrent=1, resume=True)):
+        _check_same_search(plan_search(same), saved)  # (1.4 CPUs: the same one thread a trial)
+    # the trials' resources: Ray restores each trial's request, so a trial that asked for a GPU would wait for ever
+    # on a machine without one
+    with pytest.raises(ConfigError, match=r"^--resume: --cpus-per-trial 2 \(started with 1\): a search resumes as"):
+        _check_same_search(plan_search(replace(opts, cpus_per_trial=2)), saved)
+    gpu_saved = {**_search_info(plan_search(replace(opts, gpus_per_trial=0.5))), "argv": saved["argv"]}
+    with pytest.raises(ConfigError, match=r"^--resume: --gpus-per-trial 0 \(started with 0.5\)"):
+        _check_same_search(plan_search(opts), gpu_saved)
     with pytest.raises(ConfigError, match=r"^--resume: data '\S+/b.txt' \(started with '\S+/a.txt'\); max_steps 100 \(started "
                                           r"with 300\): a search resumes as it was started \(python -m tune_gpt.search "
                                           r"--data a.txt --max-steps 300 --resume\); give the same flags, or start another"):

@@ -1560,6 +1560,16 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     before, after = trained(saved.get("fixed")), trained(now["fixed"])
     diffs += [f"{k} {after.get(k, 'unset')!r} (started with {before.get(k, 'unset')!r})"
               for k in sorted(set(before) | set(after), key=str) if before.get(k) != after.get(k)]
+    # Resources: Ray restores each trial's resource request and the space's thread count and GPU memory
+    # share as they were, so other ones would reach new trials only, and a trial that asked for a GPU on a
+    # machine that has none now would wait PENDING for ever.
+    was = saved.get("fixed") or {}
+    if "num_threads" in was:
+        had = {"--cpus-per-trial": was.get("num_threads"), "--gpus-per-trial": was.get("gpu_memory_fraction") or 0}
+        asked = {"--cpus-per-trial": now["fixed"].get("num_threads"),
+                 "--gpus-per-trial": now["fixed"].get("gpu_memory_fraction") or 0}
+        given = {"--cpus-per-trial": plan.opts.cpus_per_trial, "--gpus-per-trial": plan.opts.gpus_per_trial}
+        diffs += [f"{flag} {given[flag]:g} (started with {had[flag]:g})" for flag in had if had[flag] != asked[flag]]
     if diffs:
         argv = saved.get("argv")
         started = (f" (python -m tune_gpt.search {' '.join(shlex.quote(a) for a in argv)} --resume)"

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -794,3 +795,25 @@ def test_asha_max_t_counts_the_evaluations_of_the_longest_trial_a_searched_model
     plan = plan_search(SearchOptions(space=str(space)))
     assert plan.base_cfg.model_size == "medium"  # the baseline: 8 x 1024 tokens a step
     assert max_evaluations(plan, 100_000) == math.ceil(math.ceil(100_000 / (8 * 256)) / 10)  # small's: 8 x 256 a step
+
+
+def test_a_trial_that_fits_the_cluster_but_no_node_is_refused(monkeypatch):
+    """A 16-CPU head without a GPU and a 2-CPU worker with one: --cpus-per-trial 4 --gpus-per-trial 0.5 fit the
+    cluster's totals, and no node can ever place the trial, which Tune leaves PENDING with a warning."""
+    import ray
+
+    from tune_gpt.search import _check_gpus
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0}}, {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 1.0}}]  # a dead node places nothing
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 18.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"^--cpus-per-trial 4 --gpus-per-trial 0.5: no node of the Ray cluster has both "
+                                          r"\(its nodes: 16 CPUs \+ 0 GPUs, 2 CPUs \+ 1 GPUs\); a trial runs on one node"):
+        _check_gpus(SearchOptions(cpus_per_trial=4, gpus_per_trial=0.5))
+    with pytest.warns(UserWarning, match=r"the Ray cluster has 2 nodes and --storage-path \./tune_results is a local "
+                                         r"path: trials on other nodes fail at their first checkpoint unless"):
+        _check_gpus(SearchOptions(cpus_per_trial=2, gpus_per_trial=0.5))  # the worker takes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_gpus(SearchOptions(cpus_per_trial=8, storage_path="s3://bucket/results"))  # the head takes it

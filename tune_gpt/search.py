@@ -1270,7 +1270,8 @@ def _check_local_gpu(opts: SearchOptions) -> None:
 
 
 def _check_gpus(opts: SearchOptions) -> None:
-    """A GPU request Ray cannot grant fails now, instead of leaving trials PENDING forever."""
+    """A GPU request Ray cannot grant fails now, instead of leaving trials PENDING forever; a cluster of
+    several nodes with results in a local folder is warned of."""
     import ray
 
     have_gpu = ray.cluster_resources().get("GPU", 0.0)
@@ -1282,6 +1283,17 @@ def _check_gpus(opts: SearchOptions) -> None:
         )
     if have_cpu < opts.cpus_per_trial:
         raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial:g}: the Ray cluster has only {have_cpu:g} CPUs")
+    # A trial's CPUs and GPU share come from one node: totals over the cluster are not enough.
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    if nodes and not any(r.get("CPU", 0.0) >= opts.cpus_per_trial and r.get("GPU", 0.0) >= opts.gpus_per_trial
+                         for r in nodes):
+        sizes = ", ".join(sorted({f"{r.get('CPU', 0.0):g} CPUs + {r.get('GPU', 0.0):g} GPUs" for r in nodes}))
+        raise ConfigError(f"--cpus-per-trial {opts.cpus_per_trial:g} --gpus-per-trial {opts.gpus_per_trial:g}: no node "
+                          f"of the Ray cluster has both (its nodes: {sizes}); a trial runs on one node")
+    if len(nodes) > 1 and "://" not in opts.storage_path:
+        warnings.warn(f"the Ray cluster has {len(nodes)} nodes and --storage-path {opts.storage_path} is a local path: "
+                      "trials on other nodes fail at their first checkpoint unless every node sees that folder "
+                      "(a shared file system); else use --storage-path s3://... or gs://...")
 
 
 def _tune_config(plan: Plan):

@@ -163,6 +163,31 @@ def test_wandb_mode_follows_key_and_environment(monkeypatch, tmp_path, local_wan
     assert resolve_wandb_mode() == "online"
 
 
+def test_a_self_hosted_w_and_b_login_is_found(monkeypatch, tmp_path, local_wandb_host):
+    """`wandb login --host http://host:port` saves base_url in W&B's settings file and the key in netrc under
+    host:port. Only WANDB_BASE_URL and the bare host name were read: such a user always ran offline ("no API
+    key found"), and the reachability probe knocked at api.wandb.ai."""
+    from tune_gpt.tracking import wandb_api_key_present, wandb_base_url
+
+    url = local_wandb_host.getsockname()
+    monkeypatch.delenv("WANDB_BASE_URL")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./wandb/settings
+    config = tmp_path / "wandb-config"
+    config.mkdir()
+    (config / "settings").write_text(f"[default]\nbase_url = http://127.0.0.1:{url[1]}\n")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(config))
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1:{url[1]}\n  login user\n  password {'k' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_base_url() == f"http://127.0.0.1:{url[1]}"
+    assert wandb_api_key_present() and resolve_wandb_mode() == "online"  # the probe found the host listening
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert not wandb_api_key_present() and resolve_wandb_mode() == "offline"  # a key for another host
+
+
 def test_empty_wandb_mode_means_unset_and_an_unknown_one_is_refused(monkeypatch, tmp_path):
     """W&B itself refuses WANDB_MODE='' (every run would fail to start, silently inside Ray's actors)."""
     import subprocess

@@ -233,23 +233,43 @@ def _markdown_table(d: dict[str, Any]) -> str:
 
 
 def wandb_api_key_present() -> bool:
-    """True when W&B would find an API key (environment or ~/.netrc)."""
-    if os.environ.get("WANDB_API_KEY"):
+    """True when W&B would find credentials: WANDB_API_KEY, an identity token file, or the netrc entry of
+    the W&B host (``wandb login`` writes it as host:port when the URL has a port, as a self-hosted
+    server's often does; an entry under the bare host name is taken too)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = wandb_base_url().split("://")[-1].split("/")[0]
-    host = host.split(":")[0]
+    netloc = wandb_base_url().split("://")[-1].split("/")[0]
+    path = os.environ.get("NETRC") or next((p for p in ("~/.netrc", "~/_netrc") if os.path.exists(os.path.expanduser(p))),
+                                           "~/.netrc")
     try:
-        rc = netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc"))
-        return rc.authenticators(host) is not None
+        rc = netrc.netrc(os.path.expanduser(path))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+    return any((rc.authenticators(h) or (None, None, None))[2] for h in dict.fromkeys((netloc, netloc.split(":")[0])))
 
 
 WANDB_PROBE_TIMEOUT_S = 3.0  # how long the W&B host may take to accept a TCP connection
 
 
 def wandb_base_url() -> str:
-    return (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").strip().rstrip("/")
+    """The W&B server: WANDB_BASE_URL, else the ``base_url`` that ``wandb login --host`` saved in W&B's
+    settings (this folder's ``wandb/settings``, then ``$WANDB_CONFIG_DIR/settings``, by default
+    ``~/.config/wandb/settings``), else W&B's cloud."""
+    url = os.environ.get("WANDB_BASE_URL")
+    if not url:
+        import configparser
+
+        config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+        for path in (os.path.join("wandb", "settings"), os.path.join(os.path.expanduser(config_dir), "settings")):
+            parser = configparser.ConfigParser()
+            try:
+                parser.read(path)
+            except configparser.Error:
+                continue
+            url = parser.get("default", "base_url", fallback=None)
+            if url:
+                break
+    return (url or "https://api.wandb.ai").strip().rstrip("/")
 
 
 def wandb_host_reachable(url: str | None = None, timeout: float = WANDB_PROBE_TIMEOUT_S) -> tuple[bool, str]:

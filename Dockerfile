@@ -29,7 +29,7 @@ COPY search_spaces ./search_spaces
 # whose torch is too old stops the build here instead. Editable, so the bundled
 # search_spaces/ next to the package are found as in a checkout.
 RUN python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > /tmp/keep-torch.txt \
- && pip install --constraint /tmp/keep-torch.txt --editable ".[${EXTRAS}]" \
+ && pip install --constraint /tmp/keep-torch.txt --editable ".${EXTRAS:+[${EXTRAS}]}" \
  && python -c "import torch, tune_gpt; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'ROCm', torch.version.hip)"
 
 # Run from /workspace: mount a host folder there to keep ./tune_results and the corpus cache.

@@ -101,3 +101,44 @@ def test_a_replay_compares_the_text_its_trial_trained_on(finished_search, tmp_pa
     assert not list(exp.glob("replay-*"))  # refused before anything was written
     p = run("-m", "tune_gpt.replay", str(exp), "--max-steps", "5", "--no-wandb", "--output-dir", str(tmp_path / "final"))
     assert p.returncode == 0 and "the final run trains on today's text" in p.stderr, p.stderr[-2000:]
+
+
+def test_a_trial_prefix_names_one_trial_and_a_check_never_trains_over_a_run(tmp_path):
+    """Trial ids share the search's prefix (abcde_00000, abcde_00001, ...): a prefix that begins several
+    replayed the best-ranked of them, quietly. And --check skipped the guard for any --output-dir, so
+    `--check --output-dir ./output_single` replaced a trained model and its checkpoint."""
+    import pytest
+    from fake_experiment import EXP_HASH, standard_experiment, trial_id
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import replay
+
+    exp = standard_experiment(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^--trial: '{EXP_HASH}_0000' begins \d+ trial ids in .*\({EXP_HASH}_00000, "
+                                          rf"{EXP_HASH}_00001, .*give more of it"):
+        replay(exp, f"{EXP_HASH}_0000", check=True, wandb=False)
+    held = tmp_path / "output_single"
+    (held / "checkpoint").mkdir(parents=True)
+    (held / "checkpoint" / "ckpt.pt").write_bytes(b"a run's checkpoint")
+    with pytest.raises(ConfigError, match=r"already holds a run's checkpoint \(checkpoint/ckpt.pt\); give another"):
+        replay(exp, trial_id(0), check=True, output_dir=str(held), wandb=False)
+    (held / "model.pt").write_bytes(b"a trained model")
+    with pytest.raises(ConfigError, match=r"already holds a trained model \(model.pt\)"):
+        replay(exp, trial_id(0), check=True, output_dir=str(held), wandb=False)
+    assert (held / "model.pt").read_bytes() == b"a trained model"
+
+
+def test_a_trial_that_ran_out_of_memory_is_replayed_at_the_micro_batch_it_went_on_with():
+    """The status file records the smaller micro-batch an out-of-memory retry went on with (same effective
+    batch); replay took params.json's, which runs out of memory again on the same GPU (replay has no retry)."""
+    from tune_gpt.replay import _trial_where
+    from tune_gpt.search import TuneReporter
+
+    status = {"status": "finished", "device": "cuda:0", "batch_size": 4, "gradient_accumulation_steps": 4,
+              "oom_retries": [{"batch_size": 8, "gradient_accumulation_steps": 2, "resumed_from_step": 50}]}
+    assert _trial_where(status)["micro_batch"] == {"batch_size": 4, "gradient_accumulation_steps": 4}
+    assert _trial_where({**status, "oom_retries": []})["micro_batch"] is None  # no retry: params.json holds
+    # the status file records the device the trial trained on, not the "auto" it was given
+    rep = TuneReporter(None, {"device": "auto"})
+    rep.start(object(), {"total_steps": 10, "device": "cuda:0"})
+    assert rep.where["device"] == "cuda:0"

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import tiny_space
 from fake_experiment import standard_experiment
+from wandb_offline import read_offline_run
 from tune_gpt.errors import DataError
 from tune_gpt.report import load_results, write_report
 from tune_gpt.search import EXPERIMENT_FILE, STATUS_FILE, SearchOptions, experiment_uri, plan_search
@@ -140,6 +141,10 @@ def test_search_writes_to_s3_and_the_report_reads_it_back(s3, tmp_path, corpus_f
     for d in trials:
         assert json.loads((d / STATUS_FILE).read_text())["status"] == "finished"
         assert any(d.glob("checkpoint_*/ckpt.pt"))
+        # its offline W&B run, complete: Tune's last upload ran before the callback closed the runs
+        (run,) = [read_offline_run(r, wait=0) for r in (d / "wandb").glob("offline-run-*")]
+        assert run.exit_code == 0 and run.summary["trial_status"] == "finished", run.path
+        assert [row["step"] for row in run.history] == [5, 10]
     files = [f for f in got.rglob("*") if f.is_file()]
     assert any(f.suffix == ".pkl" for f in files) and any(".wandb" in f.name for f in files)
     for f in files:

@@ -187,6 +187,29 @@ class TrialStatusWandb(WandbLoggerCallback):
         for trial in list(self._trial_queues):  # never told it ended: Ctrl+C stopped it (--resume goes on)
             self.end_trial(trial, "interrupted")
         super().on_experiment_end(trials, **info)
+        self._upload_runs(trials)
+
+    def _upload_runs(self, trials: list) -> None:
+        """With the results in remote storage (s3://, gs://), each trial's runs are written in the driver's
+        staging folder, which Tune uploads for the last time before its callbacks' end: the runs still
+        open then (the last trials', closed just above) reached the bucket cut short, or not at all. Each
+        trial's ``wandb/`` goes up again now, whole. (Local storage: written in the results already.)"""
+        if "dir" in self.kwargs:
+            return
+        import warnings
+
+        import pyarrow.fs as pafs
+
+        for trial in trials:
+            storage, local = getattr(trial, "storage", None), os.path.join(str(trial.local_path), "wandb")
+            fs = getattr(storage, "storage_filesystem", None)
+            if fs is None or isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(local):
+                continue
+            try:
+                pafs.copy_files(local, f"{storage.trial_fs_path}/wandb", destination_filesystem=fs)
+            except Exception as exc:  # noqa: BLE001 - the runs are still in the staging folder
+                warnings.warn(f"W&B runs of trial {trial.trial_id} not uploaded to the results ({exc}); "
+                              f"they are in {local}")
 
     def __del__(self) -> None:
         # Ray's __del__ asks ray.is_initialized(). A resumed search's callback (unpickled by

@@ -42,10 +42,15 @@ def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, An
     df = _results_frame(read)
     exp = Path(REMOTE_REPORTS) / read.uri.rstrip("/").rsplit("/", 1)[-1] if read.uri else read.dir
     if trial:
-        rows = df[df["trial_id"].astype(str).str.startswith(trial)]
+        ids = df["trial_id"].astype(str)
+        rows = df[ids == trial]  # the id as given, else a prefix of one id only (ids share the search's prefix)
+        rows = rows if not rows.empty else df[ids.str.startswith(trial)]
         if rows.empty:
             known = ", ".join(map(str, df["trial_id"].tolist()[:10]))
             raise ConfigError(f"--trial: no trial {trial!r} in {exp} (trials: {known})")
+        if len(rows) > 1:
+            some = ", ".join(map(str, rows["trial_id"].tolist()[:10])) + (", ..." if len(rows) > 10 else "")
+            raise ConfigError(f"--trial: {trial!r} begins {len(rows)} trial ids in {exp} ({some}); give more of it")
         row = rows.iloc[0]
     else:
         ranked = df[df["rank"].notna()] if "rank" in df else df.iloc[0:0]
@@ -104,8 +109,13 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
                        trial_bf16_products=where["bf16_products"])
+    if where["micro_batch"]:
+        cfg = TrainConfig.from_flat(where["micro_batch"], base=cfg)
+        print(f"replay: trial {trial_id} ran out of memory and went on at --batch_size {cfg.batch_size} "
+              f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} (the same effective batch): so does "
+              f"this run", file=sys.stderr)
     check_output_dir(Path(cfg.output_dir), "--output-dir")
-    if not check:  # a check reproduces a trial: doing it again replaces nothing of value
+    if not (check and _holds_a_check(Path(cfg.output_dir).expanduser())):  # a check again replaces nothing of value
         _check_output_dir_free(Path(cfg.output_dir).expanduser())
     trial_loss = _float(row.get("final_val_loss"))
     if check and trial_loss is None:
@@ -137,10 +147,19 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     return summary
 
 
+def _holds_a_check(out: Path) -> bool:
+    """`out` holds an earlier ``--check`` (its summary says so), which another check may replace."""
+    try:
+        return json.loads((out / "replay_summary.json").read_text()).get("check") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_output_dir_free(out: Path) -> None:
-    """A final run is never trained over another one: its model, logs and W&B run would be replaced or mixed."""
+    """A run is never trained over another one (a final run, a check in a folder of its own choosing, e.g.
+    ``--output-dir ./output_single``): its model, checkpoint, logs and W&B run would be replaced or mixed."""
     summary = out / "replay_summary.json"
-    if not summary.is_file() and not (out / "model.pt").is_file():
+    if not summary.is_file() and not (out / "model.pt").is_file() and not (out / "checkpoint" / "ckpt.pt").is_file():
         return
     what = ""
     try:
@@ -150,7 +169,8 @@ def _check_output_dir_free(out: Path) -> None:
         what = f" ({', '.join(parts)})" if parts else ""
     except (OSError, ValueError, AttributeError):
         pass
-    held = f"a final run{what}" if summary.is_file() else "a trained model (model.pt)"
+    held = (f"a final run{what}" if summary.is_file() else "a trained model (model.pt)" if (out / "model.pt").is_file()
+            else "a run's checkpoint (checkpoint/ckpt.pt)")
     raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
 
 
@@ -159,8 +179,11 @@ def _trial_where(status: Any) -> dict[str, Any]:
     unknown), ``bf16_products`` (False when unknown: trials before it was recorded had none) and
     ``corpus_sha256`` (None when unknown)."""
     status = status if isinstance(status, dict) else {}
+    # a trial that ran out of memory went on with a smaller micro-batch (the same effective batch): that one
+    micro = {k: status[k] for k in ("batch_size", "gradient_accumulation_steps")
+             if status.get("oom_retries") and isinstance(status.get(k), int) and status[k] > 0}
     return {"device": str(status.get("device") or "cpu"), "bf16_products": bool(status.get("bf16_products")),
-            "corpus_sha256": status.get("corpus_sha256")}
+            "corpus_sha256": status.get("corpus_sha256"), "micro_batch": micro if len(micro) == 2 else None}
 
 
 def _check_same_corpus(trial_id: str, trained_on: Any, corpus: Any, check: bool) -> None:

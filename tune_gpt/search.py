@@ -474,6 +474,7 @@ class TuneReporter:
     def start(self, cfg, info):
         self.cfg = cfg
         self.total_steps = info["total_steps"]
+        self.where["device"] = str(info.get("device") or self.where.get("device"))  # the one used: not "auto"
         self.where["bf16_products"] = bool(info.get("bf16_products"))  # what `replay --check` must do again
         self.where["corpus_sha256"] = info.get("corpus_sha256")  # the text it trained on, which replay compares
         if self.start_step is None:

@@ -6,9 +6,11 @@
    checkpoint written on the GPU resume there, and to the same losses);
 2. training speed: tokens/s and MFU of `tiny`, `small` and `medium` in bf16, eager, then with
    torch.compile (median over timed steps, evaluations excluded; MFU from that median);
-3. packing: 1, 2, 4 and 8 concurrent fractional-GPU trials (gpus_per_trial = 1/n) of `tiny`
-   and `small` through the real search: aggregate training tokens/s and peak GPU memory per
-   trial. Needs Ray and Optuna where it runs; without them the rows say so.
+3. packing: 1, 2, 4 and 8 processes training `tiny` (then `small`) on the GPU at once, each with
+   its memory capped to 1/n as a search's trial with ``--gpus-per-trial 1/n`` is: aggregate training
+   tokens/s over the window in which all of them trained, and peak GPU memory per process. Ray only
+   places a search's trials; what sharing the GPU costs is measured here without it (the lent GPU
+   machines have no Ray, and Ray's own overhead is measured on the CPU, benchmarks/search_overhead.py).
 
 Every row is written to OUT_DIR/gpu.json, OUT_DIR/gpu_speed.md and OUT_DIR/gpu_packing.md as soon
 as it is measured, so a run cut short by gpu.sh's time limit keeps what it measured; a row that
@@ -19,7 +21,6 @@ handful of steps and fp32, so the tests prove the script works on a machine with
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -102,43 +103,78 @@ def speed(size: str, compile_: bool, steps: int, dry: bool, data: str) -> dict:
             "mfu": rep.flops_per_token * tps / peak if peak else None, "peak_mem_gb": rep.mem}
 
 
-def packing(size: str, n: int, steps: int, dry: bool, data: str) -> dict:
-    """n concurrent trials, each with 1/n of the GPU, through python -m tune_gpt.search."""
-    missing = [m for m in ("ray", "optuna") if importlib.util.find_spec(m) is None]
-    if missing:
-        return {"size": size, "trials": n, "error": [f"{' and '.join(missing)} not installed here"]}
-    tmp = Path(tempfile.mkdtemp())
-    space = tmp / "pack.yaml"
-    fixed = {"model_size": size, "max_steps": steps, "eval_interval": max(1, steps // 2), "eval_iters": 2,
-             "sample_tokens": 0, "data": data}
-    if dry:
-        fixed.update({"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 32, "batch_size": 2})
+class _Deadline(Exception):
+    """A packing worker's training time is up."""
+
+
+def pack_worker(spec: dict) -> dict:
+    """One of the n processes sharing the GPU: trains for `seconds` of wall time with its memory capped to
+    1/n (as a search's trial with --gpus-per-trial 1/n does), stamping (time, tokens) at every log."""
+    from tune_gpt.data import load_corpus
+    from tune_gpt.tracking import Reporter
+    from tune_gpt.train import train
+
+    class Stamps(Reporter):
+        def __init__(self):
+            self.stamps, self.mem, self.end = [], 0.0, None
+
+        def start(self, cfg, info):
+            self.end = time.time() + spec["seconds"]
+
+        def log(self, step, m):
+            self.stamps.append((time.time(), m["tokens"]))
+            self.mem = max(self.mem, m.get("gpu/max_mem_gb", 0.0))
+            if time.time() > self.end:
+                raise _Deadline
+
+    over = {"max_steps": 10**7, "eval_interval": 10**9, "log_interval": 1 if spec["dry"] else 10, "checkpoint": False}
+    if spec["dry"]:
+        over["num_threads"] = 1
     else:
-        fixed["precision"] = "bf16"
-    space.write_text(json.dumps({"name": "pack", "method": "random", "num_samples": n, "scheduler": {"type": "none"},
-                                 "fixed": fixed, "space": {"seed": {"choice": list(range(1, n + 1))}}}))
-    cmd = [sys.executable, "-m", "tune_gpt.search", "--space", str(space), "--storage-path", str(tmp / "r"),
-           "--max-concurrent", str(n), "--no-wandb", "--no-report", "-q"]
-    if dry:
-        cmd += ["--cpus-per-trial", "1" if n == 1 else "0.5"]
-    else:
-        cmd += ["--gpus-per-trial", f"{1 / n:.4f}", "--cpus-per-trial", "1"]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"))
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        return {"size": size, "trials": n, "error": p.stderr.strip().splitlines()[-1:] or ["?"]}
-    rows = []
-    for f in (tmp / "r" / "pack").glob("*/result.json"):
-        lines = f.read_text().splitlines()
-        if lines:
-            last = json.loads(lines[-1])
-            rows.append({"tokens_per_s": last.get("tokens_per_s", 0.0), "mem": last.get("gpu/max_mem_gb", 0.0)})
-    if len(rows) < n:
-        return {"size": size, "trials": n, "error": [f"{len(rows)} of {n} trials reported"]}
-    # the trials run side by side throughout: their own training rates (start-up and evaluations excluded) add up
-    return {"size": size, "trials": n, "aggregate_tokens_per_s": sum(r["tokens_per_s"] for r in rows),
-            "peak_mem_gb_per_trial": max(r["mem"] for r in rows), "wall_s": wall}
+        over["gpu_memory_fraction"] = 1.0 / spec["n"]
+    rep = Stamps()
+    try:
+        train(_cfg(spec["size"], spec["dry"], spec["data"], **over), rep, corpus=load_corpus(spec["data"]))
+    except _Deadline:
+        pass
+    return {"stamps": rep.stamps, "mem": rep.mem}
+
+
+def _tokens_at(stamps: list, t: float) -> float:
+    """Tokens trained by time `t`, interpolated between a worker's stamps."""
+    for (t1, k1), (t2, k2) in zip(stamps, stamps[1:]):
+        if t1 <= t <= t2:
+            return k1 + (k2 - k1) * (t - t1) / (t2 - t1) if t2 > t1 else k2
+    return stamps[-1][1] if t > stamps[-1][0] else stamps[0][1]
+
+
+def packing(size: str, n: int, seconds: float, dry: bool, data: str) -> dict:
+    """n processes training at once, each capped to 1/n of the GPU's memory: aggregate tokens/s over the
+    window in which all n were past their warm-up and still training (a sum of each one's own rate would
+    count time the others had not started yet: CUDA start-up and imports take seconds)."""
+    spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data}
+    procs = [subprocess.Popen([sys.executable, __file__, "--pack-worker", json.dumps(spec)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True) for _ in range(n)]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=seconds + 180)
+            if proc.returncode:
+                return {"size": size, "trials": n, "error": (err.strip().splitlines() or ["?"])[-1:]}
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+    kept = [o["stamps"][len(o["stamps"]) // 5:] for o in outs]  # the first fifth: warm-up
+    if any(len(k) < 2 for k in kept):
+        return {"size": size, "trials": n, "error": ["too few logged steps to time"]}
+    lo, hi = max(k[0][0] for k in kept), min(k[-1][0] for k in kept)
+    if hi - lo < seconds / 3:
+        return {"size": size, "trials": n, "error": [f"the {n} processes trained together for {max(0.0, hi - lo):.1f} s only"]}
+    total = sum(_tokens_at(k, hi) - _tokens_at(k, lo) for k in kept)
+    return {"size": size, "trials": n, "aggregate_tokens_per_s": total / (hi - lo), "window_s": hi - lo,
+            "peak_mem_gb_per_trial": max(o["mem"] for o in outs)}
 
 
 def _attempt(what: dict, fn, *args) -> dict:
@@ -177,6 +213,9 @@ def write_tables(out: Path, results: dict) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--pack-worker":
+        print(json.dumps(pack_worker(json.loads(sys.argv[2]))), flush=True)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: checks the script")
@@ -200,14 +239,15 @@ def main() -> None:
 
     add("checks", _attempt({"check": "resume"}, resume_check, dry, args.data))
     speed_steps = {"tiny": 300, "small": 200, "medium": 60} if not dry else {"tiny": 8, "small": 8, "medium": 8}
-    # eager first, then compiled (slow to start): the rows a time limit would cut are the last ones
-    for comp in ((False, True) if not dry else (False,)):
-        for size in ("tiny", "small", "medium"):
-            add("speed", _attempt({"size": size, "compile": comp}, speed, size, comp, speed_steps[size], dry, args.data))
-    pack_steps = {"tiny": 400, "small": 150} if not dry else {"tiny": 6, "small": 6}
+    for size in ("tiny", "small", "medium"):  # eager
+        add("speed", _attempt({"size": size, "compile": False}, speed, size, False, speed_steps[size], dry, args.data))
+    pack_seconds = 20.0 if not dry else 4.0
     for size in (("tiny", "small") if not dry else ("tiny",)):
         for n in ((1, 2, 4, 8) if not dry else (1, 2)):
-            add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_steps[size], dry, args.data))
+            add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_seconds, dry, args.data))
+    # compiled last (slow to start, and it needs a C compiler): the rows a time limit would cut
+    for size in (("tiny", "small", "medium") if not dry else ()):
+        add("speed", _attempt({"size": size, "compile": True}, speed, size, True, speed_steps[size], dry, args.data))
     print((out / "gpu_speed.md").read_text())
     print((out / "gpu_packing.md").read_text())
 

@@ -364,3 +364,18 @@ def test_a_resumed_run_interrupted_keeps_the_best_val_loss_it_resumed_with(tiny_
     with pytest.raises(KeyboardInterrupt) as info:
         train(TrainConfig.from_flat({"resume": True}, base=cfg), StopAt())
     assert info.value.train_result.best_val_loss == first.best_val_loss is not None
+
+
+def test_compile_on_a_gpu_without_a_c_compiler_is_one_line(monkeypatch):
+    """Triton builds its GPU kernels with the system's C compiler; a CUDA runtime image has none, and the
+    first compiled step failed deep in Inductor (a search retried the trial to no end)."""
+    import shutil
+
+    from tune_gpt.train import _check_compiler
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^--compile: no C compiler found .*apt-get install gcc"):
+        _check_compiler(torch.device("cuda"))
+    _check_compiler(torch.device("cpu"))  # the CPU backend is not asked here
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    _check_compiler(torch.device("cuda"))

@@ -547,6 +547,9 @@ def _html_escape(s: str) -> str:
 # ------------------------------------------------------------ system metrics
 
 
+_UTIL_WARNED = False  # the missing-NVML warning, once a process
+
+
 class SystemMetrics:
     """GPU memory and utilisation, CPU %, RSS: cheap enough to read at every log."""
 
@@ -568,8 +571,13 @@ class SystemMetrics:
             try:  # torch maps the device through CUDA_VISIBLE_DEVICES (Ray gives a trial "its" GPU as cuda:0)
                 torch.cuda.utilization(self.device)  # to NVML's index; on ROCm it asks amdsmi
                 self._util = True
-            except Exception:  # no NVML / amdsmi, or a driver without it: utilisation is left out
+            except Exception as exc:  # no NVML / amdsmi, or a driver without it: utilisation is left out
                 self._util = None
+                global _UTIL_WARNED
+                if not _UTIL_WARNED:
+                    _UTIL_WARNED = True
+                    warnings.warn(f"GPU utilisation is not logged ({type(exc).__name__}: {exc}); it needs NVML: "
+                                  "pip install nvidia-ml-py (the gpu extra: pip install 'tune_gpt[gpu]')")
 
     def read(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -406,7 +406,8 @@ def train(
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:  # a run without loss scaling saved {}: resumed with --fp16, the scaler starts afresh
+                scaler.load_state_dict(state["scaler"])
             sampler.set_state(state["sampler"])
             _set_rng_state(state["rng"], device)
             step, tokens = int(state["step"]), int(state["tokens"])
@@ -426,6 +427,7 @@ def train(
 
     raw_model = model
     if cfg.compile:
+        _check_compiler(device)
         model = torch.compile(model)
 
     flops_per_token = raw_model.flops_per_token()
@@ -499,7 +501,9 @@ def train(
             else:
                 train_s += time.perf_counter() - t0
             if do_eval:
-                losses = _evaluate(model, eval_batches, autocast)
+                # eager, as generate samples: compiled, eval mode, no_grad and the eval batch size broke
+                # dynamo's guards and compiled a second graph at the first evaluation (tens of seconds)
+                losses = _evaluate(raw_model, eval_batches, autocast)
                 if not math.isfinite(losses["val"]):
                     raise Diverged(f"val loss became {losses['val']} at step {step} (lr {lr:.3g})")
                 bpc = bits_per_char(losses["val"], corpus)
@@ -572,6 +576,14 @@ def train(
         warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
     interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
     raise interrupted
+
+
+def _check_compiler(device: torch.device) -> None:
+    """torch.compile on a GPU builds Triton kernels with the system's C compiler; without one (a CUDA
+    *runtime* image, say) the first step fails deep in Inductor, and a search retries the trial to no end."""
+    if device.type == "cuda" and not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        raise ConfigError("--compile: no C compiler found (cc, gcc or clang; Triton needs one to build its GPU "
+                          "kernels): install one (apt-get install gcc), or train without --compile")
 
 
 def _tally(result: TrainResult, step: int, tokens: int, train_s: float) -> TrainResult:

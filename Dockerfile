@@ -19,6 +19,11 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TUNE_GPT_CACHE=/workspace/.cache/tune_gpt
 
+# --compile builds Triton's GPU kernels with a C compiler, which the CUDA *runtime* images lack.
+RUN if ! command -v cc >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 WORKDIR /opt/tune_gpt
 COPY pyproject.toml README.md ./
 COPY tune_gpt ./tune_gpt

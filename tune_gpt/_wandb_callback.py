@@ -191,9 +191,10 @@ class TrialStatusWandb(WandbLoggerCallback):
 
     def _upload_runs(self, trials: list) -> None:
         """With the results in remote storage (s3://, gs://), each trial's runs are written in the driver's
-        staging folder, which Tune uploads for the last time before its callbacks' end: the runs still
-        open then (the last trials', closed just above) reached the bucket cut short, or not at all. Each
-        trial's ``wandb/`` goes up again now, whole. (Local storage: written in the results already.)"""
+        staging folder, which Tune uploads for the last time before its callbacks' end: a run still
+        open then (one closed just above) would reach the bucket cut short, or not at all. Each trial's
+        ``wandb/`` goes up again now, whole. (Local storage: written in the results already.) The s3
+        test's short search did not lose a run without this; it is there for the runs that end last."""
         if "dir" in self.kwargs:
             return
         import warnings

@@ -162,8 +162,6 @@ W_AND_B_CASES = [
      lambda xs: min(xs) >= 1e-4 and max(xs) <= 1e-2 and abs(np.log10(np.median(xs)) + 3) < 0.2),
     ("{distribution: normal, mu: 0.5, sigma: 0.1}", Normal(0.5, 0.1),
      lambda xs: abs(np.mean(xs) - 0.5) < 0.02 and abs(np.std(xs) - 0.1) < 0.02),
-    ("{distribution: normal}", Normal(0.0, 1.0),
-     lambda xs: abs(np.mean(xs)) < 0.1 and abs(np.std(xs) - 1) < 0.1),
     ("{distribution: q_normal, mu: 1, sigma: 0.3, q: 0.25}", Normal(1.0, 0.3, q=0.25, kind="q_normal"),
      lambda xs: all(math.isclose(x * 4, round(x * 4)) for x in xs) and abs(np.mean(xs) - 1) < 0.05),
     ("{distribution: log_normal, mu: -3, sigma: 0.5}", Normal(-3.0, 0.5, log=True, kind="log_normal"),
@@ -188,6 +186,18 @@ def test_wandb_distributions(tmp_path, spec, expected, check):
     assert check(xs)
     if not isinstance(dom, Normal):  # normals are unbounded; everything else stays in its domain
         assert all(dom.contains(x) for x in xs[:200])
+
+
+def test_a_normal_range_is_checked_two_sigmas_either_side(tmp_path):
+    """A normal range is unbounded: its centre alone was checked, and trials drawn far below it failed inside
+    Tune (n_layer <= 0, a negative weight decay), each retried to --max-failures. W&B's default normal
+    (mu 0, sigma 1) on weight_decay reaches -2 two sigmas down: refused, naming the value."""
+    with pytest.raises(SpaceError, match=r"parameters.weight_decay: mu - 2 sigma \(a normal range is unbounded\) -2.0 "
+                                         r"cannot be trained: weight_decay: -2.0 is negative"):
+        wandb_space(tmp_path, "weight_decay: {distribution: normal}\n")
+    with pytest.raises(SpaceError, match=r"n_layer: mu - 2 sigma .* -5 cannot be trained"):
+        wandb_space(tmp_path, "n_layer: {distribution: q_normal, mu: 1, sigma: 3, q: 1}\n")
+    assert wandb_space(tmp_path, "n_layer: {distribution: q_normal, mu: 4, sigma: 1, q: 1}\n").domains["model.n_layer"]
 
 
 def test_constant_distribution_is_fixed(tmp_path):

@@ -202,9 +202,12 @@ class TrialStatusWandb(WandbLoggerCallback):
         import pyarrow.fs as pafs
 
         for trial in trials:
-            storage, local = getattr(trial, "storage", None), os.path.join(str(trial.local_path), "wandb")
+            storage, where = getattr(trial, "storage", None), getattr(trial, "local_path", None)
             fs = getattr(storage, "storage_filesystem", None)
-            if fs is None or isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(local):
+            if fs is None or where is None or isinstance(fs, pafs.LocalFileSystem):
+                continue
+            local = os.path.join(str(where), "wandb")
+            if not os.path.isdir(local):
                 continue
             try:
                 pafs.copy_files(local, f"{storage.trial_fs_path}/wandb", destination_filesystem=fs)

@@ -392,6 +392,9 @@ def coerce(key: str, value: Any) -> Any:
     if base == "str":
         if isinstance(value, (dict, list, tuple, set)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads no / off / yes / on as booleans
+            raise ConfigError(f"{key}: expected a string, got {value!r} (YAML reads no, off, yes and on as true or "
+                              f"false: quote it, e.g. 'off')")
         return str(value)
     return value  # pragma: no cover
 

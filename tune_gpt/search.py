@@ -225,6 +225,11 @@ def plan_search(opts: SearchOptions) -> Plan:
     _check_storage_path(opts.storage_path)
 
     searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
+    grids = [isinstance(d, Grid) for d in space.domains.values()]
+    if not opts.search and not space.method and any(grids):  # the file says how to search by its domains
+        searcher = "grid" if all(grids) else "random"
+        notes.append(f"{space.source} sets no method: {searcher} search, as its `grid:` domains ask"
+                     + ("" if all(grids) else " (Optuna cannot sample a grid axis)"))
     if searcher not in SEARCHERS:
         raise ConfigError(f"--search: unknown searcher {searcher!r} (choose from {', '.join(SEARCHERS)})")
     if not space.domains and searcher != "grid":  # Optuna refuses an empty space at its first suggestion
@@ -239,8 +244,9 @@ def plan_search(opts: SearchOptions) -> Plan:
             )
         bad = space.optuna_unsupported()
         if bad:
-            if opts.search == "optuna":
-                raise ConfigError(f"--search optuna: Optuna cannot sample {', '.join(bad)}; use --search random")
+            if opts.search == "optuna" or (space.format != "wandb" and space.method == "optuna"):
+                where = "--search optuna" if opts.search == "optuna" else f"{space.source}: method: optuna"
+                raise ConfigError(f"{where}: Optuna cannot sample {', '.join(bad)}; use --search random")
             notes.append(f"Optuna cannot sample {', '.join(bad)}: falling back to random search")
             searcher = "random"
     if searcher == "grid":
@@ -287,7 +293,10 @@ def plan_search(opts: SearchOptions) -> Plan:
 
             raise ConfigError(f"--metric: {opts.metric!r} is not a metric tune_gpt reports "
                               f"(choose from {', '.join(METRICS)})")
-    mode = opts.mode or space.mode or "min"
+    if metric in ("lr", "step", "tokens", "epoch"):
+        raise ConfigError(f"{'--metric' if opts.metric else space.source + ': metric'}: {metric} is set by the run, "
+                          "not a result to optimise; use val/loss")
+    mode = opts.mode or space.mode or ("max" if metric in ("tokens_per_s", "mfu") else "min")  # higher is better
     if mode not in ("min", "max"):
         raise ConfigError(f"--mode: must be min or max, got {mode!r}")
     if mode == "max" and metric in ("val/loss", "val/bpc", "train/loss"):

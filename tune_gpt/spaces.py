@@ -1211,7 +1211,16 @@ def _candidates(dom: Domain) -> list[tuple[Any, str]]:
                 return [(v, "value") for v in range(lo, hi + 1, q)]
             return [(lo, "low end"), (hi, "high end")]
         return [(dom.low, "low end"), (dom.high, "high end")]
-    return []  # a normal distribution is unbounded: its centre is checked as the baseline
+    if isinstance(dom, Normal):  # unbounded: its centre is checked as the baseline, and two sigmas either side
+        out = []  # (beyond them: 2.3 % of the draws on each side)
+        for sign, what in ((-1, "mu - 2 sigma (a normal range is unbounded)"), (1, "mu + 2 sigma (a normal range is unbounded)")):
+            v = dom.mu + sign * 2 * dom.sigma
+            v = math.exp(v) if dom.log else v
+            if dom.q:
+                v = round(v / dom.q) * dom.q
+            out.append((int(round(v)) if dom.integer else v, what))
+        return out
+    return []
 
 
 def check_domain_values(space: SearchSpace, fixed: Mapping[str, Any] | None = None) -> None:

@@ -20,7 +20,7 @@ ENV PYTHONUNBUFFERED=1 \
     TUNE_GPT_CACHE=/workspace/.cache/tune_gpt
 
 # --compile builds Triton's GPU kernels with a C compiler, which the CUDA *runtime* images lack.
-RUN if ! command -v cc >/dev/null 2>&1; then \
+RUN if ! command -v gcc >/dev/null 2>&1 && ! command -v clang >/dev/null 2>&1; then \
       apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; \
     fi
 

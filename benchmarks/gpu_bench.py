@@ -118,8 +118,9 @@ def pack_worker(spec: dict) -> dict:
         def __init__(self):
             self.stamps, self.mem, self.end = [], 0.0, None
 
-        def start(self, cfg, info):
-            self.end = time.time() + spec["seconds"]
+        def start(self, cfg, info):  # model built: wait for the common start, so that all n train together
+            time.sleep(max(0.0, spec["start_at"] - time.time()))
+            self.end = max(time.time(), spec["start_at"]) + spec["seconds"]
 
         def log(self, step, m):
             self.stamps.append((time.time(), m["tokens"]))
@@ -140,6 +141,19 @@ def pack_worker(spec: dict) -> dict:
     return {"stamps": rep.stamps, "mem": rep.mem}
 
 
+_WORKERS: list = []  # the packing processes running now
+
+
+def _on_sigterm(signum, frame) -> None:
+    for proc in _WORKERS:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+    raise SystemExit(128 + signum)
+
+
 def _tokens_at(stamps: list, t: float) -> float:
     """Tokens trained by time `t`, interpolated between a worker's stamps."""
     for (t1, k1), (t2, k2) in zip(stamps, stamps[1:]):
@@ -152,9 +166,12 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str) -> dict:
     """n processes training at once, each capped to 1/n of the GPU's memory: aggregate tokens/s over the
     window in which all n were past their warm-up and still training (a sum of each one's own rate would
     count time the others had not started yet: CUDA start-up and imports take seconds)."""
-    spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data}
+    # a common start, late enough for every worker to have imported torch and built its model
+    spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data,
+            "start_at": time.time() + (8.0 if dry else 12.0)}
     procs = [subprocess.Popen([sys.executable, __file__, "--pack-worker", json.dumps(spec)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True) for _ in range(n)]
+    _WORKERS[:] = procs  # gpu.sh's time limit (SIGTERM) kills them too: their sessions are their own
     outs = []
     try:
         for proc in procs:
@@ -216,6 +233,9 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--pack-worker":
         print(json.dumps(pack_worker(json.loads(sys.argv[2]))), flush=True)
         return
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, a few steps: checks the script")
@@ -241,7 +261,7 @@ def main() -> None:
     speed_steps = {"tiny": 300, "small": 200, "medium": 60} if not dry else {"tiny": 8, "small": 8, "medium": 8}
     for size in ("tiny", "small", "medium"):  # eager
         add("speed", _attempt({"size": size, "compile": False}, speed, size, False, speed_steps[size], dry, args.data))
-    pack_seconds = 20.0 if not dry else 4.0
+    pack_seconds = 15.0 if not dry else 4.0
     for size in (("tiny", "small") if not dry else ("tiny",)):
         for n in ((1, 2, 4, 8) if not dry else (1, 2)):
             add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_seconds, dry, args.data))

@@ -394,8 +394,13 @@ def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
     space = str(tiny_space(tmp_path))
     opts = SearchOptions(space=space, storage_path=str(tmp_path / "r"), overrides={"data": "a.txt", "max_steps": 300})
     saved = {**_search_info(plan_search(opts)), "argv": ["--data", "a.txt", "--max-steps", "300"]}
-    for same in (opts, replace(opts, cpus_per_trial=1.4, wandb=False, max_concurrent=1, resume=True)):
-        _check_same_search(plan_search(same), saved)  # (1.4 CPUs: the same one thread a trial)
+    for same in (opts, replace(opts, wandb=False, max_concurrent=1, resume=True)):
+        _check_same_search(plan_search(same), saved)
+    with pytest.raises(ConfigError, match=r"^--resume: --cpus-per-trial 1.4 \(started with 1\)"):
+        _check_same_search(plan_search(replace(opts, cpus_per_trial=1.4)), saved)  # one thread too, another request
+    older = {**saved}  # an experiment file from before the requests were recorded: the thread count decides
+    del older["cpus_per_trial"], older["gpus_per_trial"]
+    _check_same_search(plan_search(replace(opts, cpus_per_trial=1.4)), older)
     # the trials' resources: Ray restores each trial's request, so a trial that asked for a GPU would wait for ever
     # on a machine without one
     with pytest.raises(ConfigError, match=r"^--resume: --cpus-per-trial 2 \(started with 1\): a search resumes as"):
@@ -817,3 +822,50 @@ def test_a_trial_that_fits_the_cluster_but_no_node_is_refused(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_gpus(SearchOptions(cpus_per_trial=8, storage_path="s3://bucket/results"))  # the head takes it
+
+
+def test_a_resume_replaces_the_restored_w_and_b_callback_and_keeps_the_others(tmp_path, monkeypatch):
+    """Tuner.restore brings back the callbacks of the session that began the search. Only the W&B one is
+    renewed (mode, folder, W&B at all follow this command); the time-budget callback stays the restored
+    one (Ray restores the search's own budget), told of the new W&B callback instead of the old."""
+    from types import SimpleNamespace
+
+    from tune_gpt._tune_callbacks import MarkTimeBudgetStops
+    from tune_gpt.search import _renew_callbacks
+
+    class TrialStatusWandb:  # the restored one (matched by its class name)
+        pass
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for wandb_on in (False, True):
+        old = TrialStatusWandb()
+        budget = MarkTimeBudgetStops(600, loggers=["tensorboard", old])
+        run_config = SimpleNamespace(callbacks=["keep", budget, old, "csv"])
+        tuner = SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
+        plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), storage_path=str(tmp_path / "r"),
+                                         wandb=wandb_on))
+        _renew_callbacks(tuner, plan)
+        if not wandb_on:  # --resume --no-wandb: no W&B callback at all
+            assert run_config.callbacks == ["keep", budget, "csv"] and budget._loggers == ["tensorboard"]
+        else:
+            new = run_config.callbacks[2]
+            assert type(new).__module__ == "tune_gpt._wandb_callback" and new.kwargs["mode"] == "offline"
+            assert run_config.callbacks == ["keep", budget, new, "csv"] and budget._loggers == ["tensorboard", new]
+
+
+def test_a_gpu_only_metric_this_gpu_cannot_report_is_refused_before_any_trial(tmp_path, monkeypatch):
+    """--metric mfu on a GPU with no known peak (a T4 in fp32): every trial would train to its first
+    evaluation, then error, each retried --max-failures times. The driver's GPU answers first."""
+    import torch
+
+    import tune_gpt.train
+    from tune_gpt.search import _check_objective_here
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(tune_gpt.train, "peak_flops", lambda device, precision, matmul="auto": None)
+    plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), metric="mfu", mode="max", gpus_per_trial=0.5))
+    with pytest.raises(ConfigError, match=r"^metric mfu: no peak FLOPs figure for Tesla T4 in fp32 .*use val/loss"):
+        _check_objective_here(plan)
+    monkeypatch.setattr(tune_gpt.train, "peak_flops", lambda device, precision, matmul="auto": 65e12)
+    _check_objective_here(plan)  # a known peak: the trials report it

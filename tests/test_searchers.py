@@ -263,3 +263,20 @@ def test_under_max_concurrent_the_searcher_hears_of_trials_it_did_not_hand_out_t
             assert inner._ot_study.trials[inner._ot_trials["t0"].number].value == 2.0
             assert resumed.suggest("t2")["lr"] != inner._ot_trials["t0"].params["lr"]  # goes on to the other point
             assert resumed.suggest("t3") is None  # and the limit still holds for trials it hands out
+
+
+def test_the_search_puts_its_optuna_searcher_under_telling_limiter_for_max_concurrent(tmp_path):
+    from conftest import tiny_space
+
+    from tune_gpt._searchers import TellingLimiter
+    from tune_gpt.search import SearchOptions, _tune_config, plan_search
+
+    def config(**kw):
+        plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), **kw))
+        plan.max_evals = 4  # (run_search sets it once the corpus is read)
+        return _tune_config(plan)
+
+    cfg = config(max_concurrent=2)
+    assert isinstance(cfg.search_alg, TellingLimiter) and cfg.search_alg.max_concurrent == 2
+    assert type(cfg.search_alg.searcher).__name__ == "UniqueOptunaSearch" and cfg.max_concurrent_trials is None
+    assert isinstance(config().search_alg, UniqueOptunaSearch)  # no limit asked: no limiter

@@ -373,9 +373,13 @@ def test_compile_on_a_gpu_without_a_c_compiler_is_one_line(monkeypatch):
 
     from tune_gpt.train import _check_compiler
 
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(ConfigError, match=r"^--compile: no C compiler found .*apt-get install gcc"):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)  # Triton never asks cc
+    with pytest.raises(ConfigError, match=r"^--compile: no C compiler found \(gcc or clang.*apt-get install gcc"):
         _check_compiler(torch.device("cuda"))
     _check_compiler(torch.device("cpu"))  # the CPU backend is not asked here
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
     _check_compiler(torch.device("cuda"))
+    monkeypatch.setenv("CC", "/opt/nowhere/cc")  # Triton takes $CC as it is, gcc or not
+    with pytest.raises(ConfigError, match=r"^--compile: CC='/opt/nowhere/cc' is no compiler found on PATH"):
+        _check_compiler(torch.device("cuda"))

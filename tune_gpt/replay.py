@@ -115,8 +115,9 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
               f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} (the same effective batch): so does "
               f"this run", file=sys.stderr)
     check_output_dir(Path(cfg.output_dir), "--output-dir")
-    if not (check and _holds_a_check(Path(cfg.output_dir).expanduser())):  # a check again replaces nothing of value
-        _check_output_dir_free(Path(cfg.output_dir).expanduser())
+    out = Path(cfg.output_dir).expanduser()
+    if not _replaceable(out, trial_id, check):
+        _check_output_dir_free(out)
     trial_loss = _float(row.get("final_val_loss"))
     if check and trial_loss is None:
         raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is nothing "
@@ -128,6 +129,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     stop_after = trial_steps if check and trial_steps else None
     reporters = default_reporters(cfg, job_type="final", tags=["final"],
                                   extra_config={"replay_of": trial_id, "experiment": exp.name})
+    out.mkdir(parents=True, exist_ok=True)  # marked as this replay's until its summary replaces the mark
+    (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
     result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
     diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
     tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
@@ -147,12 +150,18 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     return summary
 
 
-def _holds_a_check(out: Path) -> bool:
-    """`out` holds an earlier ``--check`` (its summary says so), which another check may replace."""
+def _replaceable(out: Path, trial_id: str, check: bool) -> bool:
+    """What a replay may train over: an earlier ``--check``, by another check (it replaces nothing of
+    value), and the same replay of the same trial that was interrupted (its mark says ``running``), which
+    has no --resume and would otherwise have to be deleted by hand."""
     try:
-        return json.loads((out / "replay_summary.json").read_text()).get("check") is True
-    except (OSError, ValueError, AttributeError):
+        s = json.loads((out / "replay_summary.json").read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(s, dict):
+        return False
+    return (check and s.get("check") is True) or (
+        s.get("status") == "running" and s.get("trial_id") == trial_id and s.get("check") is check)
 
 
 def _check_output_dir_free(out: Path) -> None:

@@ -882,6 +882,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
 
     if opts.gpus_per_trial > 0 and not opts.address:
         _check_local_gpu(opts)
+        _check_objective_here(plan)
     import ray
     from ray import tune
 
@@ -945,13 +946,24 @@ def _renew_callbacks(tuner: Any, plan: Plan) -> None:
     """`Tuner.restore` brings back the callbacks pickled when the search began, with that session's W&B
     choices: its mode (``wandb.init``'s ``mode=`` wins over WANDB_MODE, so a search begun online went
     on online after the key or the network was gone), its folder (a moved experiment logged to the old
-    one), and W&B at all (``--resume --no-wandb`` still logged, or failed for want of a key). None of the
-    callbacks holds state that Tune saves (none has ``get_state``), so those this command would make
-    replace them. Not under Ray Client (``ray://``), where the tuner lives on the cluster."""
+    one), and W&B at all (``--resume --no-wandb`` still logged, or failed for want of a key). The W&B
+    callback (it holds no state Tune saves) is replaced by the one this command makes, or dropped; the
+    others stay as restored, the time-budget one with them, since Ray restores the search's own budget.
+    Not under Ray Client (``ray://``), where the tuner lives on the cluster."""
     internal = getattr(tuner, "_local_tuner", None)
     if internal is None:
         return
-    internal.get_run_config().callbacks = _run_config(plan).callbacks
+    run_config = internal.get_run_config()
+    old = [c for c in run_config.callbacks or [] if type(c).__name__ == "TrialStatusWandb"]
+    new = wandb_callback(plan) if plan.opts.wandb else None
+    kept = [c for c in run_config.callbacks or [] if c not in old]
+    for c in kept:  # MarkTimeBudgetStops tells its loggers of the trials the budget stops
+        loggers = getattr(c, "_loggers", None)
+        if isinstance(loggers, list) and any(x in old for x in loggers):
+            c._loggers = [x for x in loggers if x not in old] + ([new] if new is not None else [])
+    callbacks = [new if c in old else c for c in run_config.callbacks or []]  # in its place, or added last
+    callbacks += [new] if not old and new is not None else []
+    run_config.callbacks = [c for c in callbacks if c is not None]
 
 
 def _close_study_trials(plan: Plan) -> None:
@@ -1279,6 +1291,32 @@ def _check_local_gpu(opts: SearchOptions) -> None:
         )
 
 
+def _check_objective_here(plan: Plan) -> None:
+    """On this machine's GPU, a GPU-only objective must be there to report: mfu needs a known peak for the
+    GPU and precision, gpu/util needs NVML. Found by the first trial instead, every trial would train to
+    its first evaluation and error (each retried --max-failures times). (On a cluster: each trial says so.)"""
+    if plan.metric not in ("mfu", "gpu/util"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return  # an existing Ray session's logical GPUs: the trials decide
+    from tune_gpt.train import peak_flops
+
+    device = torch.device("cuda", 0)
+    cfg = plan.base_cfg
+    if plan.metric == "mfu" and peak_flops(device, cfg.precision, cfg.matmul_precision) is None:
+        raise ConfigError(f"metric mfu: no peak FLOPs figure for {torch.cuda.get_device_name(device)} in "
+                          f"{cfg.precision} (matmul {cfg.matmul_precision}): the trials could not report it; "
+                          "use val/loss, or --precision bf16")
+    if plan.metric == "gpu/util":
+        try:
+            torch.cuda.utilization(device)
+        except Exception as exc:  # noqa: BLE001 - no NVML
+            raise ConfigError(f"metric gpu/util: GPU utilisation cannot be read here ({type(exc).__name__}); "
+                              "pip install nvidia-ml-py, or use val/loss") from None
+
+
 def _check_gpus(opts: SearchOptions) -> None:
     """A GPU request Ray cannot grant fails now, instead of leaving trials PENDING forever; a cluster of
     several nodes with results in a local folder is warned of."""
@@ -1474,6 +1512,7 @@ def _search_info(plan: Plan) -> dict[str, Any]:
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "fixed": {k: v for k, v in plan.fixed.items()},
         "time_budget_s": plan.opts.time_budget,
+        "cpus_per_trial": plan.opts.cpus_per_trial, "gpus_per_trial": plan.opts.gpus_per_trial,
     }
     return json.loads(json.dumps(info, default=str))
 
@@ -1586,11 +1625,15 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     # share as they were, so other ones would reach new trials only, and a trial that asked for a GPU on a
     # machine that has none now would wait PENDING for ever.
     was = saved.get("fixed") or {}
-    if "num_threads" in was:
+    given = {"--cpus-per-trial": plan.opts.cpus_per_trial, "--gpus-per-trial": plan.opts.gpus_per_trial}
+    if "cpus_per_trial" in saved:  # the requests themselves (2.4 CPUs is not 2, though both give 2 threads)
+        had = {"--cpus-per-trial": saved.get("cpus_per_trial"), "--gpus-per-trial": saved.get("gpus_per_trial") or 0}
+        diffs += [f"{flag} {given[flag]:g} (started with {had[flag]:g})" for flag in had
+                  if isinstance(had[flag], (int, float)) and had[flag] != given[flag]]
+    elif "num_threads" in was:  # an experiment file from before the requests were recorded
         had = {"--cpus-per-trial": was.get("num_threads"), "--gpus-per-trial": was.get("gpu_memory_fraction") or 0}
         asked = {"--cpus-per-trial": now["fixed"].get("num_threads"),
                  "--gpus-per-trial": now["fixed"].get("gpu_memory_fraction") or 0}
-        given = {"--cpus-per-trial": plan.opts.cpus_per_trial, "--gpus-per-trial": plan.opts.gpus_per_trial}
         diffs += [f"{flag} {given[flag]:g} (started with {had[flag]:g})" for flag in had if had[flag] != asked[flag]]
     if diffs:
         argv = saved.get("argv")

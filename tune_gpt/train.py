@@ -581,9 +581,15 @@ def train(
 def _check_compiler(device: torch.device) -> None:
     """torch.compile on a GPU builds Triton kernels with the system's C compiler; without one (a CUDA
     *runtime* image, say) the first step fails deep in Inductor, and a search retries the trial to no end."""
-    if device.type == "cuda" and not any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")):
-        raise ConfigError("--compile: no C compiler found (cc, gcc or clang; Triton needs one to build its GPU "
-                          "kernels): install one (apt-get install gcc), or train without --compile")
+    if device.type != "cuda":
+        return
+    cc = os.environ.get("CC")  # Triton's own order: $CC when set (used as it is), else gcc, else clang
+    if cc is not None and not shutil.which(cc):
+        raise ConfigError(f"--compile: CC={cc!r} is no compiler found on PATH, and Triton builds its GPU kernels with "
+                          "it: fix or unset CC, or train without --compile")
+    if cc is None and not (shutil.which("gcc") or shutil.which("clang")):
+        raise ConfigError("--compile: no C compiler found (gcc or clang; Triton needs one to build its GPU kernels): "
+                          "install one (apt-get install gcc), or train without --compile")
 
 
 def _tally(result: TrainResult, step: int, tokens: int, train_s: float) -> TrainResult:

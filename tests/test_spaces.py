@@ -671,3 +671,15 @@ def test_exponent_distributions_given_values_are_refused_with_what_was_meant(tmp
         parameters: {{learning_rate: {{distribution: {dist}, min: -11.5, max: -4.6{", q: 0.00001" if dist.startswith("q_") else ""}}}}}
     """))
     assert any("natural-log exponents" in n for n in ok.notes)
+
+
+def test_quantized_bounds_snap_to_a_range_that_can_be_sampled(tmp_path):
+    """A log range whose low end lay within rounding of 0 snapped to 0, which Ray refused with a traceback
+    when the search started; a range that holds one multiple of q was searched as a range of one value."""
+    space = load_space(write(tmp_path, "space:\n  weight_decay: {qloguniform: [1.0e-12, 0.1, 0.01]}\n"))
+    assert space.domains["weight_decay"].low == 0.01  # the first multiple of q above 0
+    with pytest.raises(SpaceError, match=r"dropout.quniform: only one multiple of q 0.1 lies between 0.1 and 0.15: "
+                                         r"0.1; fix the value instead of searching it"):
+        load_space(write(tmp_path, "space:\n  dropout: {quniform: [0.1, 0.15, 0.1]}\n"))
+    with pytest.raises(SpaceError, match=r"no multiple of q 0.5 lies between 0.1 and 0.4 above 0"):
+        load_space(write(tmp_path, "space:\n  weight_decay: {qloguniform: [0.1, 0.4, 0.5]}\n"))

@@ -714,12 +714,18 @@ class _Parser:
             self.fail(where, f"sigma must be > 0, got {_fmt(s)}")
         return s
 
-    def snap(self, lo: float, hi: float, q: float, integer: bool, where: str) -> tuple:
+    def snap(self, lo: float, hi: float, q: float, integer: bool, where: str, log: bool = False) -> tuple:
         """Bounds moved inwards onto multiples of q (what Ray samples; a note if moved)."""
         k_lo = math.ceil(lo / q - 1e-9)
         k_hi = math.floor(hi / q + 1e-9)
+        if log and k_lo <= 0:  # (a low end just above 0 fell within the tolerance of 0: no log range)
+            k_lo = 1
         if k_lo > k_hi:
-            self.fail(where, f"no multiple of q {_fmt(q)} lies between {_fmt(lo)} and {_fmt(hi)}")
+            self.fail(where, f"no multiple of q {_fmt(q)} lies between {_fmt(lo)} and {_fmt(hi)}"
+                      + (" above 0" if log else ""))
+        if k_lo == k_hi:
+            self.fail(where, f"only one multiple of q {_fmt(q)} lies between {_fmt(lo)} and {_fmt(hi)}: "
+                      f"{_fmt(k_lo * q)}; fix the value instead of searching it")
         if integer:
             new_lo, new_hi = int(k_lo * q), int(k_hi * q)
         else:
@@ -965,7 +971,7 @@ class _Parser:
             self.positive_bounds(lo, hi, path)
         if dist.startswith("q_"):
             q = self.q(spec.get("q", 1), f"{path}.q", integer)
-            lo, hi = self.snap(lo, hi, q, integer, path)
+            lo, hi = self.snap(lo, hi, q, integer, path, log=True)
             return Uniform(lo, hi, log=True, q=None if integer and q == 1 else q, integer=integer, kind=dist)
         self.integer_only(key, kind, dist, path, f"q_{dist.removeprefix('inv_')} with q: 1")
         return Uniform(float(lo), float(hi), log=True, kind=dist)
@@ -1162,7 +1168,7 @@ class _Parser:
         q = self.q(args[2], f"{where}[2]", integer)
         if integer:
             lo, hi = self.whole(lo, f"{where}[0]"), self.whole(hi, f"{where}[1]")
-        lo, hi = self.snap(lo, hi, q, integer, where)
+        lo, hi = self.snap(lo, hi, q, integer, where, log=log)
         self.add_domain(key, Uniform(lo, hi, log=log, q=None if integer and q == 1 else q,
                                      integer=integer, kind=kind), path)
 

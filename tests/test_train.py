@@ -146,13 +146,18 @@ def test_resume_refuses_a_different_model(tiny_cfg, tmp_path):
         train(other)
 
 
-def test_threads_follow_the_config(tiny_cfg):
+def test_threads_follow_the_config_during_the_run_and_are_put_back_after(tiny_cfg):
+    """num_threads (and on a GPU the float32 matmul precision and cuDNN's TF32) are process-wide: a notebook's
+    later cells ran with the run's, e.g. one CPU thread after a trial-sized run."""
+    class Threads(Reporter):
+        def start(self, cfg, info):
+            self.during = torch.get_num_threads()
+
     before = torch.get_num_threads()
-    try:
-        train(tiny_cfg(max_steps=2, num_threads=1, sample_tokens=0))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    other = 1 if before != 1 else 2
+    rec = Threads()
+    res = train(tiny_cfg(max_steps=2, eval_interval=2, num_threads=other, sample_tokens=0), rec)
+    assert res.status == "finished" and rec.during == other and torch.get_num_threads() == before
 
 
 def test_ctrl_c_closes_the_reporters_and_says_how_to_go_on(tiny_cfg, corpus_file, tmp_path, monkeypatch, capsys):
@@ -383,3 +388,4 @@ def test_compile_on_a_gpu_without_a_c_compiler_is_one_line(monkeypatch):
     monkeypatch.setenv("CC", "/opt/nowhere/cc")  # Triton takes $CC as it is, gcc or not
     with pytest.raises(ConfigError, match=r"^--compile: CC='/opt/nowhere/cc' is no compiler found on PATH"):
         _check_compiler(torch.device("cuda"))
+

@@ -341,7 +341,22 @@ def train(
     schedule, as when a trial was stopped early and is replayed exactly.
     Raises `TuneGPTError` subclasses for bad input; returns status ``diverged``
     when the loss turns NaN or infinite.
+
+    The process-wide torch settings the run changes (CPU threads, float32 matmul precision, cuDNN's
+    TF32) are put back when it returns or raises: a notebook's next cell runs as it did before.
     """
+    threads, matmul, cudnn_tf32 = torch.get_num_threads(), torch.get_float32_matmul_precision(), \
+        torch.backends.cudnn.allow_tf32
+    try:
+        return _train(cfg, reporter, corpus=corpus, resume_from=resume_from, stop_after=stop_after)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None, resume_from: str | Path | None,
+           stop_after: int | None) -> TrainResult:
     t_start = time.perf_counter()
     reporter = reporter or Reporter()
     device = resolve_device(cfg)

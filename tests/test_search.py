@@ -360,6 +360,8 @@ def test_resume_takes_the_flags_the_search_was_started_with(tmp_path, monkeypatc
     saved.write_text(json.dumps({"name": "s", "argv": ["--name", "s", "--no-report", "--oom-retry", "--no-wandb"]}))
     args = build_parser().parse_args(_argv_for_resume(["--resume", "--name", "s", "--report", "--no-oom-retry"]))
     assert (args.report, args.oom_retry, args.use_wandb) == (True, False, False)
+    args = build_parser().parse_args(_argv_for_resume(["--resume", "--name", "s", "--wandb"]))
+    assert args.use_wandb  # --wandb turns a saved --no-wandb off again
     saved.write_text(json.dumps({"name": "s", "command": "python -m tune_gpt.search --name s"}))
     assert _argv_for_resume(now) == now
 

@@ -1908,7 +1908,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optuna-storage", dest="optuna_storage",
                    help="keep the Optuna study in a database (sqlite:///study.db) for optuna-dashboard")
     p.add_argument("--seed", dest="search_seed", type=int, default=0, help="seed of the search algorithm")
-    p.add_argument("--no-wandb", dest="use_wandb", action="store_false", help="no W&B runs")
+    p.add_argument("--wandb", dest="use_wandb", action=argparse.BooleanOptionalAction, default=True,
+                   help="a W&B run per trial (--no-wandb: none; --wandb: again, for a --resume of a --no-wandb search)")
     p.add_argument("--report", dest="report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the report at the end (--no-report: do not; --report: again, for a --resume)")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the resolved space and plan, run nothing")

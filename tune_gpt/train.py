@@ -345,14 +345,26 @@ def train(
     The process-wide torch settings the run changes (CPU threads, float32 matmul precision, cuDNN's
     TF32) are put back when it returns or raises: a notebook's next cell runs as it did before.
     """
-    threads, matmul, cudnn_tf32 = torch.get_num_threads(), torch.get_float32_matmul_precision(), \
-        torch.backends.cudnn.allow_tf32
+    threads, matmul, cudnn_tf32 = torch.get_num_threads(), _matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         return _train(cfg, reporter, corpus=corpus, resume_from=resume_from, stop_after=stop_after)
     finally:
-        torch.set_num_threads(threads)
-        torch.set_float32_matmul_precision(matmul)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if matmul is not None and _matmul_precision() not in (None, matmul):  # a GPU run set it: put it back
+            torch.set_float32_matmul_precision(matmul)
+        if torch.backends.cudnn.allow_tf32 != cudnn_tf32:
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _matmul_precision() -> str | None:
+    """torch's global float32 matmul precision; None where it cannot be read as one: since torch 2.9 it
+    raises while the per-backend settings differ (a linear layer multiplying in bfloat16 on this CPU sets
+    oneDNN's alone; so does torch's newer per-backend API), and then it is left as it is."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
 
 
 def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None, resume_from: str | Path | None,

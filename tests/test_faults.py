@@ -550,8 +550,8 @@ def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[st
             "--data", str(corpus), *extra]
 
 
-def sigterm_once_reported(args: list[str], exp: Path, n: int) -> tuple[subprocess.Popen, str]:
-    """Start a search, send its driver SIGTERM once `n` trials have reported; the process and its stderr."""
+def sigterm_once_reported(args: list[str], exp: Path, n: int, sig: int = signal.SIGTERM) -> tuple[subprocess.Popen, str]:
+    """Start a search, send its driver `sig` once `n` trials have reported; the process and its stderr."""
     proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -561,12 +561,24 @@ def sigterm_once_reported(args: list[str], exp: Path, n: int) -> tuple[subproces
             time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be interrupted"
         assert sum(bool(rows(d)) for d in trial_dirs(exp)) == n, f"no {n} trials reported"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     return proc, err
+
+
+def test_sigusr1_is_an_interruption_too(tmp_path, corpus_file):
+    """Ray stops a search gracefully on SIGUSR1 (SLURM's --signal=USR1 sends it before a job's time limit).
+    Only SIGINT/SIGTERM went through tune_gpt's handler, so this stop was reported as the search's end: a
+    summary, exit 0, its Optuna trials closed. Tune's saved state (trials still RUNNING) now says otherwise."""
+    space = tiny_space(tmp_path, n=2, steps=100000, every=10)
+    proc, err = sigterm_once_reported(search_cmd(space, tmp_path / "r", corpus_file, "--no-wandb", "--no-report",
+                                                 "--scheduler", "none"), tmp_path / "r" / "tiny", 2, signal.SIGUSR1)
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "interrupted" in last and "--resume" in last, last
 
 
 def test_a_signal_once_every_trial_exists_still_interrupts(tmp_path, corpus_file):

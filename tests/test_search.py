@@ -871,3 +871,17 @@ def test_a_gpu_only_metric_this_gpu_cannot_report_is_refused_before_any_trial(tm
         _check_objective_here(plan)
     monkeypatch.setattr(tune_gpt.train, "peak_flops", lambda device, precision, matmul="auto": 65e12)
     _check_objective_here(plan)  # a known peak: the trials report it
+
+
+def test_a_search_its_budget_ended_is_not_taken_for_interrupted_by_a_late_signal(tmp_path, monkeypatch):
+    """A signal while the search winds down (the W&B runs closing) after its time budget ended: the search
+    had ended (its budget marker says so), and was reported interrupted, with a --resume that is refused."""
+    import tune_gpt.search as search
+
+    plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), storage_path=str(tmp_path / "r")))
+    stop = search._StopRequest(signum=2)
+    monkeypatch.setattr(search, "_all_trials_ended", lambda *a: False)  # fewer trials than planned: the budget
+    monkeypatch.setattr(search, "_budget_markers", lambda plan: (True, 1))
+    assert not search._was_interrupted(stop, [], plan, None)
+    monkeypatch.setattr(search, "_budget_markers", lambda plan: (False, 0))
+    assert search._was_interrupted(stop, [], plan, None)

@@ -84,3 +84,32 @@ def test_the_api_key_is_in_no_file_of_a_search_its_report_and_its_replay(tmp_pat
     assert list(exp.glob("**/*.pkl")) and list(out.glob("**/*.pt"))  # pickles and checkpoints searched too
     assert leaks(results, FAKE_KEY) == []
     assert leaks(out, FAKE_KEY) == []
+
+
+def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for_them(tmp_path, monkeypatch):
+    """--optuna-storage postgresql://user:PASSWORD@db/optuna (Optuna's usual form for a shared study) and
+    tokens in URLs were saved as given in tune_gpt_experiment.json, whose command the report copies."""
+    import json
+
+    import pytest
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import EXPERIMENT_FILE, SearchOptions, _argv_for_resume, _write_experiment_file, plan_search
+    from tune_gpt.search import redact
+
+    assert redact("postgresql://alice:s3cr3t@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
+    assert redact("https://ghp_T0KEN@example.com/corpus.txt") == "https://***@example.com/corpus.txt"
+    assert redact("https://h/c.txt?X-Amz-Signature=abc&x=1&access_key=k") == "https://h/c.txt?X-Amz-Signature=***&x=1&access_key=***"
+    assert redact("sqlite:///tmp/optuna.db") == "sqlite:///tmp/optuna.db" and redact("s3://bucket/runs") == "s3://bucket/runs"
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--name", "s", "--optuna-storage", "postgresql://alice:s3cr3t@db/optuna", "--max-steps", "10"]
+    plan = plan_search(SearchOptions(name="s", cli_argv=tuple(argv)))
+    _write_experiment_file(plan)
+    text = (plan.experiment_dir / EXPERIMENT_FILE).read_text()
+    assert "s3cr3t" not in text and "postgresql://alice:***@db/optuna" in json.loads(text)["command"]
+    with pytest.raises(ConfigError, match=r"^--resume: --optuna-storage held a password or token, which the "
+                                          r"experiment file does not keep: give --optuna-storage \.\.\. again"):
+        _argv_for_resume(["--resume", "--name", "s"])
+    again = _argv_for_resume(["--resume", "--name", "s", "--optuna-storage", "postgresql://alice:s3cr3t@db/optuna"])
+    assert again[-2:] == ["--optuna-storage", "postgresql://alice:s3cr3t@db/optuna"]  # given now: it wins

@@ -788,8 +788,8 @@ def run_search(opts: SearchOptions, *, trainable: Callable[..., None] | None = N
                 raise
             except KeyboardInterrupt:
                 raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum)) from None
-        if stop.signum is not None and not _all_trials_ended(grid, plan, searcher, _saved_trial_states(plan)):
-            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum))
+        if _was_interrupted(stop, grid, plan, searcher):
+            raise SearchInterrupted(_resume_hint(plan), exit_code=_exit_code(stop.signum or signal.SIGUSR1))
         if opts.optuna_storage and plan.searcher == "optuna":
             _close_study_trials(plan)
         return _summarise(plan, grid, elapsed)
@@ -980,7 +980,7 @@ def _close_study_trials(plan: Plan) -> None:
         from optuna.trial import TrialState
 
         study = optuna.load_study(study_name=plan.name, storage=plan.opts.optuna_storage)
-        ours = experiment_id(plan)
+        ours = redact(experiment_id(plan))  # as the searcher recorded it
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("tune_experiment") != ours:
                 continue  # another search's trial (same --name, another --storage-path): maybe running now
@@ -1015,6 +1015,24 @@ def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None, saved: dict[s
         return len(grid) >= planned and all(ended(r) for r in grid)
     except Exception:  # noqa: BLE001 - an unexpected ResultGrid: treat the search as interrupted
         return False
+
+
+def _was_interrupted(stop: _StopRequest, grid: Any, plan: Plan, searcher: Any) -> bool:
+    """Whether `fit()` returned because the search was stopped before its end (--resume goes on).
+
+    - A search its time budget ended is not (its marker says so), even when a signal came while it was
+      winding down (the W&B runs closing): it used to exit 130 with a --resume line that was then refused.
+    - Our SIGINT/SIGTERM handler saw a signal: not every planned trial ended (`_all_trials_ended`).
+    - No signal of ours, yet Tune saved trials still RUNNING or PENDING: Tune's own graceful stop,
+      SIGUSR1 (which Ray installs for that, and which e.g. SLURM's --signal=USR1 sends before a job's time
+      limit), used to be reported as the search's end, with a summary and its Optuna trials closed.
+    """
+    if _budget_markers(plan)[0]:
+        return False
+    saved = _saved_trial_states(plan)
+    if stop.signum is not None:
+        return not _all_trials_ended(grid, plan, searcher, saved)
+    return any(isinstance(v, dict) and v.get("status") in ("RUNNING", "PENDING", "PAUSED") for v in (saved or {}).values())
 
 
 def _saved_trial_states(plan: Plan) -> dict[str, Any] | None:
@@ -1359,7 +1377,7 @@ def _tune_config(plan: Plan):
         if opts.optuna_storage:  # Ray's OptunaSearch takes a storage object, not its URL
             kwargs["storage"] = optuna.storages.get_storage(opts.optuna_storage)
             kwargs["study_name"] = plan.name
-        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=experiment_id(plan),
+        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=redact(experiment_id(plan)),
                                         points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
     if search_alg is not None and max_concurrent:
@@ -1517,8 +1535,22 @@ def _search_info(plan: Plan) -> dict[str, Any]:
     return json.loads(json.dumps(info, default=str))
 
 
+REDACTED = "***"  # stands for a password or token left out of the experiment file
+_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|sig|credential)[^=&\s]*=)[^&\s]*", re.I)
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets a URL may carry left out: the password of ``scheme://user:password@``
+    (``--optuna-storage postgresql://user:PASSWORD@db/optuna``), a lone userinfo (``https://TOKEN@host``),
+    and query values named like a secret (``?X-Amz-Signature=...``, ``&access_key=...``)."""
+    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+):([^/@\s]+)@", rf"\1\2:{REDACTED}@", text)
+    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+)@", rf"\1{REDACTED}@", text)
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+
+
 def _write_experiment_file(plan: Plan) -> None:
-    argv = list(plan.opts.cli_argv) if plan.opts.cli_argv is not None else sys.argv[1:]
+    # what the file keeps of the command line, for --resume and the report, holds no password or token
+    argv = [redact(a) for a in (plan.opts.cli_argv if plan.opts.cli_argv is not None else sys.argv[1:])]
     info = {
         **_search_info(plan),
         "command": " ".join(shlex.quote(a) for a in ["python", "-m", "tune_gpt.search", *argv]),
@@ -1562,20 +1594,8 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
     TERMINATED, and saves both: a resumed search would start nothing (it printed the old summary
     after a second). Errored trials are still re-run with ``--retry-errored``.
     """
-    import pyarrow.fs as pafs
-
-    from tune_gpt.report import STOPPED_FILE
-
     where = experiment_id(plan)
-    ended, stopped = False, 0
-    try:  # unreadable: Ray's restore says what is wrong
-        fs, path = pafs.FileSystem.from_uri(where)
-        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                if i.type == pafs.FileType.Directory]
-        markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in [path, *dirs]])  # the search's, its trials'
-        ended, stopped = markers[0].type == pafs.FileType.File, sum(m.type == pafs.FileType.File for m in markers[1:])
-    except (OSError, ValueError):
-        pass
+    ended, stopped = _budget_markers(plan)
     info = _read_experiment_file(plan)
     if (ended or stopped) and not plan.opts.retry_errored:
         raise ConfigError(
@@ -1584,6 +1604,23 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
             f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
             f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
     return info
+
+
+def _budget_markers(plan: Plan) -> tuple[bool, int]:
+    """(the search's time budget ended it, how many trials it stopped), from the markers the budget
+    callback writes; (False, 0) when they cannot be read."""
+    import pyarrow.fs as pafs
+
+    from tune_gpt.report import STOPPED_FILE
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(experiment_id(plan))
+        dirs = [i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                if i.type == pafs.FileType.Directory]
+        markers = fs.get_file_info([f"{d}/{STOPPED_FILE}" for d in [path, *dirs]])  # the search's, its trials'
+    except (OSError, ValueError):
+        return False, 0
+    return markers[0].type == pafs.FileType.File, sum(m.type == pafs.FileType.File for m in markers[1:])
 
 
 def _read_experiment_file(plan: Plan) -> dict[str, Any]:
@@ -1952,7 +1989,23 @@ def _argv_for_resume(argv: list[str]) -> list[str]:
     started = _read_experiment_file_at(args.storage_path, name).get("argv")
     if not isinstance(started, list) or not all(isinstance(a, str) for a in started):
         return argv  # made by run_search() or an older tune_gpt: only the check applies
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    secret = [f for f, v in _flag_values(started) if REDACTED in v and f not in given]
+    if secret:
+        raise ConfigError(f"--resume: {', '.join(secret)} held a password or token, which the experiment file does not "
+                          f"keep: give {' '.join(f + ' ...' for f in secret)} again")
     return [*_without_run_flags(started), *argv]
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """(flag, value) pairs of a command line (``--flag value`` and ``--flag=value``)."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith("--") and "=" in a:
+            out.append(tuple(a.split("=", 1)))
+        elif a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append((a, argv[i + 1]))
+    return out
 
 
 def _without_run_flags(argv: list[str]) -> list[str]:

@@ -144,13 +144,18 @@ def pack_worker(spec: dict) -> dict:
 _WORKERS: list = []  # the packing processes running now
 
 
-def _on_sigterm(signum, frame) -> None:
-    for proc in _WORKERS:
+def _kill(procs: list) -> None:
+    """Kill the process groups of the workers still running."""
+    for proc in procs:
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, 9)
             except ProcessLookupError:
                 pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    _kill(_WORKERS)
     raise SystemExit(128 + signum)
 
 
@@ -180,9 +185,7 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str) -> dict:
                 return {"size": size, "trials": n, "error": (err.strip().splitlines() or ["?"])[-1:]}
             outs.append(json.loads(out.strip().splitlines()[-1]))
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
+        _kill(procs)
     kept = [o["stamps"][len(o["stamps"]) // 5:] for o in outs]  # the first fifth: warm-up
     if any(len(k) < 2 for k in kept):
         return {"size": size, "trials": n, "error": ["too few logged steps to time"]}

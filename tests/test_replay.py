@@ -127,15 +127,16 @@ def test_a_trial_prefix_names_one_trial_and_a_check_never_trains_over_a_run(tmp_
         replay(exp, trial_id(0), check=True, output_dir=str(held), wandb=False)
     assert (held / "model.pt").read_bytes() == b"a trained model"
     # an interrupted replay (its mark says running) may be run again, by the same replay of the same trial only
-    from tune_gpt.replay import _replaceable
+    from tune_gpt.replay import _replaceable, _summary_in
 
     mark = tmp_path / "interrupted"
     mark.mkdir()
     (mark / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id(0), "check": False, "status": "running"}))
-    assert _replaceable(mark, trial_id(0), check=False)
-    assert not _replaceable(mark, trial_id(1), check=False) and not _replaceable(mark, trial_id(0), check=True)
+    assert _replaceable(_summary_in(mark), trial_id(0), check=False)
+    assert not _replaceable(_summary_in(mark), trial_id(1), check=False)
+    assert not _replaceable(_summary_in(mark), trial_id(0), check=True)
     (mark / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id(0), "check": False, "status": "finished"}))
-    assert not _replaceable(mark, trial_id(0), check=False)  # a final run that ended: never trained over
+    assert not _replaceable(_summary_in(mark), trial_id(0), check=False)  # a final run that ended: never trained over
 
 
 def test_a_trial_that_ran_out_of_memory_is_replayed_at_the_micro_batch_it_went_on_with():

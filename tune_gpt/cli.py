@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_gpt.config import CKPT_NAME, FIELD_TYPES, TrainConfig, check_precision, coerce, field_help
+from tune_gpt.config import CKPT_NAME, FIELD_TYPES, MODEL_NAME, TrainConfig, check_precision, coerce, field_help
 from tune_gpt.errors import ConfigError, TuneGPTError
 
 
@@ -139,6 +139,11 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
             raise ConfigError(f"{flag} {out}: {out / sub} is a file; a run keeps its {sub} folder there")
 
 
+def earlier_run(out: Path) -> list[str]:
+    """What of an earlier run `out` holds (its checkpoint, its final model), as paths inside it."""
+    return [name for name in (f"checkpoint/{CKPT_NAME}", MODEL_NAME) if (out / name).is_file()]
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config; an error about a field names the flag that sets it (--n_embd, not model.n_embd)."""
     try:
@@ -175,7 +180,7 @@ def train_main(argv: list[str] | None = None) -> int:
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
         corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
         ckpt = out / "checkpoint" / CKPT_NAME
-        earlier = [p.relative_to(out).as_posix() for p in (ckpt, out / "model.pt") if p.is_file()]
+        earlier = earlier_run(out)
         if earlier and not cfg.resume:
             if not args.overwrite_output_dir:  # a forgotten --resume must not cost the run that is there
                 raise ConfigError(f"--output_dir {out} holds an earlier run ({' and '.join(earlier)}): --resume "

@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tune_gpt.cli import OneLineParser, check_output_dir, run_main
-from tune_gpt.config import FIELD_TYPES, RUNTIME_KEYS, TrainConfig
+from tune_gpt.cli import OneLineParser, check_output_dir, earlier_run, run_main
+from tune_gpt.config import FIELD_TYPES, MODEL_NAME, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError
 
 CPU_TOLERANCE = 1e-4
@@ -116,8 +116,9 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
               f"this run", file=sys.stderr)
     check_output_dir(Path(cfg.output_dir), "--output-dir")
     out = Path(cfg.output_dir).expanduser()
-    if not _replaceable(out, trial_id, check):
-        _check_output_dir_free(out)
+    held = _summary_in(out)
+    if not _replaceable(held, trial_id, check):
+        _check_output_dir_free(out, held)
     trial_loss = _float(row.get("final_val_loss"))
     if check and trial_loss is None:
         raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is nothing "
@@ -150,36 +151,42 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     return summary
 
 
-def _replaceable(out: Path, trial_id: str, check: bool) -> bool:
-    """What a replay may train over: an earlier ``--check``, by another check (it replaces nothing of
-    value), and the same replay of the same trial that was interrupted (its mark says ``running``), which
-    has no --resume and would otherwise have to be deleted by hand."""
+def _summary_in(out: Path) -> dict[str, Any] | None:
+    """The replay_summary.json `out` holds ({} when it cannot be read), or None when there is none."""
+    path = out / "replay_summary.json"
+    if not path.is_file():
+        return None
     try:
-        s = json.loads((out / "replay_summary.json").read_text())
+        s = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    if not isinstance(s, dict):
-        return False
-    return (check and s.get("check") is True) or (
-        s.get("status") == "running" and s.get("trial_id") == trial_id and s.get("check") is check)
+        return {}
+    return s if isinstance(s, dict) else {}
 
 
-def _check_output_dir_free(out: Path) -> None:
+def _replaceable(summary: dict[str, Any] | None, trial_id: str, check: bool) -> bool:
+    """What a replay may train over (`summary`: the folder's replay summary): an earlier ``--check``, by
+    another check (it replaces nothing of value), and the same replay of the same trial that was
+    interrupted (its mark says ``running``), which has no --resume and would otherwise have to be
+    deleted by hand."""
+    if not summary:
+        return False
+    return (check and summary.get("check") is True) or (
+        summary.get("status") == "running" and summary.get("trial_id") == trial_id and summary.get("check") is check)
+
+
+def _check_output_dir_free(out: Path, summary: dict[str, Any] | None) -> None:
     """A run is never trained over another one (a final run, a check in a folder of its own choosing, e.g.
     ``--output-dir ./output_single``): its model, checkpoint, logs and W&B run would be replaced or mixed."""
-    summary = out / "replay_summary.json"
-    if not summary.is_file() and not (out / "model.pt").is_file() and not (out / "checkpoint" / "ckpt.pt").is_file():
+    earlier = earlier_run(out)
+    if summary is None and not earlier:
         return
     what = ""
-    try:
-        s = json.loads(summary.read_text())
-        loss, steps = _float(s.get("final_val_loss")), _int(s.get("steps"))
+    if summary:
+        loss, steps = _float(summary.get("final_val_loss")), _int(summary.get("steps"))
         parts = ([f"{steps} steps"] if steps is not None else []) + ([f"val loss {loss:.4f}"] if loss is not None else [])
         what = f" ({', '.join(parts)})" if parts else ""
-    except (OSError, ValueError, AttributeError):
-        pass
-    held = (f"a final run{what}" if summary.is_file() else "a trained model (model.pt)" if (out / "model.pt").is_file()
-            else "a run's checkpoint (checkpoint/ckpt.pt)")
+    held = (f"a final run{what}" if summary is not None else f"a trained model ({MODEL_NAME})" if MODEL_NAME in earlier
+            else f"a run's checkpoint ({earlier[0]})")
     raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
 
 

@@ -235,7 +235,7 @@ def plan_search(opts: SearchOptions) -> Plan:
     if not space.domains and searcher != "grid":  # Optuna refuses an empty space at its first suggestion
         notes.append("nothing left to search (every parameter is fixed): one trial of the fixed values")
         searcher = "grid"
-    has_grid = any(isinstance(d, Grid) for d in space.domains.values())
+    has_grid = any(grids)
     if searcher == "optuna":
         if has_grid:
             raise ConfigError(
@@ -980,7 +980,7 @@ def _close_study_trials(plan: Plan) -> None:
         from optuna.trial import TrialState
 
         study = optuna.load_study(study_name=plan.name, storage=plan.opts.optuna_storage)
-        ours = redact(experiment_id(plan))  # as the searcher recorded it
+        ours = _study_tag(plan)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("tune_experiment") != ours:
                 continue  # another search's trial (same --name, another --storage-path): maybe running now
@@ -1027,12 +1027,13 @@ def _was_interrupted(stop: _StopRequest, grid: Any, plan: Plan, searcher: Any) -
       SIGUSR1 (which Ray installs for that, and which e.g. SLURM's --signal=USR1 sends before a job's time
       limit), used to be reported as the search's end, with a summary and its Optuna trials closed.
     """
-    if _budget_markers(plan)[0]:
-        return False
     saved = _saved_trial_states(plan)
     if stop.signum is not None:
-        return not _all_trials_ended(grid, plan, searcher, saved)
-    return any(isinstance(v, dict) and v.get("status") in ("RUNNING", "PENDING", "PAUSED") for v in (saved or {}).values())
+        interrupted = not _all_trials_ended(grid, plan, searcher, saved)
+    else:
+        interrupted = any(isinstance(v, dict) and v.get("status") in ("RUNNING", "PENDING", "PAUSED")
+                          for v in (saved or {}).values())
+    return interrupted and not _budget_markers(plan)[0]  # (the markers last: a request per trial on s3://)
 
 
 def _saved_trial_states(plan: Plan) -> dict[str, Any] | None:
@@ -1377,7 +1378,7 @@ def _tune_config(plan: Plan):
         if opts.optuna_storage:  # Ray's OptunaSearch takes a storage object, not its URL
             kwargs["storage"] = optuna.storages.get_storage(opts.optuna_storage)
             kwargs["study_name"] = plan.name
-        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=redact(experiment_id(plan)),
+        search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=_study_tag(plan),
                                         points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
     if search_alg is not None and max_concurrent:
@@ -1546,6 +1547,11 @@ def redact(text: str) -> str:
     text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+):([^/@\s]+)@", rf"\1\2:{REDACTED}@", text)
     text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+)@", rf"\1{REDACTED}@", text)
     return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+
+
+def _study_tag(plan: Plan) -> str:
+    """Which search an Optuna trial belongs to (its ``tune_experiment`` attribute): the experiment, no secret."""
+    return redact(experiment_id(plan))
 
 
 def _write_experiment_file(plan: Plan) -> None:

@@ -62,7 +62,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Union
 
@@ -1217,15 +1217,9 @@ def _candidates(dom: Domain) -> list[tuple[Any, str]]:
                 return [(v, "value") for v in range(lo, hi + 1, q)]
             return [(lo, "low end"), (hi, "high end")]
         return [(dom.low, "low end"), (dom.high, "high end")]
-    if isinstance(dom, Normal):  # unbounded: its centre is checked as the baseline, and two sigmas either side
-        out = []  # (beyond them: 2.3 % of the draws on each side)
-        for sign, what in ((-1, "mu - 2 sigma (a normal range is unbounded)"), (1, "mu + 2 sigma (a normal range is unbounded)")):
-            v = dom.mu + sign * 2 * dom.sigma
-            v = math.exp(v) if dom.log else v
-            if dom.q:
-                v = round(v / dom.q) * dom.q
-            out.append((int(round(v)) if dom.integer else v, what))
-        return out
+    if isinstance(dom, Normal):  # unbounded: its centre is the baseline; two sigmas either side are checked
+        return [(replace(dom, mu=dom.mu + sign * 2 * dom.sigma).center(), f"mu {c} 2 sigma (a normal range is unbounded)")
+                for sign, c in ((-1, "-"), (1, "+"))]  # (beyond them: 2.3 % of the draws on each side)
     return []
 
 

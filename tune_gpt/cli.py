@@ -177,14 +177,15 @@ def train_main(argv: list[str] | None = None) -> int:
         check_output_dir(out)
         if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
-        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
         ckpt = out / "checkpoint" / CKPT_NAME
         earlier = earlier_run(out)
+        if earlier and not cfg.resume and not args.overwrite_output_dir:  # before the corpus is read: at once
+            # a forgotten --resume must not cost the run that is there
+            raise ConfigError(f"--output_dir {out} holds an earlier run ({' and '.join(earlier)}): --resume "
+                              f"continues it, --output_dir NEW keeps it, --overwrite_output_dir replaces it")
+        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
         if earlier and not cfg.resume:
-            if not args.overwrite_output_dir:  # a forgotten --resume must not cost the run that is there
-                raise ConfigError(f"--output_dir {out} holds an earlier run ({' and '.join(earlier)}): --resume "
-                                  f"continues it, --output_dir NEW keeps it, --overwrite_output_dir replaces it")
             fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
             warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
                           f"stay in {out / 'logs'}, hidden from TensorBoard by this run's")

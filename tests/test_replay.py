@@ -35,6 +35,23 @@ def test_a_check_multiplies_as_its_trial_did_whatever_this_cpu_does(tmp_path):
     assert final.matmul_precision == "auto"  # a final run uses what this machine does best
 
 
+def test_a_trial_whose_corpus_url_lost_its_token_is_replayed_only_with_data_given_again(tmp_path):
+    import pytest
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import main, trial_config
+
+    common = dict(check=False, output_dir=str(tmp_path), max_steps=None, epochs=None, wandb=False)
+    params = {"learning_rate": 1e-3, "data": "https://host/c.txt?token=***"}
+    with pytest.raises(ConfigError, match=r"^replay: trial t1 trained on https://host/c\.txt\?token=\*\*\*, whose "
+                                          r"password or token the experiment does not keep: give --data"):
+        trial_config(params, tmp_path, "t1", **common)
+    assert trial_config(params, tmp_path, "t1", **common, data="https://host/c.txt?token=abc").data.endswith("=abc")
+    plain = {"learning_rate": 1e-3, "data": "https://host/c.txt"}  # nothing left out: replayed as it is
+    assert trial_config(plain, tmp_path, "t1", **common).data == "https://host/c.txt"
+    assert main([str(tmp_path), "--data", " "]) == 2  # an empty --data: one line, before anything is read
+
+
 def test_longer_replay_writes_a_model_generate_can_sample(finished_search, tmp_path):
     out = tmp_path / "final"
     p = run("-m", "tune_gpt.replay", str(finished_search.experiment_dir), "--max-steps", "30", "--output-dir", str(out))

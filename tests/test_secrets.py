@@ -5,6 +5,7 @@ checkpoints, TensorBoard events included) and searched for the key and its base6
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -61,29 +62,55 @@ def test_needles_find_a_key_however_it_is_written(tmp_path):
     assert not any(g.startswith("c.json") for g in got)
 
 
+URL_TOKEN = "t0k3n" + "fedcba9876543210" * 2  # a corpus URL's token (a presigned or private link)
+
+
 @pytest.mark.slow
-def test_the_api_key_is_in_no_file_of_a_search_its_report_and_its_replay(tmp_path, corpus_file):
+def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tmp_path, corpus_file):
+    """The W&B API key, and a token in the corpus URL (``--data https://host/corpus.txt?token=...``): the
+    search, its trials (params.json, result.json, pickles, W&B and TensorBoard config), the report, the
+    download cache and a replay or a single run write the URL with ``***`` for the token. A replay asks for
+    the URL again, in one line."""
+    from test_data import serving
+
     env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", PYTHONPATH=str(REPO),
-               WANDB_BASE_URL="http://127.0.0.1:9")  # offline anyway; never the real host
+               WANDB_BASE_URL="http://127.0.0.1:9",  # offline anyway; never the real host
+               TUNE_GPT_CACHE=str(tmp_path / "cache"))
     results, out = tmp_path / "results", tmp_path / "out"
     space = write_space(tmp_path / "secret.yaml", SPACE)
 
-    def run(*args: str) -> None:
+    def run(*args: str, rc: int = 0) -> str:
         p = subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=600,
                            cwd=tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert FAKE_KEY not in p.stdout + p.stderr
+        assert p.returncode == rc, p.stderr[-3000:]
+        assert FAKE_KEY not in p.stdout + p.stderr and URL_TOKEN not in p.stdout + p.stderr
+        return p.stderr
 
-    run("tune_gpt.search", "--space", str(space), "--storage-path", str(results), "--data", str(corpus_file))
-    exp = results / "secret"
-    run("tune_gpt.report", str(exp), "--out", str(out / "report"))
-    run("tune_gpt.replay", str(exp), "--max-steps", "10", "--output-dir", str(out / "replay"))
+    hits: list = []
+    with serving({"body": corpus_file.read_bytes()}, hits) as base:
+        url = f"{base}/corpus.txt?token={URL_TOKEN}"
+        run("tune_gpt.search", "--space", str(space), "--storage-path", str(results), "--data", url)
+        exp = results / "secret"
+        run("tune_gpt.report", str(exp), "--out", str(out / "report"))
+        said = run("tune_gpt.replay", str(exp), "--max-steps", "10", "--output-dir", str(out / "replay"), rc=2)
+        assert said.strip().splitlines()[-1].endswith(
+            "corpus.txt?token=***, whose password or token the experiment does not keep: give --data with the "
+            "full URL"), said
+        run("tune_gpt.replay", str(exp), "--max-steps", "10", "--output-dir", str(out / "replay"), "--data", url)
+        run("tune_gpt.train", "--data", url, "--output_dir", str(out / "run"), "--max_steps", "10",
+            "--eval_interval", "5", "--eval_iters", "1", "--model_size", "tiny", "--wandb_project", "p")
+    assert hits, "the corpus came through the URL"
 
     assert list((exp / "wandb").glob("offline-run-*")), "the trials' W&B runs are there to be searched"
     assert list((out / "replay" / "wandb").glob("offline-run-*")), "so is the replay's"
+    assert list((out / "run" / "wandb").glob("offline-run-*")), "and the single run's"
     assert list(exp.glob("**/*.pkl")) and list(out.glob("**/*.pt"))  # pickles and checkpoints searched too
-    assert leaks(results, FAKE_KEY) == []
-    assert leaks(out, FAKE_KEY) == []
+    assert list((tmp_path / "cache").rglob("*.json")), "the download's record is searched too"
+    params = json.loads(next(exp.glob("trial_*/params.json")).read_text())
+    assert params["data"] == f"{base}/corpus.txt?token=***"  # the URL is kept, without its token
+    for root in (results, out, tmp_path / "cache"):
+        assert leaks(root, FAKE_KEY) == []
+        assert leaks(root, URL_TOKEN) == []
 
 
 def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for_them(tmp_path, monkeypatch):

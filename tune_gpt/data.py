@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tune_gpt._redact import redact
 from tune_gpt.errors import DataError
 
 UNK = "\ufffd"  # stands for characters never seen in training
@@ -154,7 +155,7 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
     if spec is None or spec == "":
         spec = "chinese" if use_chinese else "python-docs"
     elif use_chinese:
-        raise DataError(f"data: --use_chinese selects the bundled Chinese corpus; it cannot be combined with data={spec!r}")
+        raise DataError(f"data: --use_chinese selects the bundled Chinese corpus; it cannot be combined with data={redact(spec)!r}")
     if spec == "python-docs":
         return spec, python_docs_text(), ["pydoc_data.topics"]
     if spec == "chinese":
@@ -162,8 +163,9 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
         return spec, text, sources
     if re.match(r"^https?://", spec):
         path = fetch_url(spec, cache_dir or default_cache_dir())
+        name = redact(spec)  # the name is written down (messages, the report): a token in the URL is not
         try:
-            return spec, _read_file(path, label=spec), [spec]
+            return name, _read_file(path, label=name), [name]
         except DataError:
             _forget_download(path)  # not kept: once the server has a good file, the next run fetches it
             raise
@@ -285,9 +287,9 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
                 out.write(chunk)
     except Exception as exc:  # network errors come in many classes
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{url}: download failed ({exc})") from None
+        raise DataError(f"{redact(url)}: download failed ({redact(str(exc))})") from None
     os.replace(tmp, dest)
-    meta.write_text(json.dumps({"url": url, "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
+    meta.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
     return dest
 
 

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tune_gpt._redact import is_redacted, redact_flat
 from tune_gpt.cli import OneLineParser, check_output_dir, earlier_run, run_main
 from tune_gpt.config import FIELD_TYPES, MODEL_NAME, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError
@@ -65,12 +66,17 @@ def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, An
 
 def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
                  max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu",
-                 trial_bf16_products: bool = False) -> TrainConfig:
+                 trial_bf16_products: bool = False, data: str | None = None) -> TrainConfig:
     """The trial's hyperparameters, with where-it-runs settings for a final run.
 
     A check runs on the trial's device and, on a CPU, with the trial's matmul arithmetic (`auto`
     decides by the CPU it runs on, which need not be the trial's)."""
     flat = {k: v for k, v in params.items() if k in FIELD_TYPES}
+    if data is not None:
+        flat["data"] = data
+    elif is_redacted(flat.get("data")):  # the search kept the URL without its token
+        raise ConfigError(f"replay: trial {trial_id} trained on {flat['data']}, whose password or token the experiment "
+                          f"does not keep: give --data with the full URL")
     if not check:
         for k in RUNTIME_KEYS:
             if k in ("num_threads",):
@@ -96,8 +102,11 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
 
 
 def replay(experiment: str | Path, trial: str | None = None, *, check: bool = False, output_dir: str | None = None,
-           max_steps: int | None = None, epochs: float | None = None, wandb: bool = True) -> dict[str, Any]:
-    """Train the trial again; return (and save) the summary."""
+           max_steps: int | None = None, epochs: float | None = None, wandb: bool = True,
+           data: str | None = None) -> dict[str, Any]:
+    """Train the trial again; return (and save) the summary. `data`, when given, replaces the trial's corpus
+    spec (needed where it was a URL with a token, which the search does not write down); the corpus must
+    still be the text the trial trained on for a check (its sha256 is compared)."""
     from tune_gpt.data import load_corpus
     from tune_gpt.tracking import default_reporters
     from tune_gpt.train import resolve_device, train
@@ -108,7 +117,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     trial_id = str(row["trial_id"])
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
-                       trial_bf16_products=where["bf16_products"])
+                       trial_bf16_products=where["bf16_products"], data=data)
     if where["micro_batch"]:
         cfg = TrainConfig.from_flat(where["micro_batch"], base=cfg)
         print(f"replay: trial {trial_id} ran out of memory and went on at --batch_size {cfg.batch_size} "
@@ -144,7 +153,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         "match": (diff is not None and abs(diff) <= tol) if check else None,
         "device": str(device), "output_dir": result.output_dir, "model_path": result.model_path,
         "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
-        "config": cfg.to_flat(),
+        "config": redact_flat(cfg.to_flat()),
     }
     Path(result.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -238,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> "
                    "(-check for --check); for an experiment in storage, ./tune_reports/<name>/replay-<trial>")
     p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
+    p.add_argument("--data", help="the corpus, where the trial's was a URL with a token (the experiment keeps it "
+                   "without); its text must be the trial's (sha256 compared)")
 
     def _run() -> int:
         args = p.parse_args(argv)
@@ -245,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--max-steps: must be positive, got {args.max_steps}")
         if args.epochs is not None and not args.epochs > 0:
             raise ConfigError(f"--epochs: must be positive, got {args.epochs}")
+        if args.data is not None and not args.data.strip():
+            raise ConfigError("--data: empty; give the corpus (a file, folder, glob or URL)")
         s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
-                   max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb)
+                   max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb, data=args.data)
         trial_said = (f"trial: {_fmt(s['trial_val_loss'])} after {s['trial_steps']} steps"
                       if s["trial_val_loss"] is not None else f"the trial ({s['trial_status']}) reported no val loss")
         print(f"replayed trial {s['trial_id']}: val loss {_fmt(s['final_val_loss'])} after {s['steps']} steps "

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from tune_gpt._redact import REDACTED, redact, redact_flat
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, resume_command, run_main
 from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
@@ -149,7 +150,7 @@ class Plan:
             f"  failures     retried {o.max_failures} time(s) from the last checkpoint; NaN/inf loss ends a trial "
             "'diverged'; out of memory ends it 'oom'"
             + (" after halving the micro-batch down to 1 (same effective batch)" if o.oom_retry else ""),
-            f"  corpus       {self.base_cfg.data or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
+            f"  corpus       {redact(self.base_cfg.data or '') or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
         ]
         if o.time_budget and restoring:
             lines.append("  time budget  the one the search was started with (--time-budget is not applied to a "
@@ -313,9 +314,9 @@ def plan_search(opts: SearchOptions) -> Plan:
             notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
     for key, value in opts.overrides.items():  # the fixed values above are the file's: say what replaces them
         if key in fixed and fixed[key] != value:
-            notes.append(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}")
+            notes.append(redact(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}"))
         elif key not in fixed and key not in unsearched and key not in RUNTIME_KEYS:
-            notes.append(f"{key}: {value!r} from the command line")
+            notes.append(redact(f"{key}: {value!r} from the command line"))
     if opts.num_samples is not None and space.num_samples is not None and opts.num_samples != space.num_samples:
         notes.append(f"num_samples: {opts.num_samples} from the command line, not the file's {space.num_samples}")
     fixed.update(opts.overrides)
@@ -875,7 +876,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
         _check_same_search(plan, experiment_file)
     cfg = plan.base_cfg
     corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
+    corpus.check_context(cfg.model.block_size, source=redact(cfg.data or corpus.name))
     plan.max_evals = max_evaluations(plan, len(corpus.train))
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage, plan.name, opts.resume)
@@ -900,7 +901,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
         if restore:
             _warn_budget_not_applied(plan, experiment_file)
         if not restore:
-            param_space = {**plan.space.to_tune(), **plan.fixed}
+            param_space = {**plan.space.to_tune(), **redact_flat(plan.fixed)}  # Ray writes it in every trial's files
             tune_config = _tune_config(plan)  # searcher and scheduler built before anything is written
             searcher = tune_config.search_alg
             searcher = getattr(searcher, "searcher", searcher)  # the searcher itself, not --max-concurrent's limiter
@@ -1529,24 +1530,11 @@ def _search_info(plan: Plan) -> dict[str, Any]:
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
-        "num_samples": plan.num_samples, "fixed": {k: v for k, v in plan.fixed.items()},
+        "num_samples": plan.num_samples, "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept
         "time_budget_s": plan.opts.time_budget,
         "cpus_per_trial": plan.opts.cpus_per_trial, "gpus_per_trial": plan.opts.gpus_per_trial,
     }
     return json.loads(json.dumps(info, default=str))
-
-
-REDACTED = "***"  # stands for a password or token left out of the experiment file
-_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|sig|credential)[^=&\s]*=)[^&\s]*", re.I)
-
-
-def redact(text: str) -> str:
-    """`text` with the secrets a URL may carry left out: the password of ``scheme://user:password@``
-    (``--optuna-storage postgresql://user:PASSWORD@db/optuna``), a lone userinfo (``https://TOKEN@host``),
-    and query values named like a secret (``?X-Amz-Signature=...``, ``&access_key=...``)."""
-    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+):([^/@\s]+)@", rf"\1\2:{REDACTED}@", text)
-    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+)@", rf"\1{REDACTED}@", text)
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
 
 
 def _study_tag(plan: Plan) -> str:

@@ -13,6 +13,7 @@ Heavy imports (tensorboard, wandb, tqdm; NVML through torch.cuda) happen inside 
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import sys
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tune_gpt._redact import redact, redact_flat
 from tune_gpt.errors import TuneGPTError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,7 +199,7 @@ class TensorBoardReporter(Reporter):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         start = int(info.get("start_step") or 0)  # a resumed run keeps the checkpoint's own step, which it logs no more
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start + 1 if start else 0)
-        self.writer.add_text("config", _markdown_table(cfg.to_flat()), 0)
+        self.writer.add_text("config", _markdown_table(redact_flat(cfg.to_flat())), 0)
 
     def _scalars(self, step, metrics):
         if self.writer is None:
@@ -404,7 +406,7 @@ class WandbReporter(Reporter):
             return
         self.log_model = cfg.wandb.log_model
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in cfg.to_flat().items() if not k.startswith("wandb.")}
+        config = {k: v for k, v in redact_flat(cfg.to_flat()).items() if not k.startswith("wandb.")}
         config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"],
                        "bf16_products": bool(info.get("bf16_products"))})
         config.update(self.extra_config)
@@ -424,6 +426,18 @@ class WandbReporter(Reporter):
             settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
         again = _run_to_resume(info.get("reporter_state"), self._where)
+        with _argv_redacted():  # W&B records the command line in the run's metadata
+            self._init_run(wandb, kwargs, again, cfg)
+        define_step_axis(self.run)
+        if self.mode == "offline":
+            print(
+                f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "
+                f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*",
+                file=sys.stderr,
+            )
+
+    def _init_run(self, wandb: Any, kwargs: dict[str, Any], again: str | None, cfg: "TrainConfig") -> None:
+        """Go on in the W&B run the checkpoint resumed from wrote (`again`) where it can, else start one."""
         if again is not None:
             # A run resumed from a checkpoint goes on in the W&B run that wrote it (W&B drops the steps it
             # already has); an out-of-memory retry may have changed the batch size.
@@ -440,13 +454,6 @@ class WandbReporter(Reporter):
                 raise TuneGPTError(f"W&B: cannot start a run ({where}, {self.mode}): "
                                    f"{' '.join(str(exc).split())[:300]}; --wandb_mode offline logs it locally, "
                                    f"--no-wandb runs without W&B") from None
-        define_step_axis(self.run)
-        if self.mode == "offline":
-            print(
-                f"W&B: no API key found (or offline mode): run saved offline in {self.run.dir.rsplit('/files', 1)[0]}; "
-                f"upload it later with: wandb sync {self.output_dir / 'wandb'}/offline-run-*",
-                file=sys.stderr,
-            )
 
     def checkpoint_state(self):
         if self.run is None:
@@ -497,6 +504,18 @@ class WandbReporter(Reporter):
         self.run = None
         if self.mode == "offline":  # said again at the end, where a user reads (the start's line scrolled away)
             print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {run_dir}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _argv_redacted():
+    """`sys.argv` with URL secrets left out while W&B starts a run: it writes the command line into the
+    run's metadata, and ``--data https://host/corpus.txt?token=...`` would take the token there."""
+    argv = sys.argv
+    sys.argv = [redact(a) for a in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv
 
 
 def _run_to_resume(state: Any, where: dict[str, Any]) -> str | None:

@@ -10,7 +10,9 @@ Every search trains the `tiny` preset on tinyshakespeare for a fixed per-trial b
 - random: 9 trials drawn from the same region (learning rate log-uniform between the grid's
   lowest and highest, `--learning-rates`; batch size one of the grid's), no early stopping;
 - optuna: 9 trials of Optuna's TPE (multivariate) over that region, no early stopping;
-- optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early.
+- optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early;
+- optuna+asha-pause: the same with ``pause: true``: ASHA's promotion form, trials wait at each rung
+  until it is known whether they are in its top 1/reduction_factor (tune_gpt/_schedulers.py).
 
 With `--region grid-values` the three searchers draw from the grid's own nine points instead
 (learning rate one of the grid's values): what a user gets by changing a W&B grid sweep's
@@ -49,7 +51,7 @@ DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 LEARNING_RATES = (3e-4, 1e-3, 3e-3)
 BATCH_SIZES = (8, 16, 32)
-METHODS = ("grid", "random", "optuna", "optuna+asha")
+METHODS = ("grid", "random", "optuna", "optuna+asha", "optuna+asha-pause")
 
 
 def fixed(steps: int, data: str) -> dict:
@@ -71,9 +73,10 @@ def space_file(method: str, steps: int, data: str, samples: int, asha: dict, fol
                lrs: tuple = LEARNING_RATES, region: str = "log-uniform") -> Path:
     space = {"learning_rate": lr_domain(method, lrs, region),
              "batch_size": {"grid" if method == "grid" else "choice": list(BATCH_SIZES)}}
-    doc = {"name": method.replace("+", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
+    doc = {"name": method.replace("+", "_").replace("-", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
            "metric": "val/loss", "mode": "min", "num_samples": 1 if method == "grid" else samples,
-           "scheduler": {"type": "asha", **asha} if method == "optuna+asha" else {"type": "none"},
+           "scheduler": ({"type": "asha", **asha, **({"pause": True} if method.endswith("-pause") else {})}
+                         if method.startswith("optuna+asha") else {"type": "none"}),
            "fixed": fixed(steps, data), "space": space}
     path = folder / f"{doc['name']}.yaml"
     path.write_text(json.dumps(doc, indent=1))  # JSON is YAML
@@ -122,12 +125,13 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
         for method in args.methods:
             seeds = [0] if method == "grid" else args.seeds  # the grid has nothing random in it
             for seed in seeds:
-                samples = args.asha_samples if method == "optuna+asha" else len(args.learning_rates) * len(BATCH_SIZES)
+                samples = (args.asha_samples if method.startswith("optuna+asha")
+                           else len(args.learning_rates) * len(BATCH_SIZES))
                 space = space_file(method, args.steps, args.data, samples, asha, out, tuple(args.learning_rates),
                                    args.region)
                 t0 = time.perf_counter()
                 res = run_search(SearchOptions(space=str(space), name=f"{space.stem}_s{seed}", storage_path=str(out / "runs"),
-                                               seed=seed, cpus_per_trial=1, max_concurrent=2, wandb=False,
+                                               seed=seed, cpus_per_trial=1, wandb=False,  # two at a time: 2 CPUs
                                                report=False, verbose=0))
                 c = curve(Path(res.experiment_dir))
                 c["wall_s"] = time.perf_counter() - t0
@@ -186,11 +190,12 @@ def summarise(curves: dict, steps: int, lrs: tuple = LEARNING_RATES) -> tuple[st
         "| method | seeds | best val loss, median (range) | steps spent / grid's | steps to reach the target / grid's, median (each seed) |",
         "|---|---|---|---|---|", *rows,
     ])
-    asha = figures.get("optuna+asha")
-    if asha:
-        ok = asha["median_fraction_to_reach"] <= 0.40
-        table += (f"\n\nbar (Optuna+ASHA within 1 % of the grid's best having spent <= 40 % of its steps, median): "
-                  f"{'met' if ok else 'NOT met'} ({asha['median_fraction_to_reach']:.0%})")
+    for method in ("optuna+asha", "optuna+asha-pause"):
+        asha = figures.get(method)
+        if asha:
+            ok = asha["median_fraction_to_reach"] <= 0.40
+            table += (f"\n\nbar ({method}: within 1 % of the grid's best having spent <= 40 % of its steps, median): "
+                      f"{'met' if ok else 'NOT met'} ({asha['median_fraction_to_reach']:.0%})")
     return table, figures
 
 
@@ -200,7 +205,8 @@ def plot(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"grid": "black", "random": "tab:orange", "optuna": "tab:blue", "optuna+asha": "tab:green"}
+    colours = {"grid": "black", "random": "tab:orange", "optuna": "tab:blue", "optuna+asha": "tab:green",
+               "optuna+asha-pause": "tab:red"}
     grid = curves["grid/0"]
     fig, ax = plt.subplots(figsize=(8, 5))
     seen = set()

@@ -26,7 +26,7 @@ EXP_HASH = "a1b2c"
 class FakeTrial:
     learning_rate: float
     batch_size: int
-    status: str  # finished | early-stopped | diverged | errored | oom | running | pending
+    status: str  # finished | early-stopped | diverged | errored | oom | running | pending | paused
     val_losses: list[float] = field(default_factory=list)  # one per evaluation
     n_layer: int = 2
     total_steps: int = 30
@@ -97,7 +97,8 @@ def make_experiment(root: Path, trials: list[FakeTrial], *, name: str = "fake", 
         tag = f"{i}_batch_size={t.batch_size},learning_rate={t.learning_rate:.4f}"
         rel = f"trainable_{trial_id}_{tag}_{DATE}"
         ray_status = {"finished": "TERMINATED", "early-stopped": "TERMINATED", "diverged": "TERMINATED",
-                      "errored": "ERROR", "oom": "ERROR", "running": "RUNNING", "pending": "PENDING"}[t.status]
+                      "errored": "ERROR", "oom": "ERROR", "running": "RUNNING", "pending": "PENDING",
+                      "paused": "PAUSED"}[t.status]
         meta = {"stub": False, "trainable_name": "trainable", "trial_id": trial_id, "config": config,
                 "experiment_tag": tag, "status": ray_status, "relative_logdir": rel if t.status != "pending" else None}
         runtime = {"start_time": 1767322000.0, "num_failures": int(ray_status == "ERROR"),

@@ -112,11 +112,14 @@ def test_search_efficiency_grid_values_region_searches_the_grids_own_points(tmp_
     lrs = (1e-4, 1e-3, 1e-2)
     for method, region, want in [("grid", "grid-values", {"grid": list(lrs)}),
                                  ("optuna+asha", "grid-values", {"choice": list(lrs)}),
+                                 ("optuna+asha-pause", "grid-values", {"choice": list(lrs)}),
                                  ("random", "log-uniform", {"loguniform": [1e-4, 1e-2]})]:
         path = se.space_file(method, 30, "corpus.txt", 5, {"grace_period": 1}, tmp_path, lrs, region)
         doc = yaml.safe_load(path.read_text())
         assert doc["space"]["learning_rate"] == want, (method, region)
         assert doc["space"]["batch_size"] == {"grid" if method == "grid" else "choice": list(se.BATCH_SIZES)}
+        want_sched = {"type": "asha", "grace_period": 1, **({"pause": True} if method.endswith("pause") else {})}
+        assert doc["scheduler"] == (want_sched if method.startswith("optuna+asha") else {"type": "none"})
         load_space(path)  # the product reads it
     grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": {}, "learning_rates": list(lrs)}
     table, _ = se.summarise({"grid/0": grid, "optuna+asha/0": {**grid, "lr_domain": {"choice": list(lrs)}}}, steps=30)

@@ -844,6 +844,21 @@ def test_report_tells_trials_the_time_budget_stopped_from_those_asha_stopped(tmp
                and "the best trial is one of them" in w for w in warnings_for(df.reset_index()))
 
 
+def test_a_trial_waiting_at_a_rung_when_the_time_budget_ended_the_search_is_out_of_time(tmp_path):
+    """With `pause: true` a trial may wait (PAUSED) at a rung when the budget runs out; Ray saves it PAUSED.
+    The budget callback marked it: the report calls it out-of-time, not running (which --resume would continue)."""
+    from fake_experiment import FakeTrial, make_experiment, trial_id
+
+    from tune_gpt.report import STOPPED_FILE, load_results
+
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "paused", [2.5]), FakeTrial(2e-3, 8, "paused", [2.6])],
+                          name="waiting")
+    marked = next(p for p in exp.iterdir() if trial_id(0) in p.name)
+    (marked / STOPPED_FILE).write_text(json.dumps({"stopped_by": "time budget", "time_budget_s": 60}))
+    df = load_results(exp).set_index("trial_id")
+    assert [df["status"][trial_id(i)] for i in range(2)] == ["out-of-time", "running"]  # unmarked: interrupted
+
+
 @pytest.mark.slow
 def test_resume_before_ray_saved_any_state_starts_the_search_afresh(ray_session, tmp_path, corpus_file, capsys):
     """A driver killed after writing its experiment file but before Ray's first save leaves only that file."""

@@ -280,3 +280,33 @@ def test_the_search_puts_its_optuna_searcher_under_telling_limiter_for_max_concu
     assert isinstance(cfg.search_alg, TellingLimiter) and cfg.search_alg.max_concurrent == 2
     assert type(cfg.search_alg.searcher).__name__ == "UniqueOptunaSearch" and cfg.max_concurrent_trials is None
     assert isinstance(config().search_alg, UniqueOptunaSearch)  # no limit asked: no limiter
+
+
+def test_a_trial_waiting_at_a_rung_is_told_to_the_study_and_goes_on_in_a_new_study_trial(caplog):
+    """`pause: true`: the scheduler says it pauses "a" at its next result; the study gets that value (COMPLETE,
+    paused_at_step), so TPE learns from it while it waits and the search does not wait for it as if it ran.
+    When "a" goes on, its results go to a new study trial (resumed_from); "b", which ends where it waited,
+    adds nothing and no warning."""
+    import logging
+
+    s = searcher([1e-3, 1e-2, 1e-1])
+    a, b = s.suggest("a"), s.suggest("b")
+    for t, loss in (("a", 2.5), ("b", 2.9)):
+        s.pause_after_this_result(t)
+        s.on_trial_result(t, {"loss": loss, "step": 30, "training_iteration": 1})
+    study = s._ot_study
+    first_a, only_b = study.trials[s._ot_trials["a"].number], study.trials[s._ot_trials["b"].number]
+    assert first_a.state.name == only_b.state.name == "COMPLETE" and first_a.value == 2.5
+    assert first_a.user_attrs["paused_at_step"] == 30
+    c = s.suggest("c")  # the third point: both others are known, not running
+    assert c is not None and c["lr"] not in (a["lr"], b["lr"])
+    with caplog.at_level(logging.WARNING):
+        s.on_trial_result("a", {"loss": 2.2, "step": 60, "training_iteration": 2})  # it went on
+        s.on_trial_complete("a", {"loss": 2.0, "step": 90, "training_iteration": 3})
+        s.on_trial_complete("b")  # stopped where it waited (Tune tells no result)
+    assert not [r for r in caplog.records if "already finished" in r.getMessage()]
+    went_on = study.trials[s._ot_trials["a"].number]
+    assert went_on.number != first_a.number and went_on.params == first_a.params
+    assert went_on.state.name == "COMPLETE" and went_on.value == 2.0 and went_on.intermediate_values == {2: 2.2}
+    assert went_on.user_attrs["resumed_from"] == first_a.number
+    assert len([t for t in study.trials if t.params["lr"] == b["lr"]]) == 1  # b: its value at the rung only

@@ -107,17 +107,22 @@ class UniqueOptunaSearch(OptunaSearch):
     def _reopen_if_retried(self, trial_id: str) -> None:
         """``--retry-errored`` runs an errored trial again under its Tune id, but its Optuna trial was told
         FAIL, and OptunaSearch drops what a finished trial reports (with a warning per result). Optuna
-        cannot reopen a finished trial: the retry gets a new one with the same parameters (``retry_of``)."""
-        if trial_id not in self._completed_trials or not self._ended.get(trial_id, (None, False))[1]:
+        cannot reopen a finished trial: the retry gets a new one with the same parameters (``retry_of``).
+        So does a trial that waited at a rung (told its value there) and goes on (``resumed_from``)."""
+        paused = self._paused_trials()
+        if trial_id not in self._completed_trials or not (trial_id in paused
+                                                           or self._ended.get(trial_id, (None, False))[1]):
             return
         from optuna.trial import Trial, TrialState, create_trial
 
         old, study = self._ot_trials[trial_id], self._ot_study
         attrs = {k: v for k, v in old.user_attrs.items() if k in ("tune_trial_id", "tune_experiment")}
+        attrs["resumed_from" if trial_id in paused else "retry_of"] = old.number
+        paused.discard(trial_id)
         # made RUNNING directly: enqueue_trial + ask would take the study's oldest WAITING trial, which in a
         # study shared by several searches may be another search's
         template = create_trial(state=TrialState.RUNNING, params=old.params, distributions=old.distributions,
-                                user_attrs={**attrs, "retry_of": old.number})
+                                user_attrs=attrs)
         self._ot_trials[trial_id] = Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
         self._completed_trials.discard(trial_id)
         self._ended.pop(trial_id, None)
@@ -131,8 +136,44 @@ class UniqueOptunaSearch(OptunaSearch):
             # recorded already (a shared study, or a driver stopped between the two saves): the first stands.
             warnings.filterwarnings("ignore", message="The reported value is ignored because this")
             super().on_trial_result(trial_id, result)
+        if trial_id in self._pausing_trials():
+            self._pausing_trials().discard(trial_id)
+            self._close_while_waiting(trial_id, result)
+
+    # Pauses (PromotingASHA, ``pause: true``). The sets are made on first use: a searcher pickled by an
+    # older tune_gpt (a resumed search) has no such attributes.
+    def _pausing_trials(self) -> set[str]:
+        return self.__dict__.setdefault("_pausing", set())
+
+    def _paused_trials(self) -> set[str]:
+        return self.__dict__.setdefault("_paused", set())
+
+    def pause_after_this_result(self, trial_id: str) -> None:
+        """The scheduler pauses the trial at the result Tune hands this searcher next (Tune asks the scheduler
+        first). The study is then told that value (COMPLETE, ``paused_at_step``), so that TPE learns from a
+        trial while it waits rather than counting it as running; if it goes on, it reports into a new Optuna
+        trial with the same parameters (``resumed_from``); if it ends there, nothing more is told."""
+        self._pausing_trials().add(trial_id)
+
+    def _close_while_waiting(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            return
+        value = result.get(self.metric) if isinstance(self.metric, str) else None
+        try:
+            self._ot_trials[trial_id].set_user_attr("paused_at_step", result.get("step"))
+        except Exception:  # noqa: BLE001 - a label for dashboards; the value is told below either way
+            pass
+        super().on_trial_complete(trial_id, result={self.metric: value} if value is not None else None)
+        self._paused_trials().add(trial_id)
+        self._ended[trial_id] = ({self.metric: value} if value is not None else None, False)  # what repeats are told
+        self._last.pop(trial_id, None)
+        self._waiting = False  # it is not running: a proposal that repeats it is answered, not waited for
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._paused_trials() and not error:  # ended where it waited: the study has its value
+            self._paused_trials().discard(trial_id)
+            self._waiting = False
+            return
         self._reopen_if_retried(trial_id)  # (a retry that fails again before its first report)
         value = result.get(self.metric) if result and isinstance(self.metric, str) else None
         value = self._last.get(trial_id) if value is None else value

@@ -422,7 +422,7 @@ def _status(t: _Trial) -> tuple[str, str]:
             return "out-of-time", ""
         return "finished", ""
     if said in ("early-stopped", "stopped", "terminated"):
-        if t.ray_status in ("RUNNING", "PENDING", "PAUSED"):
+        if t.ray_status in ("RUNNING", "PENDING", "PAUSED") and not t.budget_stopped:
             return "running", ""  # stopped by an interrupted search, not by the scheduler: --resume continues it
         return ("out-of-time" if t.budget_stopped else "early-stopped"), ""
     withloss = [r for r in t.records if "val/loss" in r or "train/loss" in r]
@@ -434,7 +434,8 @@ def _status(t: _Trial) -> tuple[str, str]:
     if t.ray_status == "ERROR":
         return "errored", "Ray marked the trial ERROR (no error.txt)"
     if t.ray_status in ("RUNNING", "PENDING", "PAUSED"):
-        return "running", ""
+        # (a trial paused at a rung when the time budget ended the search: Ray saves it PAUSED)
+        return ("out-of-time", "") if t.budget_stopped else ("running", "")
     last = t.records[-1] if t.records else {}
     if t.ray_status == "TERMINATED" or last.get("done") is True:
         if not t.records or _short_of_plan(t):

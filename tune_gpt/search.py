@@ -78,6 +78,7 @@ class SearchOptions:
     mode: str | None = None
     grace_period: int | None = None
     reduction_factor: float | None = None
+    pause_at_rungs: bool = False  # ASHA's promotion form (scheduler pause: true)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
@@ -285,6 +286,18 @@ def plan_search(opts: SearchOptions) -> Plan:
     if opts.reduction_factor is not None:
         _check_number("--reduction-factor", opts.reduction_factor, low=1, strict=True)
         sched["reduction_factor"] = opts.reduction_factor
+    if opts.pause_at_rungs:
+        if sched["type"] != "asha":
+            raise ConfigError(f"--pause-at-rungs: pauses trials at ASHA's rungs, and the scheduler is {sched['type']}; "
+                              "use it with --scheduler asha")
+        if sched.get("brackets", 1) != 1:
+            raise ConfigError(f"--pause-at-rungs: runs one bracket, and {space.source}'s scheduler has "
+                              f"{sched['brackets']}")
+        sched["pause"] = True
+    if sched.get("pause") and opts.max_concurrent is not None:
+        why = "--pause-at-rungs pauses" if opts.pause_at_rungs else f"{space.source}'s scheduler pauses (pause: true)"
+        raise ConfigError(f"--max-concurrent: {why} trials at ASHA's rungs, and a paused trial would count as "
+                          "running for ever; limit trials with --cpus-per-trial or --gpus-per-trial instead")
 
     metric = space.metric or "val/loss"
     if opts.metric is not None:
@@ -1412,6 +1425,12 @@ def _scheduler(plan: Plan):
 
         max_t = int(s.get("max_t") or plan.max_evals)
         grace = int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t))
+        if s.get("pause"):
+            from tune_gpt._schedulers import PromotingASHA
+
+            return PromotingASHA(time_attr="training_iteration", metric=plan.metric, mode=plan.mode, max_t=max_t,
+                                 grace_period=grace, reduction_factor=float(s.get("reduction_factor", 3)),
+                                 stop_last_trials=bool(s.get("stop_last_trials", True)))
         return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
                              reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)),
                              stop_last_trials=bool(s.get("stop_last_trials", True)))  # False: W&B's max_iter
@@ -1920,6 +1939,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("min", "max"), help="default: min")
     p.add_argument("--grace-period", dest="grace_period", type=int, help="evaluations before ASHA may stop a trial")
     p.add_argument("--reduction-factor", dest="reduction_factor", type=float, help="ASHA's halving rate")
+    p.add_argument("--pause-at-rungs", dest="pause_at_rungs", action="store_true",
+                   help="ASHA's promotion form: a trial waits at each rung until it is known to be in the rung's top "
+                        "1/reduction-factor (scheduler pause: true)")
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0,
                    help="CPUs per trial; also the trial's torch threads")
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=0.0,
@@ -1956,7 +1978,7 @@ def options_from_args(args: argparse.Namespace) -> SearchOptions:
     return SearchOptions(
         space=args.space, name=args.name, storage_path=args.storage_path, num_samples=args.num_samples,
         search=args.search, scheduler=args.scheduler, metric=args.metric, mode=args.mode,
-        grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        grace_period=args.grace_period, reduction_factor=args.reduction_factor, pause_at_rungs=args.pause_at_rungs,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         time_budget=args.time_budget, max_failures=args.max_failures, oom_retry=args.oom_retry, resume=args.resume,
         retry_errored=args.retry_errored, address=args.address, optuna_storage=args.optuna_storage,

@@ -32,7 +32,9 @@ distribution under grid is an error.
     mode: min                      # min | max
     num_samples: 16
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
-                                   # asha: grace_period max_t reduction_factor brackets
+                                   # asha: grace_period max_t reduction_factor brackets, and
+                                   #   pause: true (a trial waits at each rung until it is known to be
+                                   #   in the rung's top 1/reduction_factor: Li et al.'s promotions)
                                    # median: grace_period min_samples_required; none
     fixed:                         # key -> value (dotted or nested mappings)
       model_size: tiny
@@ -533,7 +535,7 @@ _NATIVE_DOMAINS: dict[str, tuple[str, ...]] = {
 }
 
 _SCHEDULERS: dict[str, tuple[str, ...]] = {
-    "asha": ("grace_period", "max_t", "reduction_factor", "brackets"),
+    "asha": ("grace_period", "max_t", "reduction_factor", "brackets", "pause"),
     "median": ("grace_period", "min_samples_required"),
     "none": (),
 }
@@ -1075,13 +1077,19 @@ class _Parser:
         for key in _SCHEDULERS[kind]:
             if key not in sched:
                 continue
-            if key == "reduction_factor":
+            if key == "pause":
+                if not isinstance(sched[key], bool):
+                    self.fail(f"{where}.{key}", f"must be true or false, got {sched[key]!r}")
+                out[key] = sched[key]
+            elif key == "reduction_factor":
                 rf = self.num(sched[key], f"{where}.{key}")
                 if rf <= 1:
                     self.fail(f"{where}.{key}", f"must be > 1, got {_fmt(rf)}")
                 out[key] = rf
             else:
                 out[key] = self.positive_int(sched[key], f"{where}.{key}")
+        if out.get("pause") and out.get("brackets", 1) != 1:
+            self.fail(f"{where}.brackets", "pause: true runs one bracket; drop brackets")
         if "grace_period" in out and "max_t" in out and out["grace_period"] > out["max_t"]:
             self.fail(f"{where}.grace_period", f"grace_period {out['grace_period']} > max_t {out['max_t']}")
         return out

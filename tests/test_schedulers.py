@@ -1,0 +1,228 @@
+"""ASHA with promotions (`scheduler: {type: asha, pause: true}`), decided without Ray running: fake trials
+and a fake Tune controller that does what Tune does with the scheduler's answers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from ray.tune.experiment import Trial  # noqa: E402
+from ray.tune.schedulers import TrialScheduler  # noqa: E402
+
+from tune_gpt._schedulers import PromotingASHA  # noqa: E402
+
+
+class FakeTrial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status = trial_id, Trial.PENDING
+
+
+class FakeController:
+    def __init__(self, trials):
+        self.trials, self.stopped = trials, []
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        trial.status = Trial.TERMINATED
+        self.stopped.append(trial.trial_id)
+
+
+def asha(**kw) -> PromotingASHA:
+    return PromotingASHA(**{"time_attr": "it", "metric": "loss", "mode": "min", "max_t": 10, "grace_period": 1,
+                            "reduction_factor": 3, **kw})
+
+
+def pick(s: PromotingASHA, ctl: FakeController):
+    """What Tune does with the scheduler's choice: the trial starts (or goes on from its checkpoint)."""
+    trial = s.choose_trial_to_run(ctl)
+    if trial is not None:
+        trial.status = Trial.RUNNING
+    return trial
+
+
+def simulate(s: PromotingASHA, losses: list[float], slots: int = 2) -> tuple[int, list[str], list[str]]:
+    """Tune with `slots` trials at a time, every trial one iteration per tick; trial i's loss at iteration
+    it is losses[i] - 0.01 * it. Returns the iterations trained, the order trials started or went on
+    in, and the trials stopped where they waited."""
+    trials = [FakeTrial(f"t{i}") for i in range(len(losses))]
+    ctl, done, spent, order, running = FakeController(trials), {t.trial_id: 0 for t in trials}, 0, [], []
+    while True:
+        while len(running) < slots and (t := pick(s, ctl)) is not None:
+            running.append(t)
+            order.append(t.trial_id)
+        if not running:
+            return spent, order, ctl.stopped
+        for t in list(running):
+            done[t.trial_id] += 1
+            spent += 1
+            if report(s, t, done[t.trial_id], losses[int(t.trial_id[1:])] - 0.01 * done[t.trial_id]) != "CONTINUE":
+                running.remove(t)
+
+
+def report(s: PromotingASHA, trial: FakeTrial, it: int, loss: float) -> str:
+    decision = s.on_trial_result(None, trial, {"it": it, "loss": loss})
+    trial.status = {TrialScheduler.PAUSE: Trial.PAUSED, TrialScheduler.STOP: Trial.TERMINATED}.get(decision, Trial.RUNNING)
+    return decision
+
+
+def test_rungs_are_those_of_rays_asha():
+    assert asha().rungs == [1, 3, 9]
+    assert asha(max_t=100, grace_period=2, reduction_factor=2).rungs == [2, 4, 8, 16, 32, 64]
+    assert asha(max_t=1, grace_period=1).rungs == []  # nothing to decide: every trial runs to its end
+
+
+def test_the_first_trials_at_a_rung_wait_until_the_rung_says_they_are_in_its_top_third():
+    s = asha()
+    a, b, c, d = (FakeTrial(x) for x in "abcd")
+    ctl = FakeController([a, b, c, d])
+    assert report(s, a, 1, 2.0) == TrialScheduler.PAUSE  # alone at its rung: Ray's ASHA would let it go on
+    assert report(s, b, 1, 3.0) == TrialScheduler.PAUSE
+    assert pick(s, ctl) is c  # new trials first (c, d are PENDING)
+    assert report(s, c, 1, 2.5) == TrialScheduler.PAUSE  # third at the rung, not its best
+    d.status = Trial.RUNNING
+    assert pick(s, ctl) is a  # the rung of three lets its best (a) go on
+    assert pick(s, ctl) is None  # and no other: one in three, d still runs
+    assert report(s, d, 1, 1.0) == TrialScheduler.PAUSE  # the best, but the rung's one slot went to a
+    assert report(s, a, 2, 1.9) == TrialScheduler.CONTINUE  # between rungs
+    assert report(s, a, 3, 1.8) == TrialScheduler.PAUSE  # alone at the next rung
+
+
+def test_a_trial_already_in_the_top_third_goes_on_without_waiting():
+    s = asha()
+    trials = [FakeTrial(x) for x in "abc"]
+    for t, loss in zip(trials, (3.0, 2.0)):
+        t.status = Trial.RUNNING
+        assert report(s, t, 1, loss) == TrialScheduler.PAUSE
+    trials[2].status = Trial.RUNNING
+    assert report(s, trials[2], 1, 1.0) == TrialScheduler.CONTINUE  # best of three on arrival
+
+
+def test_nine_points_cost_a_quarter_of_a_grid_and_the_best_runs_to_the_end():
+    """Nine trials, as a 3 x 3 grid, two at a time: at most a third of each rung goes on, as it fills, before
+    new trials start; the top rung's best runs to max_t once nothing else runs; the rest stop where they
+    wait. Ray's ASHA lets the first two trials at every rung go on; here what runs to max_t is the best."""
+    losses = [3.0, 2.0, 2.5, 1.5, 2.8, 2.2, 3.3, 1.2, 2.9]  # t7 is the best, then t3, t1
+    spent, order, stopped = simulate(asha(), losses)
+    # a trial that may go on does so before new ones start: t1, second best of the first six, before t6
+    assert order[:8] == ["t0", "t1", "t2", "t3", "t4", "t5", "t1", "t6"]
+    assert order[-2:] == ["t7", "t7"]  # t7 went on from the first rung, then from the top one at the end
+    for flipped in (losses[::-1], losses):  # the best first or among the last, one slot or two: the same cost
+        assert simulate(asha(), flipped, slots=1)[0] == simulate(asha(), flipped)[0] == 22
+    assert sorted(stopped) == sorted(f"t{i}" for i in range(9) if i != 7)
+    # iterations: 9 at the first rung, 3 promoted to the second (2 more each), the best to 10 (7 more)
+    assert spent == 9 + 3 * 2 + 7 < 0.25 * 9 * 10
+
+
+def test_a_better_trial_at_the_top_rung_after_the_first_finished_also_runs_to_the_end():
+    s = asha(max_t=4, grace_period=1, reduction_factor=2)  # rungs 1, 2
+    a, b = FakeTrial("a"), FakeTrial("b")
+    ctl = FakeController([a, b])
+    s._scores[1].update({"a": -2.0})  # a was at the top rung, went on, and finished
+    s._promoted[1].add("a")
+    a.status = Trial.TERMINATED
+    s._scores[0]["b"] = -1.0
+    s._promoted[0].add("b")
+    b.status = Trial.RUNNING
+    assert report(s, b, 2, 1.0) == TrialScheduler.PAUSE  # better than a (loss 2.0), one of two: no slot
+    assert s.choose_trial_to_run(ctl) is b  # nothing runs: the rung's best goes on
+
+
+def test_a_trial_paused_before_a_resume_goes_on_and_nan_ranks_last():
+    s = asha()
+    old = FakeTrial("old")
+    old.status = Trial.PAUSED  # restored PAUSED: this scheduler never saw it
+    assert s.choose_trial_to_run(FakeController([old])) is old
+    x, y, z = FakeTrial("x"), FakeTrial("y"), FakeTrial("z")
+    for t, loss in ((x, float("nan")), (y, 5.0), (z, 6.0)):
+        t.status = Trial.RUNNING
+        report(s, t, 1, loss)
+    assert s.choose_trial_to_run(FakeController([x, y, z])) is y  # a diverged trial is never the best
+
+
+def test_pause_is_an_asha_setting_of_the_space_file_and_refuses_what_it_cannot_run(tmp_path):
+    from conftest import write_space
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import SearchOptions, _scheduler, plan_search
+    from tune_gpt.spaces import SpaceError, load_space
+
+    def space(sched: str):
+        return write_space(tmp_path / "s.yaml", f"method: optuna\nscheduler: {sched}\nspace:\n"
+                                                "  learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\n")
+
+    plan = plan_search(SearchOptions(space=str(space("{type: asha, pause: true, reduction_factor: 2}"))))
+    plan.max_evals = 8
+    s = _scheduler(plan)
+    assert isinstance(s, PromotingASHA) and s.rungs == [1, 2, 4]
+    with pytest.raises(SpaceError, match=r"scheduler\.pause: must be true or false, got 'yes'"):
+        load_space(space("{type: asha, pause: 'yes'}"))
+    with pytest.raises(SpaceError, match=r"scheduler\.brackets: pause: true runs one bracket; drop brackets"):
+        load_space(space("{type: asha, pause: true, brackets: 2}"))
+    with pytest.raises(ConfigError, match=r"^--max-concurrent: .*s\.yaml's scheduler pauses \(pause: true\) trials"):
+        plan_search(SearchOptions(space=str(space("{type: asha, pause: true}")), max_concurrent=2))
+
+    from tune_gpt.search import build_parser, options_from_args
+
+    flagged = plan_search(options_from_args(build_parser().parse_args(["--space", str(space("asha")),
+                                                                      "--pause-at-rungs"])))
+    assert flagged.scheduler == {"type": "asha", "pause": True}
+    with pytest.raises(ConfigError, match=r"^--pause-at-rungs: pauses trials at ASHA's rungs, and the scheduler is "
+                                          r"median; use it with --scheduler asha"):
+        plan_search(SearchOptions(space=str(space("asha")), scheduler="median", pause_at_rungs=True))
+    with pytest.raises(ConfigError, match=r"^--max-concurrent: --pause-at-rungs pauses trials"):
+        plan_search(SearchOptions(space=str(space("asha")), pause_at_rungs=True, max_concurrent=1))
+
+
+@pytest.mark.slow
+def test_a_search_with_pause_trains_the_better_trial_on_from_its_checkpoint_and_ends_cleanly(
+        ray_session, tmp_path, corpus_file, capsys):
+    """Two trials one at a time, rungs at evaluations 1 and 2 of 4: the first trial always waits at the first
+    rung; whichever is better goes on from its checkpoint, waits alone at the second rung, and runs to the end
+    once nothing else runs; the other ends at its first evaluation. 5 of 8 steps."""
+    import json
+
+    from conftest import TINY_MODEL, write_space
+
+    from tune_gpt.report import saved_trial_states
+    from tune_gpt.search import SearchOptions, run_search
+
+    space = write_space(tmp_path / "p.yaml", "name: p\nmethod: optuna\nnum_samples: 2\n"
+                        "scheduler: {type: asha, grace_period: 1, reduction_factor: 2, pause: true}\nfixed:\n"
+                        + TINY_MODEL + "  max_steps: 4\n  eval_interval: 1\n  eval_iters: 1\n  sample_tokens: 0\n"
+                        "space:\n  learning_rate: {choice: [1.0e-4, 3.0e-2]}\n")
+    out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False, cpus_per_trial=2,
+                                   overrides={"data": str(corpus_file)}, verbose=0))
+    rows = {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in out.experiment_dir.glob("trial_*")}
+    assert sorted(len(r) for r in rows.values()) == [1, 4]  # 1 + 4 = 5 of the 8 steps two full trials take
+    finisher = next(r for r in rows.values() if len(r) == 4)
+    assert [r["step"] for r in finisher] == [1, 2, 3, 4]  # on from its checkpoint: no step trained twice
+    assert any(r["iterations_since_restore"] == 1 for r in finisher[1:])  # it waited, and went on
+    assert {v["status"] for v in saved_trial_states(out.experiment_dir).values()} == {"TERMINATED"}
+    said = capsys.readouterr()
+    assert "2 trials in" in said.out and "(1 finished, 1 early-stopped)" in said.out
+    assert "interrupted" not in said.err
+
+
+def test_resumed_trials_pass_the_rungs_they_had_passed_retries_are_ranked_again_and_the_searcher_hears():
+    from types import SimpleNamespace
+
+    told = []
+    ctl = SimpleNamespace(search_alg=SimpleNamespace(searcher=SimpleNamespace(pause_after_this_result=told.append)))
+    s = asha()
+    r = FakeTrial("r")
+    r.last_result = {"it": 1}  # a resumed search: it had reached the first rung (this scheduler is new)
+    assert s.on_trial_result(ctl, r, {"it": 2, "loss": 9.0}) == TrialScheduler.CONTINUE  # not ranked there again
+    assert s.on_trial_result(ctl, r, {"it": 3, "loss": 9.0}) == TrialScheduler.PAUSE  # alone at the next rung
+    assert told == ["r"]  # Optuna is told its value at the rung (Tune hands the searcher this result next)
+    u = FakeTrial("u")
+    assert s.on_trial_result(ctl, u, {"it": 1, "loss": 5.0}) == TrialScheduler.PAUSE
+    s.on_trial_error(ctl, u)  # failed before Tune kept the pause; retried from an earlier checkpoint
+    assert s.on_trial_result(ctl, u, {"it": 1, "loss": 4.0}) == TrialScheduler.PAUSE  # decided again, on this result
+    assert s._scores[0]["u"] == -4.0 and s._waiting["u"] == 0
+    last = asha(stop_last_trials=False)  # W&B's hyperband max_iter: the survivors train to their own end
+    assert last.on_trial_result(None, FakeTrial("v"), {"it": 10, "loss": 1.0}) == TrialScheduler.CONTINUE
+    assert asha().on_trial_result(None, FakeTrial("v"), {"it": 10, "loss": 1.0}) == TrialScheduler.STOP

@@ -1,0 +1,167 @@
+"""ASHA with promotions, for ``scheduler: {type: asha, pause: true}`` (``--pause-at-rungs``).
+
+Ray's ASHA decides when a trial reaches a rung: it goes on if it is in the top 1/reduction_factor of the
+trials that reached that rung before it, else it stops. So the first trials to reach each rung go on
+whatever they are worth, and in a small search (nine grid points, two trials at a time) their
+full-length runs are most of what it spends. This is the promotion form of ASHA (Li et al., "A System
+for Massively Parallel Hyperparameter Tuning", MLSys 2020): a trial that reaches a rung waits there
+(PAUSED; Tune keeps its checkpoint of that evaluation) unless it is already in the top 1/reduction_factor
+of the rung, and goes on from its checkpoint once enough trials have reached the rung to put it there.
+
+- Of a rung's n trials, at most floor(n / reduction_factor) go on: the best of those that have not gone
+  on yet, as the rung fills. A free slot goes to such a trial first, highest rung first, then to a new
+  trial (Tune holds one pending trial at a time for a searcher, so a trial going on holds new ones back).
+- The searcher learns from a trial as it waits: tune_gpt's Optuna searcher is told its value at the rung
+  (`UniqueOptunaSearch.pause_after_this_result`), and a trial that goes on reports into a new Optuna trial
+  with the same parameters. Otherwise TPE would see the waiting trials as running, and learn nothing
+  until the end.
+- The end of a search has too few trials at its top rungs to fill 1/reduction_factor: when nothing runs
+  and nothing waits to start, the best trial of a rung goes on if it is waiting there (the highest such
+  rung first); when no rung's best is left waiting, the waiting trials stop where they are, and the
+  search ends.
+- A resumed search (Tune does not keep a scheduler's state; it restores paused trials as pending) lets
+  each trial go on past the rungs it had reached, one it waited at included, and ranks it at its next.
+
+It needs trials that report a checkpoint with each evaluation, as tune_gpt's trainable does. Imported only
+when a search runs (it imports Ray Tune).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+
+class PromotingASHA(FIFOScheduler):
+    """ASHA that pauses trials at its rungs and promotes the best ones (see the module docstring)."""
+
+    _supports_buffered_results = False  # a pause must come at the rung's result, not a later buffered one
+
+    def __init__(self, *, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int,
+                 reduction_factor: float, stop_last_trials: bool = True) -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, got {mode!r}")
+        self._time_attr, self._metric, self._mode = time_attr, metric, mode
+        self._sign = 1.0 if mode == "max" else -1.0
+        self._max_t, self._rf, self._stop_last = max_t, float(reduction_factor), stop_last_trials
+        # Ray's ASHA rungs for one bracket: grace_period * rf**k below max_t
+        n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1) if max_t > grace_period else 0
+        self.rungs: list[float] = [grace_period * reduction_factor ** k for k in range(n)
+                                   if grace_period * reduction_factor ** k < max_t]
+        self._scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> score (higher wins)
+        self._promoted: list[set[str]] = [set() for _ in self.rungs]  # rung -> the trials that went on from it
+        self._waiting: dict[str, int] = {}  # trial id -> the rung it is paused at
+        self.num_paused = self.num_promoted = self.num_stopped_waiting = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return (metric in (None, self._metric)) and (mode in (None, self._mode))
+
+    # ------------------------------------------------------------------ decisions
+
+    def _score(self, result: dict) -> float:
+        value = float(result[self._metric]) * self._sign
+        return value if not math.isnan(value) else -math.inf  # a diverged trial ranks last
+
+    def _next_up(self, k: int) -> list[str]:
+        """The trials of rung `k` that may go on now, best first: the best of those not gone on yet, as many
+        as floor(n / reduction_factor) allows after those gone on already (the first of equals first)."""
+        scores, gone = self._scores[k], self._promoted[k]
+        slots = int(len(scores) / self._rf) - len(gone)
+        if slots <= 0:
+            return []
+        arrival = {t: i for i, t in enumerate(scores)}
+        return sorted((t for t in scores if t not in gone), key=lambda t: (-scores[t], arrival[t]))[:slots]
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        t = result[self._time_attr]
+        if t >= self._max_t:
+            return TrialScheduler.STOP if self._stop_last else TrialScheduler.CONTINUE
+        tid = trial.trial_id
+        for k in reversed(range(len(self.rungs))):
+            if t < self.rungs[k]:
+                continue
+            if tid in self._promoted[k]:
+                return TrialScheduler.CONTINUE  # it went on from this rung
+            if tid not in self._scores[k]:
+                before = (getattr(trial, "last_result", None) or {}).get(self._time_attr)
+                if isinstance(before, (int, float)) and before >= self.rungs[k]:
+                    return TrialScheduler.CONTINUE  # passed it before the search was resumed (state not kept)
+            # here for the first time, or again (a retry after a failure): decided with this result
+            self._scores[k][tid] = self._score(result)
+            if tid in self._next_up(k):
+                self._promoted[k].add(tid)
+                return TrialScheduler.CONTINUE
+            self._waiting[tid] = k
+            self.num_paused += 1
+            searcher = _telling_searcher(tune_controller)
+            if searcher is not None:
+                searcher.pause_after_this_result(tid)  # Tune hands it this result next
+            return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE
+
+    def _go_on(self, trial: Trial) -> Trial:
+        k = self._waiting.pop(trial.trial_id, None)
+        if k is not None:
+            self._promoted[k].add(trial.trial_id)
+            self.num_promoted += 1
+        return trial
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        trials = tune_controller.get_trials()
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        for k in reversed(range(len(self.rungs))):  # a trial that may go on, highest rung first
+            for tid in self._next_up(k):
+                if self._waiting.get(tid) == k and tid in paused:
+                    return self._go_on(paused[tid])
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        for tid, trial in paused.items():
+            if tid not in self._waiting:  # paused by something other than this scheduler: not left stranded
+                return trial
+        if any(t.status == Trial.RUNNING for t in trials):
+            return None  # the rungs may fill yet
+        for k in reversed(range(len(self.rungs))):  # the end of the search: a rung's best, from the top
+            scores = self._scores[k]
+            best = max(scores, key=lambda t: scores[t]) if scores else None  # (the first of equals)
+            if best in paused and self._waiting.get(best) == k:
+                return self._go_on(paused[best])
+        controller = getattr(tune_controller, "_tune_controller", tune_controller)  # (Tune hands a wrapper)
+        for tid, trial in paused.items():  # nothing left worth training: they end at their rung
+            self._waiting.pop(tid, None)
+            self.num_stopped_waiting += 1
+            tune_controller.stop_trial(trial)
+            # Ray 2.60 saves a stopped trial's new state only if it had an actor: a paused one would be
+            # written down PAUSED for ever, and the search taken for interrupted
+            getattr(controller, "_mark_trial_to_checkpoint", lambda t: None)(trial)
+        return None
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        self._waiting.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self._waiting.pop(trial.trial_id, None)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._waiting.pop(trial.trial_id, None)
+
+    def debug_string(self) -> str:
+        filled = ", ".join(f"{r:g}: {len(s)}" for r, s in zip(self.rungs, self._scores))
+        return (f"ASHA with promotions: {self.num_paused} pauses, {self.num_promoted} promoted, "
+                f"{self.num_stopped_waiting} ended waiting; trials per rung {{{filled}}}")
+
+
+def _telling_searcher(tune_controller: Any) -> Any:
+    """The searcher under Tune's search algorithm that wants to hear of pauses (UniqueOptunaSearch), if any."""
+    obj = getattr(tune_controller, "search_alg", None) if tune_controller is not None else None
+    for _ in range(4):  # SearchGenerator -> (a limiter ->) the searcher
+        if obj is None or hasattr(obj, "pause_after_this_result"):
+            return obj
+        obj = getattr(obj, "searcher", None)
+    return None

@@ -310,3 +310,17 @@ def test_a_trial_waiting_at_a_rung_is_told_to_the_study_and_goes_on_in_a_new_stu
     assert went_on.state.name == "COMPLETE" and went_on.value == 2.0 and went_on.intermediate_values == {2: 2.2}
     assert went_on.user_attrs["resumed_from"] == first_a.number
     assert len([t for t in study.trials if t.params["lr"] == b["lr"]]) == 1  # b: its value at the rung only
+
+
+def test_a_trial_that_went_on_from_the_top_rung_and_was_stopped_at_max_t_is_told_its_last_value():
+    """Rungs 1, 3, 9 with max_t 10: a trial promoted from rung 9 gets Tune's STOP at its next result, and Tune
+    then skips on_trial_result: the value comes only with on_trial_complete, into a reopened study trial."""
+    s = searcher([1e-3, 1e-2])
+    s.suggest("a")
+    s.pause_after_this_result("a")
+    s.on_trial_result("a", {"loss": 2.3, "step": 270, "training_iteration": 9})
+    s.on_trial_complete("a", {"loss": 2.1, "step": 300, "training_iteration": 10})
+    at_rung, final = s._ot_study.trials[0], s._ot_study.trials[s._ot_trials["a"].number]
+    assert at_rung.value == 2.3 and at_rung.user_attrs["paused_at_step"] == 270
+    assert final.number != at_rung.number and final.state.name == "COMPLETE" and final.value == 2.1
+    assert final.user_attrs["resumed_from"] == at_rung.number

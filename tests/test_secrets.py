@@ -140,3 +140,24 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
         _argv_for_resume(["--resume", "--name", "s"])
     again = _argv_for_resume(["--resume", "--name", "s", "--optuna-storage", "postgresql://alice:s3cr3t@db/optuna"])
     assert again[-2:] == ["--optuna-storage", "postgresql://alice:s3cr3t@db/optuna"]  # given now: it wins
+
+
+def test_a_search_started_before_urls_were_redacted_resumes_with_the_same_url(tmp_path):
+    """An experiment file written before 8d2b367 holds the tokened URL in `fixed`: --resume with that URL
+    compares it without the token (the same corpus), and a different URL is refused without printing it."""
+    import json
+
+    import pytest
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import SearchOptions, _check_same_search, _search_info, plan_search
+
+    url = "https://host/c.txt?token=OLDSECRET"
+    plan = plan_search(SearchOptions(name="s", storage_path=str(tmp_path), overrides={"data": url}))
+    saved = _search_info(plan)
+    saved["fixed"]["data"] = url  # as an older tune_gpt wrote it
+    _check_same_search(plan, json.loads(json.dumps(saved)))  # the same search: no complaint
+    saved["fixed"]["data"] = "https://other/c.txt?token=OLDSECRET"
+    with pytest.raises(ConfigError) as err:
+        _check_same_search(plan, saved)
+    assert "data" in str(err.value) and "OLDSECRET" not in str(err.value)

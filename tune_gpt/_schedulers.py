@@ -10,7 +10,9 @@ of the rung, and goes on from its checkpoint once enough trials have reached the
 
 - Of a rung's n trials, at most floor(n / reduction_factor) go on: the best of those that have not gone
   on yet, as the rung fills. A free slot goes to such a trial first, highest rung first, then to a new
-  trial (Tune holds one pending trial at a time for a searcher, so a trial going on holds new ones back).
+  trial (Tune holds one pending trial at a time for a searcher, so a trial going on holds new ones back;
+  random and grid search queue every trial at once, and Tune starts those first: with them every trial
+  reaches the first rung before any goes on).
 - The searcher learns from a trial as it waits: tune_gpt's Optuna searcher is told its value at the rung
   (`UniqueOptunaSearch.pause_after_this_result`), and a trial that goes on reports into a new Optuna trial
   with the same parameters. Otherwise TPE would see the waiting trials as running, and learn nothing

@@ -170,7 +170,10 @@ class UniqueOptunaSearch(OptunaSearch):
         self._waiting = False  # it is not running: a proposal that repeats it is answered, not waited for
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._paused_trials() and not error:  # ended where it waited: the study has its value
+        if trial_id in self._paused_trials() and not error and not result:
+            # stopped where it waited (Tune tells no result): the study has its value at the rung. A trial
+            # that went on and reached max_t at its next result (Tune's STOP skips on_trial_result) comes
+            # with that result, and is reopened below to be told it.
             self._paused_trials().discard(trial_id)
             self._waiting = False
             return

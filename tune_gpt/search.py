@@ -1668,7 +1668,8 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     def trained(fixed: Any) -> dict[str, Any]:  # what the trials train with, not how they run
         return {k: v for k, v in (fixed or {}).items() if k not in RUNTIME_KEYS and not k.startswith("wandb.")}
 
-    before, after = trained(saved.get("fixed")), trained(now["fixed"])
+    # (an experiment file from before URLs were redacted holds the token: compared, and named, without it)
+    before, after = trained(redact_flat(saved.get("fixed") or {})), trained(now["fixed"])
     diffs += [f"{k} {after.get(k, 'unset')!r} (started with {before.get(k, 'unset')!r})"
               for k in sorted(set(before) | set(after), key=str) if before.get(k) != after.get(k)]
     # Resources: Ray restores each trial's resource request and the space's thread count and GPU memory

@@ -163,9 +163,10 @@ class UniqueOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].set_user_attr("paused_at_step", result.get("step"))
         except Exception:  # noqa: BLE001 - a label for dashboards; the value is told below either way
             pass
-        super().on_trial_complete(trial_id, result={self.metric: value} if value is not None else None)
+        told = {self.metric: value} if value is not None else None
+        super().on_trial_complete(trial_id, result=told)
         self._paused_trials().add(trial_id)
-        self._ended[trial_id] = ({self.metric: value} if value is not None else None, False)  # what repeats are told
+        self._ended[trial_id] = (told, False)  # what repeats of it are told
         self._last.pop(trial_id, None)
         self._waiting = False  # it is not running: a proposal that repeats it is answered, not waited for
 

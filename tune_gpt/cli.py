@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_gpt._redact import redact
 from tune_gpt.config import CKPT_NAME, FIELD_TYPES, MODEL_NAME, TrainConfig, check_precision, coerce, field_help
 from tune_gpt.errors import ConfigError, TuneGPTError
 
@@ -176,16 +175,16 @@ def train_main(argv: list[str] | None = None) -> int:
             resolve_device(cfg)
         out = Path(cfg.output_dir).expanduser()
         check_output_dir(out)
-        if cfg.resume and not (out / "checkpoint" / CKPT_NAME).is_file():
-            raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
         ckpt = out / "checkpoint" / CKPT_NAME
+        if cfg.resume and not ckpt.is_file():
+            raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
         earlier = earlier_run(out)
         if earlier and not cfg.resume and not args.overwrite_output_dir:  # before the corpus is read: at once
             # a forgotten --resume must not cost the run that is there
             raise ConfigError(f"--output_dir {out} holds an earlier run ({' and '.join(earlier)}): --resume "
                               f"continues it, --output_dir NEW keeps it, --overwrite_output_dir replaces it")
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-        corpus.check_context(cfg.model.block_size, source=redact(cfg.data or corpus.name))
+        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
         if earlier and not cfg.resume:
             fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
             warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "

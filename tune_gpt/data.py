@@ -134,11 +134,12 @@ class Corpus:
         )
 
     def check_context(self, block_size: int, source: str = "data") -> None:
-        """Raise DataError if a split is too short for one (block_size + 1) window."""
+        """Raise DataError if a split is too short for one (block_size + 1) window. `source` (the --data
+        given) is named without a URL's password or token."""
         for split, arr in (("train", self.train), ("val", self.val)):
             if len(arr) <= block_size + 1:
                 raise DataError(
-                    f"{source}: corpus {self.name!r} is too short: its {split} split has "
+                    f"{redact(source)}: corpus {self.name!r} is too short: its {split} split has "
                     f"{len(arr)} tokens, fewer than block_size + 2 = {block_size + 2}"
                 )
 

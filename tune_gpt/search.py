@@ -889,7 +889,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
         _check_same_search(plan, experiment_file)
     cfg = plan.base_cfg
     corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-    corpus.check_context(cfg.model.block_size, source=redact(cfg.data or corpus.name))
+    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
     plan.max_evals = max_evaluations(plan, len(corpus.train))
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage, plan.name, opts.resume)
@@ -1424,16 +1424,15 @@ def _scheduler(plan: Plan):
         from ray.tune.schedulers import ASHAScheduler
 
         max_t = int(s.get("max_t") or plan.max_evals)
-        grace = int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t))
+        common = {"time_attr": "training_iteration", "max_t": max_t,
+                  "grace_period": int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t)),
+                  "reduction_factor": float(s.get("reduction_factor", 3)),
+                  "stop_last_trials": bool(s.get("stop_last_trials", True))}  # False: W&B's max_iter
         if s.get("pause"):
             from tune_gpt._schedulers import PromotingASHA
 
-            return PromotingASHA(time_attr="training_iteration", metric=plan.metric, mode=plan.mode, max_t=max_t,
-                                 grace_period=grace, reduction_factor=float(s.get("reduction_factor", 3)),
-                                 stop_last_trials=bool(s.get("stop_last_trials", True)))
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace,
-                             reduction_factor=float(s.get("reduction_factor", 3)), brackets=int(s.get("brackets", 1)),
-                             stop_last_trials=bool(s.get("stop_last_trials", True)))  # False: W&B's max_iter
+            return PromotingASHA(metric=plan.metric, mode=plan.mode, **common)
+        return ASHAScheduler(brackets=int(s.get("brackets", 1)), **common)
     if kind == "median":
         from ray.tune.schedulers import MedianStoppingRule
 

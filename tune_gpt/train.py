@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_gpt._redact import redact, redact_flat
+from tune_gpt._redact import redact_flat
 from tune_gpt.config import CKPT_NAME, MODEL_NAME, RUNTIME_KEYS, TrainConfig, check_precision
 from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
 from tune_gpt.errors import ConfigError, TuneGPTError
@@ -384,7 +384,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
             torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
     if corpus is None:
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-    corpus.check_context(cfg.model.block_size, source=redact(cfg.data or corpus.name))
+    corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
     out_dir = Path(cfg.output_dir).expanduser().resolve()
     ckpt_dir = out_dir / "checkpoint"
 

@@ -10,9 +10,11 @@ Every search trains the `tiny` preset on tinyshakespeare for a fixed per-trial b
 - random: 9 trials drawn from the same region (learning rate log-uniform between the grid's
   lowest and highest, `--learning-rates`; batch size one of the grid's), no early stopping;
 - optuna: 9 trials of Optuna's TPE (multivariate) over that region, no early stopping;
-- optuna+asha: `--asha-samples` trials of TPE with ASHA stopping the weak ones early;
-- optuna+asha-pause: the same with ``pause: true``: ASHA's promotion form, trials wait at each rung
-  until it is known whether they are in its top 1/reduction_factor (tune_gpt/_schedulers.py).
+- optuna+asha: `--asha-samples` trials of TPE with Ray's ASHA stopping the weak ones early
+  (``pause: false``, ``--stop-at-rungs``);
+- optuna+asha-pause: the same with ``pause: true``, tune_gpt's default: ASHA's promotion form, trials
+  wait at each rung until it is known whether they are in its top 1/reduction_factor
+  (tune_gpt/_schedulers.py).
 
 With `--region grid-values` the three searchers draw from the grid's own nine points instead
 (learning rate one of the grid's values): what a user gets by changing a W&B grid sweep's
@@ -75,7 +77,7 @@ def space_file(method: str, steps: int, data: str, samples: int, asha: dict, fol
              "batch_size": {"grid" if method == "grid" else "choice": list(BATCH_SIZES)}}
     doc = {"name": method.replace("+", "_").replace("-", "_"), "method": {"grid": "grid", "random": "random"}.get(method, "optuna"),
            "metric": "val/loss", "mode": "min", "num_samples": 1 if method == "grid" else samples,
-           "scheduler": ({"type": "asha", **asha, **({"pause": True} if method.endswith("-pause") else {})}
+           "scheduler": ({"type": "asha", **asha, "pause": method.endswith("-pause")}
                          if method.startswith("optuna+asha") else {"type": "none"}),
            "fixed": fixed(steps, data), "space": space}
     path = folder / f"{doc['name']}.yaml"

@@ -118,7 +118,7 @@ def test_search_efficiency_grid_values_region_searches_the_grids_own_points(tmp_
         doc = yaml.safe_load(path.read_text())
         assert doc["space"]["learning_rate"] == want, (method, region)
         assert doc["space"]["batch_size"] == {"grid" if method == "grid" else "choice": list(se.BATCH_SIZES)}
-        want_sched = {"type": "asha", "grace_period": 1, **({"pause": True} if method.endswith("pause") else {})}
+        want_sched = {"type": "asha", "grace_period": 1, "pause": method.endswith("pause")}  # (pause: the default)
         assert doc["scheduler"] == (want_sched if method.startswith("optuna+asha") else {"type": "none"})
         load_space(path)  # the product reads it
     grid = {"steps": [30, 60, 90], "best": [2.6, 2.5, 2.4], "best_params": {}, "learning_rates": list(lrs)}

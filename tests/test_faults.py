@@ -398,9 +398,14 @@ def test_a_diverging_trial_ends_diverged_is_not_retried_and_ranks_last(ray_sessi
 
     # Optuna took inf as a (worst) value and went on sampling; the best trial is a finite one
     study = optuna.load_study(study_name="diverge", storage=db)
-    real = [t for t in study.trials if "repeat_of" not in t.user_attrs]  # proposals of trained points are marked
+    # proposals of trained points are marked, and so is a trial that went on from a rung (ASHA's promotions)
+    real = [t for t in study.trials if not {"repeat_of", "resumed_from"} & set(t.user_attrs)]
     done = [t for t in real if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(real) == 4 and len({(t.params["learning_rate"], t.params["batch_size"]) for t in real}) == 4
+    by_number = {t.number: t for t in study.trials}
+    for t in study.trials:
+        if "resumed_from" in t.user_attrs:
+            assert t.params == by_number[t.user_attrs["resumed_from"]].params
     assert any(t.params["learning_rate"] == 1e6 and t.value == math.inf for t in done)
     assert out.best_config["learning_rate"] == 3e-3 and math.isfinite(out.best_metric)
 

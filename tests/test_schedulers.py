@@ -169,9 +169,10 @@ def test_pause_is_an_asha_setting_of_the_space_file_and_refuses_what_it_cannot_r
     flagged = plan_search(options_from_args(build_parser().parse_args(["--space", str(space("asha")),
                                                                       "--pause-at-rungs"])))
     assert flagged.scheduler == {"type": "asha", "pause": True}
-    with pytest.raises(ConfigError, match=r"^--pause-at-rungs: pauses trials at ASHA's rungs, and the scheduler is "
-                                          r"median; use it with --scheduler asha"):
-        plan_search(SearchOptions(space=str(space("asha")), scheduler="median", pause_at_rungs=True))
+    for flag, value in (("--pause-at-rungs", True), ("--stop-at-rungs", False)):
+        with pytest.raises(ConfigError, match=rf"^{flag}: chooses how ASHA ends trials at its rungs, and the "
+                                              r"scheduler is median; use it with --scheduler asha"):
+            plan_search(SearchOptions(space=str(space("asha")), scheduler="median", pause_at_rungs=value))
     with pytest.raises(ConfigError, match=r"^--max-concurrent: --pause-at-rungs pauses trials"):
         plan_search(SearchOptions(space=str(space("asha")), pause_at_rungs=True, max_concurrent=1))
 
@@ -226,3 +227,52 @@ def test_resumed_trials_pass_the_rungs_they_had_passed_retries_are_ranked_again_
     last = asha(stop_last_trials=False)  # W&B's hyperband max_iter: the survivors train to their own end
     assert last.on_trial_result(None, FakeTrial("v"), {"it": 10, "loss": 1.0}) == TrialScheduler.CONTINUE
     assert asha().on_trial_result(None, FakeTrial("v"), {"it": 10, "loss": 1.0}) == TrialScheduler.STOP
+
+
+def test_the_promotion_form_is_the_default_asha_and_rays_form_is_kept_where_asked_or_needed(tmp_path):
+    from conftest import write_space
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import SearchOptions, _check_same_search, _scheduler, build_parser, options_from_args, plan_search
+
+    def plan(sched: str = "{type: asha, reduction_factor: 2}", *flags: str):
+        path = write_space(tmp_path / "s.yaml", f"method: optuna\nscheduler: {sched}\nspace:\n"
+                                                "  learning_rate: {loguniform: [1.0e-4, 1.0e-2]}\n")
+        p = plan_search(options_from_args(build_parser().parse_args(["--space", str(path), *flags])))
+        p.max_evals = 8
+        return p
+
+    default = plan()
+    assert default.scheduler["pause"] is True and not default.pause_given
+    assert isinstance(_scheduler(default), PromotingASHA)
+    assert plan_search(SearchOptions()).scheduler["pause"] is True  # the README's search
+    stops = plan("{type: asha, reduction_factor: 2}", "--stop-at-rungs")
+    assert stops.scheduler["pause"] is False and stops.pause_given
+    assert isinstance(_scheduler(stops), ASHAScheduler) and not isinstance(_scheduler(stops), PromotingASHA)
+    assert plan("{type: asha, pause: false}").scheduler["pause"] is False
+    with pytest.raises(SystemExit):  # one form or the other
+        build_parser().parse_args(["--pause-at-rungs", "--stop-at-rungs"])
+
+    # where the promotion form cannot run and nobody asked for it: Ray's form, and the plan says why
+    limited = plan("asha", "--max-concurrent", "2")
+    assert limited.scheduler["pause"] is False and isinstance(_scheduler(limited), ASHAScheduler)
+    assert any("Ray's form" in n and "--max-concurrent" in n for n in limited.notes)
+    assert "Ray's form" in limited.describe()
+    brackets = plan("{type: asha, brackets: 2}")
+    assert brackets.scheduler["pause"] is False and any("2 brackets" in n for n in brackets.notes)
+    with pytest.raises(ConfigError, match=r"^--pause-at-rungs: runs one bracket, and .*s\.yaml's scheduler has 2$"):
+        plan("{type: asha, brackets: 2}", "--pause-at-rungs")
+
+    # --resume: a search started before promotions were the default (no `pause` in its experiment file) goes
+    # on in Ray's form, which Ray restores with it; one started paused goes on paused; asking for the other
+    # form is refused, as any other change of scheduler
+    old = {"scheduler": {"type": "asha", "reduction_factor": 2.0}}
+    resumed = plan()
+    _check_same_search(resumed, old)
+    assert resumed.scheduler["pause"] is False
+    resumed = plan("{type: asha, reduction_factor: 2}", "--max-concurrent", "2")
+    _check_same_search(resumed, {"scheduler": {"type": "asha", "reduction_factor": 2.0, "pause": True}})
+    assert resumed.scheduler["pause"] is True and not any("Ray's form" in n for n in resumed.notes)
+    with pytest.raises(ConfigError, match=r"^--resume: scheduler .*'pause': True.* \(started with .*'pause': False"):
+        _check_same_search(plan("{type: asha, reduction_factor: 2}", "--pause-at-rungs"), old)

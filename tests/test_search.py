@@ -48,6 +48,7 @@ def test_seed_sweep_file_plans_nine_grid_points_on_chinese():
 def test_default_plan_is_optuna_with_asha():
     plan = plan_search(SearchOptions())
     assert plan.searcher == "optuna" and plan.scheduler["type"] == "asha" and plan.metric == "val/loss"
+    assert plan.scheduler["pause"] is True  # ASHA's promotion form (tests/test_schedulers.py)
     assert plan.fixed["num_threads"] == 1 and plan.fixed["wandb.enabled"] is False
 
 

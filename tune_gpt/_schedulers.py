@@ -1,4 +1,5 @@
-"""ASHA with promotions, for ``scheduler: {type: asha, pause: true}`` (``--pause-at-rungs``).
+"""ASHA with promotions: tune_gpt's ASHA (``scheduler: {type: asha}``, ``pause: true`` unless set to false;
+``--pause-at-rungs``; ``--stop-at-rungs`` runs Ray's ASHAScheduler instead).
 
 Ray's ASHA decides when a trial reaches a rung: it goes on if it is in the top 1/reduction_factor of the
 trials that reached that rung before it, else it stops. So the first trials to reach each rung go on

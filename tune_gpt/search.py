@@ -78,7 +78,8 @@ class SearchOptions:
     mode: str | None = None
     grace_period: int | None = None
     reduction_factor: float | None = None
-    pause_at_rungs: bool = False  # ASHA's promotion form (scheduler pause: true)
+    pause_at_rungs: bool | None = None  # ASHA's form: True promotions (pause), False Ray's stops; None: the
+    # space's `pause`, else promotions (stops where --max-concurrent is given or brackets > 1)
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
@@ -117,6 +118,7 @@ class Plan:
     max_evals: int
     notes: list[str]
     n_trials: int = 0
+    pause_given: bool = False  # ASHA's form was asked for (a flag or the space's `pause`), not the default
 
     def max_trials(self) -> int:
         """`n_trials`, or fewer where Optuna, which trains no configuration twice, searches a space holding fewer."""
@@ -177,6 +179,38 @@ class Plan:
 
 
 # ------------------------------------------------------------------ planning
+
+
+def _resolve_pause(sched: dict[str, Any], opts: SearchOptions, source: str, notes: list[str]) -> bool:
+    """Sets ASHA's form in `sched` (``pause``: True, promotions; False, Ray's stops). Returns whether it was
+    asked for (--pause-at-rungs / --stop-at-rungs, or the space's ``pause``) rather than defaulted.
+
+    The default is the promotion form: on the 3 x 3 grid benchmark it reaches the grid's best for 24 % of the
+    grid's steps, Ray's form for 48 % (docs/BENCHMARKS.md). Ray's form is the default where the promotion
+    form cannot run: several brackets, or --max-concurrent (Ray's limiters count a waiting trial as running)."""
+    flag = {True: "--pause-at-rungs", False: "--stop-at-rungs"}.get(opts.pause_at_rungs)  # type: ignore[arg-type]
+    if sched["type"] != "asha":
+        if flag:
+            raise ConfigError(f"{flag}: chooses how ASHA ends trials at its rungs, and the scheduler is "
+                              f"{sched['type']}; use it with --scheduler asha")
+        return False
+    if opts.pause_at_rungs is not None:
+        sched["pause"] = opts.pause_at_rungs
+    given = "pause" in sched
+    if opts.pause_at_rungs and sched.get("brackets", 1) != 1:
+        raise ConfigError(f"--pause-at-rungs: runs one bracket, and {source}'s scheduler has {sched['brackets']}")
+    if not given:
+        why = ("--max-concurrent counts a trial waiting at a rung as running" if opts.max_concurrent is not None
+               else f"{sched['brackets']} brackets" if sched.get("brackets", 1) != 1 else "")
+        sched["pause"] = not why
+        if why:
+            notes.append(f"ASHA stops trials at its rungs (Ray's form), not the promotion form: {why}")
+    if sched["pause"] and opts.max_concurrent is not None:
+        why = "--pause-at-rungs pauses" if flag else f"{source}'s scheduler pauses (pause: true)"
+        raise ConfigError(f"--max-concurrent: {why} trials at ASHA's rungs, and a paused trial would count as "
+                          "running for ever; limit trials with --cpus-per-trial or --gpus-per-trial instead, or "
+                          "give --stop-at-rungs")
+    return given
 
 
 def _space_file(space: str | None) -> str | Path:
@@ -286,18 +320,7 @@ def plan_search(opts: SearchOptions) -> Plan:
     if opts.reduction_factor is not None:
         _check_number("--reduction-factor", opts.reduction_factor, low=1, strict=True)
         sched["reduction_factor"] = opts.reduction_factor
-    if opts.pause_at_rungs:
-        if sched["type"] != "asha":
-            raise ConfigError(f"--pause-at-rungs: pauses trials at ASHA's rungs, and the scheduler is {sched['type']}; "
-                              "use it with --scheduler asha")
-        if sched.get("brackets", 1) != 1:
-            raise ConfigError(f"--pause-at-rungs: runs one bracket, and {space.source}'s scheduler has "
-                              f"{sched['brackets']}")
-        sched["pause"] = True
-    if sched.get("pause") and opts.max_concurrent is not None:
-        why = "--pause-at-rungs pauses" if opts.pause_at_rungs else f"{space.source}'s scheduler pauses (pause: true)"
-        raise ConfigError(f"--max-concurrent: {why} trials at ASHA's rungs, and a paused trial would count as "
-                          "running for ever; limit trials with --cpus-per-trial or --gpus-per-trial instead")
+    pause_given = _resolve_pause(sched, opts, space.source, notes)
 
     metric = space.metric or "val/loss"
     if opts.metric is not None:
@@ -357,7 +380,7 @@ def plan_search(opts: SearchOptions) -> Plan:
     experiment_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
     return Plan(opts=opts, space=space, name=name, experiment_dir=experiment_dir, searcher=searcher,
                 scheduler=sched, metric=metric, mode=mode, num_samples=num_samples, fixed=fixed,
-                base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials)
+                base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials, pause_given=pause_given)
 
 
 def _blame(exc: Exception, overrides: dict[str, Any], space: SearchSpace) -> str:
@@ -1659,6 +1682,13 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     resumed on another corpus failed on their checkpoints, and new ones would not be comparable."""
     if not saved:
         return
+    was = saved.get("scheduler")
+    if isinstance(was, dict) and was.get("type") == "asha" and "pause" not in was:
+        saved = {**saved, "scheduler": {**was, "pause": False}}  # started before promotions were the default
+    was = saved.get("scheduler")
+    if not plan.pause_given and plan.scheduler.get("type") == "asha" and isinstance(was, dict) and was.get("type") == "asha":
+        plan.scheduler["pause"] = was["pause"]  # not asked for: the form the search was started with (Ray restores it)
+        plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
     now = _search_info(plan)
     diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
              for key in ("space", "searcher", "scheduler", "num_samples", "metric", "mode")
@@ -1939,9 +1969,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("min", "max"), help="default: min")
     p.add_argument("--grace-period", dest="grace_period", type=int, help="evaluations before ASHA may stop a trial")
     p.add_argument("--reduction-factor", dest="reduction_factor", type=float, help="ASHA's halving rate")
-    p.add_argument("--pause-at-rungs", dest="pause_at_rungs", action="store_true",
-                   help="ASHA's promotion form: a trial waits at each rung until it is known to be in the rung's top "
-                        "1/reduction-factor (scheduler pause: true)")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--pause-at-rungs", dest="pause_at_rungs", action="store_const", const=True,
+                      help="ASHA's promotion form (the default, scheduler pause: true): a trial waits at each rung "
+                           "until it is known to be in the rung's top 1/reduction-factor, and goes on from there")
+    form.add_argument("--stop-at-rungs", dest="pause_at_rungs", action="store_const", const=False,
+                      help="Ray's form of ASHA (scheduler pause: false): a trial reaching a rung goes on if it is in "
+                           "the top 1/reduction-factor of the trials that reached it before, else it stops")
     p.add_argument("--cpus-per-trial", dest="cpus_per_trial", type=float, default=1.0,
                    help="CPUs per trial; also the trial's torch threads")
     p.add_argument("--gpus-per-trial", dest="gpus_per_trial", type=float, default=0.0,

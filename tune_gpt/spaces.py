@@ -33,8 +33,9 @@ distribution under grid is an error.
     num_samples: 16
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
                                    # asha: grace_period max_t reduction_factor brackets, and
-                                   #   pause: true (a trial waits at each rung until it is known to be
-                                   #   in the rung's top 1/reduction_factor: Li et al.'s promotions)
+                                   #   pause: true (the default: a trial waits at each rung until it is
+                                   #   known to be in the rung's top 1/reduction_factor: Li et al.'s
+                                   #   promotions) or false (Ray's ASHA: stops at a rung)
                                    # median: grace_period min_samples_required; none
     fixed:                         # key -> value (dotted or nested mappings)
       model_size: tiny

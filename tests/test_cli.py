@@ -237,7 +237,8 @@ def test_a_warmup_longer_than_the_run_is_named(tmp_path, corpus_file):
     p = run("-m", "tune_gpt.train", *TINY, "--data", str(corpus_file), "--output_dir", str(tmp_path / "o"),
             "--max_steps", "4", "--eval_interval", "4", "--warmup_steps", "10")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "--warmup_steps 10 is not below this run's 4 steps: the learning rate never reaches" in p.stderr
+    assert "tune_gpt.train: warning: warmup_steps 10 is not below this run's 4 steps: the learning rate never " \
+           "reaches learning_rate" in p.stderr
 
 
 def test_the_out_of_memory_hint_resumes_only_a_checkpoint_of_this_run(tmp_path, corpus_file, monkeypatch, capsys):

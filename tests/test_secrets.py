@@ -84,14 +84,19 @@ def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tm
                            cwd=tmp_path)
         assert p.returncode == rc, p.stderr[-3000:]
         assert FAKE_KEY not in p.stdout + p.stderr and URL_TOKEN not in p.stdout + p.stderr
-        return p.stderr
+        return p.stdout + p.stderr
 
     hits: list = []
     with serving({"body": corpus_file.read_bytes()}, hits) as base:
         url = f"{base}/corpus.txt?token={URL_TOKEN}"
-        run("tune_gpt.search", "--space", str(space), "--storage-path", str(results), "--data", url)
+        printed = run("tune_gpt.search", "--space", str(space), "--storage-path", str(results), "--data", url)
         exp = results / "secret"
+        # the replay command it prints asks for the URL's token where *** stands, as the report's does
+        replay = (f"python -m tune_gpt.replay {exp} --data '{base}/corpus.txt?token=***'  # the corpus URL with its "
+                  "secret in place of ***")
+        assert f"replay the best trial as a final run: {replay}" in printed, printed[-2000:]
         run("tune_gpt.report", str(exp), "--out", str(out / "report"))
+        assert replay in (out / "report" / "report.md").read_text()
         said = run("tune_gpt.replay", str(exp), "--max-steps", "10", "--output-dir", str(out / "replay"), rc=2)
         assert said.strip().splitlines()[-1].endswith(
             "corpus.txt?token=***, whose password or token the experiment does not keep: give --data with the "

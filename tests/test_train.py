@@ -91,6 +91,20 @@ def test_divergence_ends_the_run_with_status_diverged(tiny_cfg):
     assert rec.results[0].status == "diverged" and not rec.samples
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_of_by_train_itself(tiny_cfg):
+    """The search's trials and the replay call train() too, not only the CLI."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"^warmup_steps 4 is not below this run's 4 steps: the learning rate never "
+                                         r"reaches learning_rate 0\.001$"):
+        train(tiny_cfg(max_steps=4, eval_interval=4, warmup_steps=4, learning_rate=1e-3), Recorder())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(tiny_cfg(max_steps=4, eval_interval=4, warmup_steps=3), Recorder())  # below: no warning
+        train(tiny_cfg(max_steps=4, eval_interval=4), Recorder())  # the default warmup: a tenth of the run
+    assert not [w for w in seen if "warmup_steps" in str(w.message)]
+
+
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
     cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4)
     lrs = [lr_at(s, cfg, 2000, 100) for s in range(2001)]

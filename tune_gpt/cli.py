@@ -189,10 +189,6 @@ def train_main(argv: list[str] | None = None) -> int:
             fate = "are replaced by this run's as it saves them" if cfg.checkpoint else "stay (this run saves none)"
             warnings.warn(f"{out} holds an earlier run: its model and checkpoint {fate}, and its TensorBoard events "
                           f"stay in {out / 'logs'}, hidden from TensorBoard by this run's")
-        total = cfg.total_steps(len(corpus.train))
-        if cfg.warmup_steps is not None and cfg.warmup_steps >= total:
-            warnings.warn(f"--warmup_steps {cfg.warmup_steps} is not below this run's {total} steps: the learning "
-                          f"rate never reaches --learning_rate {cfg.learning_rate:g}")
         ckpt_before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
 
         from tune_gpt.tracking import default_reporters

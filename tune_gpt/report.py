@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from tune_gpt._redact import REDACTED, is_redacted
 from tune_gpt.config import RUNTIME_KEYS
 from tune_gpt.errors import DataError
 
@@ -1221,8 +1222,13 @@ def _html_table(df: "pd.DataFrame", index: bool = False, as_col: str | None = No
     return d.to_html(index=index, escape=True, border=0, classes="table", na_rep="")
 
 
-def replay_command(experiment: str | Path) -> str:
-    return f"python -m tune_gpt.replay {shlex.quote(str(experiment))}"
+def replay_command(experiment: str | Path, data: Any = None) -> str:
+    """The command that replays the best trial. Where its corpus is a URL the experiment keeps without its
+    secret (`data` holds ``***``), replay needs --data: shown with ``***`` where the secret goes."""
+    command = f"python -m tune_gpt.replay {shlex.quote(str(experiment))}"
+    if is_redacted(data):
+        command += f" --data {shlex.quote(data)}  # the corpus URL with its secret in place of {REDACTED}"
+    return command
 
 
 def _summary_columns(df: "pd.DataFrame") -> list[str]:
@@ -1345,7 +1351,7 @@ def _markdown(r: _Report) -> str:
         lines += ["", "| parameter | value |", "|---|---|"]
         lines += [f"| {k}{' (searched)' if k in a.get('searched', []) else ''} | {_cell(k, v)} |" for k, v in best.items()]
         lines += ["", "Train it for real (same config, full logging):", "", "```bash",
-                  replay_command(r.experiment), "```"]
+                  replay_command(r.experiment, best.get("data")), "```"]
     else:
         lines.append("No trial has a result yet: nothing to replay.")
     lines += ["", "## Trials", "", markdown_table(df[_summary_columns(df)])]
@@ -1427,7 +1433,7 @@ def _html(r: _Report) -> str:
         rows = "".join(f"<tr><th>{e(k)}{' (searched)' if k in a.get('searched', []) else ''}</th>"
                        f"<td>{e(_cell(k, v))}</td></tr>" for k, v in best.items())
         parts.append(f'<table class="table">{rows}</table>')
-        parts.append(f"<p>Train it for real (same config, full logging):</p><pre><code>{e(replay_command(r.experiment))}</code></pre>")
+        parts.append(f"<p>Train it for real (same config, full logging):</p><pre><code>{e(replay_command(r.experiment, best.get('data')))}</code></pre>")
     else:
         parts.append("<p>No trial has a result yet: nothing to replay.</p>")
     parts.append("<h2>Trials</h2>" + _html_table(df[_summary_columns(df)]))

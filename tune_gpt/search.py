@@ -1633,11 +1633,13 @@ def _check_resumable(plan: Plan) -> dict[str, Any]:
     ended, stopped = _budget_markers(plan)
     info = _read_experiment_file(plan)
     if (ended or stopped) and not plan.opts.retry_errored:
+        from tune_gpt.report import replay_command
+
         raise ConfigError(
             f"--resume: the search {where} ended when its time budget ran out"
             f"{f' ({stopped} trial(s) out-of-time)' if stopped else ''} and "
             f"Ray cannot reopen it (only its errored trials, with --retry-errored); start another with --name NEW, "
-            f"or replay its best trial: python -m tune_gpt.replay {shlex.quote(where)}")
+            f"or replay its best trial: {replay_command(where, (info.get('fixed') or {}).get('data'))}")
     return info
 
 
@@ -1784,7 +1786,9 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     if table is None and not remote:
         table = _read_table(exp_dir)
     best_cfg, best_val, top = _best_from_table(plan, grid, table) if table is not None else _best_from_tune(plan, grid)
-    replay = f"python -m tune_gpt.replay {shlex.quote(str(exp_dir))}" if best_cfg is not None else None
+    from tune_gpt.report import replay_command
+
+    replay = replay_command(exp_dir, redact(plan.base_cfg.data or "")) if best_cfg is not None else None
     statuses = [str(s) for s in table["status"].fillna("unknown")] if table is not None else None
     # trials that ended before their first report count too (Tune's DataFrame leaves them out; the report
     # and the ResultGrid have them)

@@ -413,6 +413,9 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
 
     total = cfg.total_steps(len(corpus.train))
     warmup = cfg.warmup_for(total)
+    if warmup >= total:  # (only a warmup_steps given can be: the default is a tenth of the run at most)
+        warnings.warn(f"warmup_steps {warmup} is not below this run's {total} steps: the learning rate never "
+                      f"reaches learning_rate {cfg.learning_rate:g}")
     end = total if stop_after is None else min(total, stop_after)
     sampler = BatchSampler(corpus.train, cfg.batch_size, m.block_size, seed=cfg.seed + 1, device=device)
     eval_batches = _fixed_eval_batches(corpus, cfg, device)

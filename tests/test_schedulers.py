@@ -208,17 +208,58 @@ def test_a_search_with_pause_trains_the_better_trial_on_from_its_checkpoint_and_
     assert "interrupted" not in said.err
 
 
-def test_resumed_trials_pass_the_rungs_they_had_passed_retries_are_ranked_again_and_the_searcher_hears():
+def restored(s: PromotingASHA, trial_id: str, status: str, it: int, loss: float) -> FakeTrial:
+    """A trial as Tune restores it for a resumed search, and tells the (new) scheduler of it."""
+    trial = FakeTrial(trial_id)
+    # Tune restores an unfinished trial (paused, running) as pending before it adds it, and starts it
+    trial.status = status if status in (Trial.TERMINATED, Trial.ERROR) else Trial.PENDING
+    trial.last_result = {"it": it, "loss": loss}
+    s.on_trial_add(None, trial)
+    return trial
+
+
+def test_a_resumed_search_rebuilds_the_rungs_from_the_trials_tune_restores():
+    """Rungs 1, 3, 9 (reduction factor 3). Before the resume: a, b, c reached rung 1; a went on and is at
+    it 2, b waits at rung 1, c ended there; d finished; e waits at rung 3."""
+    s = asha()
+    a = restored(s, "a", Trial.RUNNING, 2, 1.0)
+    b = restored(s, "b", Trial.PAUSED, 1, 2.0)
+    restored(s, "c", Trial.TERMINATED, 1, 3.0)
+    restored(s, "d", Trial.TERMINATED, 10, 0.5)
+    e = restored(s, "e", Trial.PAUSED, 3, 1.5)
+    assert s._scores[0].keys() == {"a", "b", "c", "d", "e"} and s._promoted[0] == {"a", "d", "e"}
+    assert s._scores[1].keys() == {"d", "e"} and s._promoted[1] == {"d"}
+    # b and e, started again by Tune, are decided at their first result: rung 1 has five trials, one slot
+    # (5 // 3) and three gone on, so b waits again; so does e at rung 3 (d took its one slot), and so does a,
+    # which was running, when it reaches rung 3
+    assert report(s, b, 2, 1.9) == TrialScheduler.PAUSE and s._waiting["b"] == 0
+    assert report(s, e, 4, 1.4) == TrialScheduler.PAUSE and s._waiting["e"] == 1
+    assert report(s, a, 3, 0.9) == TrialScheduler.PAUSE and s._waiting["a"] == 1
+    assert s._scores[0]["b"] == -2.0 and s._scores[1]["e"] == -1.5  # ranked by their values at the rung
+    # at the end a rung's best goes on if it waits there: d's value stands in for it at both rungs (its
+    # last, 0.5, the best), and d went on: they all end where they wait, as they would have without the resume
+    ctl = FakeController([a, b, e])
+    assert s.choose_trial_to_run(ctl) is None and sorted(ctl.stopped) == ["a", "b", "e"]
+
+
+def test_a_restored_trial_in_its_rungs_top_third_goes_on_at_its_first_result_and_is_ranked_at_the_next():
+    s = asha()
+    for i in range(5):
+        restored(s, f"w{i}", Trial.TERMINATED, 1, 5.0 + i)  # five ended at rung 1
+    b = restored(s, "b", Trial.PAUSED, 1, 1.0)  # the best of six: two slots, none gone on
+    assert report(s, b, 2, 0.9) == TrialScheduler.CONTINUE and "b" in s._promoted[0]
+    assert report(s, b, 3, 0.8) == TrialScheduler.PAUSE and s._waiting["b"] == 1  # alone at rung 3
+
+
+def test_retries_are_ranked_again_and_the_searcher_hears():
     from types import SimpleNamespace
 
     told = []
     ctl = SimpleNamespace(search_alg=SimpleNamespace(searcher=SimpleNamespace(pause_after_this_result=told.append)))
     s = asha()
-    r = FakeTrial("r")
-    r.last_result = {"it": 1}  # a resumed search: it had reached the first rung (this scheduler is new)
-    assert s.on_trial_result(ctl, r, {"it": 2, "loss": 9.0}) == TrialScheduler.CONTINUE  # not ranked there again
-    assert s.on_trial_result(ctl, r, {"it": 3, "loss": 9.0}) == TrialScheduler.PAUSE  # alone at the next rung
-    assert told == ["r"]  # Optuna is told its value at the rung (Tune hands the searcher this result next)
+    r = restored(s, "r", Trial.PAUSED, 1, 9.0)  # waited at rung 1 in a search since resumed
+    assert s.on_trial_result(ctl, r, {"it": 2, "loss": 9.0}) == TrialScheduler.PAUSE  # it waits there again
+    assert told == ["r"]  # Optuna is told its value (Tune hands the searcher this result next)
     u = FakeTrial("u")
     assert s.on_trial_result(ctl, u, {"it": 1, "loss": 5.0}) == TrialScheduler.PAUSE
     s.on_trial_error(ctl, u)  # failed before Tune kept the pause; retried from an earlier checkpoint
@@ -276,3 +317,56 @@ def test_the_promotion_form_is_the_default_asha_and_rays_form_is_kept_where_aske
     assert resumed.scheduler["pause"] is True and not any("Ray's form" in n for n in resumed.notes)
     with pytest.raises(ConfigError, match=r"^--resume: scheduler .*'pause': True.* \(started with .*'pause': False"):
         _check_same_search(plan("{type: asha, reduction_factor: 2}", "--pause-at-rungs"), old)
+
+
+@pytest.mark.slow
+def test_a_search_killed_while_trials_wait_at_a_rung_resumes_to_a_clean_end(tmp_path, corpus_file):
+    """The default ASHA (promotions) and a crash: SIGKILL to the search once Ray has saved a trial waiting
+    at a rung, then --resume. Every trial ends TERMINATED, none starts over, and the waiting ones, which Tune
+    restores as pending and starts, are ranked again at their rung rather than trained on unranked."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_MODEL, write_space
+    from test_faults import cli_env, rows, trial_dirs
+
+    from tune_gpt.report import saved_trial_states
+
+    space = write_space(tmp_path / "w.yaml", "name: w\nmethod: optuna\nnum_samples: 6\n"
+                        "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\nfixed:\n"
+                        + TINY_MODEL + "  max_steps: 40\n  eval_interval: 5\n  eval_iters: 1\n  sample_tokens: 0\n"
+                        "space:\n  learning_rate: {loguniform: [1.0e-4, 3.0e-2]}\n")
+    exp = tmp_path / "r" / "w"
+    base = [sys.executable, "-m", "tune_gpt.search", "--storage-path", str(tmp_path / "r"), "--no-wandb",
+            "--no-report", "-q"]
+    proc = subprocess.Popen([*base, "--space", str(space), "--data", str(corpus_file)], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, waiting = time.time() + 240, []
+        while time.time() < deadline and proc.poll() is None and not waiting:
+            time.sleep(0.1)
+            waiting = [k for k, v in saved_trial_states(exp).items() if v.get("status") == "PAUSED"] if exp.is_dir() else []
+        assert waiting and proc.poll() is None, "no trial was saved waiting at a rung before the search ended"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = {d.name: [r["step"] for r in rows(d)] for d in trial_dirs(exp)}
+
+    done = subprocess.run([*base, "--name", "w", "--resume"], env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = {k: v["status"] for k, v in saved_trial_states(exp).items() if k.startswith("id:")}
+    assert len(states) == 6 and set(states.values()) == {"TERMINATED"}, states
+    steps = {d.name: [r["step"] for r in rows(d)] for d in trial_dirs(exp)}
+    for name, seq in steps.items():
+        assert seq[:len(before.get(name, []))] == before.get(name, []), name  # what was reported stays
+        resumed = seq[len(before.get(name, [])):]
+        if before.get(name) and resumed:  # a trial that had reported goes on from its checkpoint
+            assert resumed[0] > before[name][-1] - 10, (name, seq)  # (at most the evaluation the kill lost)
+    assert max(len(s) for s in steps.values()) == 8 and any(len(s) < 8 for s in steps.values()), steps
+    assert "interrupted" not in done.stderr

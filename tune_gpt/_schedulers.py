@@ -22,8 +22,12 @@ of the rung, and goes on from its checkpoint once enough trials have reached the
   and nothing waits to start, the best trial of a rung goes on if it is waiting there (the highest such
   rung first); when no rung's best is left waiting, the waiting trials stop where they are, and the
   search ends.
-- A resumed search (Tune does not keep a scheduler's state; it restores paused trials as pending) lets
-  each trial go on past the rungs it had reached, one it waited at included, and ranks it at its next.
+- A resumed search: Tune does not keep a scheduler's state, and restores paused trials as pending, which it
+  starts whatever the scheduler says. The rungs are rebuilt from the trials Tune restores (`on_trial_add`,
+  from each one's last result): a trial past a rung counts as gone on from it (its value there is not kept:
+  its last one stands in), one whose last result is a rung's is ranked there. Such a trial, started again
+  by Tune, is decided at its first result: it goes on if the rung (as far as it is known again) has it in
+  its top 1/reduction_factor, else it waits there again, one evaluation later.
 
 It needs trials that report a checkpoint with each evaluation, as tune_gpt's trainable does. Imported only
 when a search runs (it imports Ray Tune).
@@ -58,6 +62,7 @@ class PromotingASHA(FIFOScheduler):
         self._scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> score (higher wins)
         self._promoted: list[set[str]] = [set() for _ in self.rungs]  # rung -> the trials that went on from it
         self._waiting: dict[str, int] = {}  # trial id -> the rung it is paused at
+        self._restored: dict[str, int] = {}  # trial id -> the rung a resumed search found it at, undecided
         self.num_paused = self.num_promoted = self.num_stopped_waiting = 0
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -86,27 +91,46 @@ class PromotingASHA(FIFOScheduler):
         if t >= self._max_t:
             return TrialScheduler.STOP if self._stop_last else TrialScheduler.CONTINUE
         tid = trial.trial_id
+        k = self._restored.pop(tid, None)
+        if k is not None and tid not in self._next_up(k):
+            return self._pause(tune_controller, tid, k)  # a resumed search found it waiting: it waits again
+        if k is not None:
+            self._promoted[k].add(tid)
         for k in reversed(range(len(self.rungs))):
             if t < self.rungs[k]:
                 continue
             if tid in self._promoted[k]:
                 return TrialScheduler.CONTINUE  # it went on from this rung
-            if tid not in self._scores[k]:
-                before = (getattr(trial, "last_result", None) or {}).get(self._time_attr)
-                if isinstance(before, (int, float)) and before >= self.rungs[k]:
-                    return TrialScheduler.CONTINUE  # passed it before the search was resumed (state not kept)
             # here for the first time, or again (a retry after a failure): decided with this result
             self._scores[k][tid] = self._score(result)
             if tid in self._next_up(k):
                 self._promoted[k].add(tid)
                 return TrialScheduler.CONTINUE
-            self._waiting[tid] = k
-            self.num_paused += 1
-            searcher = _telling_searcher(tune_controller)
-            if searcher is not None:
-                searcher.pause_after_this_result(tid)  # Tune hands it this result next
-            return TrialScheduler.PAUSE
+            return self._pause(tune_controller, tid, k)
         return TrialScheduler.CONTINUE
+
+    def _pause(self, tune_controller: Any, tid: str, k: int) -> str:
+        self._waiting[tid] = k
+        self.num_paused += 1
+        searcher = _telling_searcher(tune_controller)
+        if searcher is not None:
+            searcher.pause_after_this_result(tid)  # Tune hands it this result next
+        return TrialScheduler.PAUSE
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """A trial a resumed search restored (new trials have no result yet): its place at the rungs."""
+        last = getattr(trial, "last_result", None) or {}
+        t = last.get(self._time_attr)
+        if not isinstance(t, (int, float)) or self._metric not in last:
+            return
+        tid, score = trial.trial_id, self._score(last)
+        for k, rung in enumerate(self.rungs):
+            if t >= rung:
+                self._scores[k].setdefault(tid, score)  # past the rung: its value there stands in (not kept)
+            if t > rung:
+                self._promoted[k].add(tid)
+            elif t == rung and trial.status not in (Trial.TERMINATED, Trial.ERROR):
+                self._restored[tid] = k  # it waited here (or had just gone on): decided at its next result
 
     def _go_on(self, trial: Trial) -> Trial:
         k = self._waiting.pop(trial.trial_id, None)
@@ -146,13 +170,17 @@ class PromotingASHA(FIFOScheduler):
         return None
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
-        self._waiting.pop(trial.trial_id, None)
+        self._forget(trial)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
-        self._waiting.pop(trial.trial_id, None)
+        self._forget(trial)
 
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._forget(trial)
+
+    def _forget(self, trial: Trial) -> None:
         self._waiting.pop(trial.trial_id, None)
+        self._restored.pop(trial.trial_id, None)
 
     def debug_string(self) -> str:
         filled = ", ".join(f"{r:g}: {len(s)}" for r, s in zip(self.rungs, self._scores))

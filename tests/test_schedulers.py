@@ -43,12 +43,22 @@ def pick(s: PromotingASHA, ctl: FakeController):
     return trial
 
 
-def simulate(s: PromotingASHA, losses: list[float], slots: int = 2) -> tuple[int, list[str], list[str]]:
+class Finished:
+    """Tune's search algorithm once it has made every trial (random and grid make them all at once)."""
+
+    def is_finished(self) -> bool:
+        return True
+
+
+def simulate(s: PromotingASHA, losses: list[float], slots: int = 2,
+             tell: bool = False) -> tuple[int, list[str], list[str]]:
     """Tune with `slots` trials at a time, every trial one iteration per tick; trial i's loss at iteration
     it is losses[i] - 0.01 * it. Returns the iterations trained, the order trials started or went on
-    in, and the trials stopped where they waited."""
+    in, and the trials stopped where they waited. `tell`: the scheduler sees the controller (and that the
+    search makes no more trials) as it decides, as in Tune."""
     trials = [FakeTrial(f"t{i}") for i in range(len(losses))]
     ctl, done, spent, order, running = FakeController(trials), {t.trial_id: 0 for t in trials}, 0, [], []
+    ctl.search_alg = Finished()
     while True:
         while len(running) < slots and (t := pick(s, ctl)) is not None:
             running.append(t)
@@ -58,12 +68,13 @@ def simulate(s: PromotingASHA, losses: list[float], slots: int = 2) -> tuple[int
         for t in list(running):
             done[t.trial_id] += 1
             spent += 1
-            if report(s, t, done[t.trial_id], losses[int(t.trial_id[1:])] - 0.01 * done[t.trial_id]) != "CONTINUE":
+            loss = losses[int(t.trial_id[1:])] - 0.01 * done[t.trial_id]
+            if report(s, t, done[t.trial_id], loss, ctl if tell else None) != "CONTINUE":
                 running.remove(t)
 
 
-def report(s: PromotingASHA, trial: FakeTrial, it: int, loss: float) -> str:
-    decision = s.on_trial_result(None, trial, {"it": it, "loss": loss})
+def report(s: PromotingASHA, trial: FakeTrial, it: int, loss: float, ctl=None) -> str:
+    decision = s.on_trial_result(ctl, trial, {"it": it, "loss": loss})
     trial.status = {TrialScheduler.PAUSE: Trial.PAUSED, TrialScheduler.STOP: Trial.TERMINATED}.get(decision, Trial.RUNNING)
     return decision
 
@@ -114,6 +125,28 @@ def test_nine_points_cost_a_quarter_of_a_grid_and_the_best_runs_to_the_end():
     assert sorted(stopped) == sorted(f"t{i}" for i in range(9) if i != 7)
     # iterations: 9 at the first rung, 3 promoted to the second (2 more each), the best to 10 (7 more)
     assert spent == 9 + 3 * 2 + 7 < 0.25 * 9 * 10
+
+
+def test_a_pause_the_end_of_the_search_would_undo_at_once_is_skipped():
+    """A trial pauses only while something else may still run: alone at the end it would go on at once,
+    for the price of a restart (a compilation on a GPU with --compile)."""
+    s, only = asha(), FakeTrial("only")
+    ctl = FakeController([only])
+    ctl.search_alg = Finished()
+    only.status = Trial.RUNNING
+    assert [report(s, only, it, 2.0, ctl) for it in (1, 3, 9)] == ["CONTINUE"] * 3  # a one-trial search
+    assert s.num_paused == 0 and s.num_not_paused == 3 and s._promoted == [{"only"}] * 3
+    ctl.search_alg.is_finished = lambda: False  # the searcher may still make a trial: it waits for it
+    s2 = asha()
+    assert report(s2, only, 1, 2.0, ctl) == TrialScheduler.PAUSE
+
+    losses = [3.0, 2.0, 2.5, 1.5, 2.8, 2.2, 3.3, 1.2, 2.9]
+    told, untold = asha(), asha()
+    (spent, order, stopped), (spent_u, order_u, stopped_u) = simulate(told, losses, tell=True), simulate(untold, losses)
+    assert spent == spent_u == 22 and stopped == stopped_u  # the same decisions, the same cost
+    assert order_u[-2:] == ["t7", "t7"] and order == order_u[:-1]  # less the restart of t7 at the top rung
+    assert told.num_paused < untold.num_paused and told.num_promoted < untold.num_promoted
+    assert told.num_paused + told.num_not_paused == untold.num_paused  # each skipped pause: one undone at once
 
 
 def test_a_better_trial_at_the_top_rung_after_the_first_finished_also_runs_to_the_end():
@@ -196,12 +229,16 @@ def test_a_search_with_pause_trains_the_better_trial_on_from_its_checkpoint_and_
                         "space:\n  learning_rate: {choice: [1.0e-4, 3.0e-2]}\n")
     out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False, cpus_per_trial=2,
                                    overrides={"data": str(corpus_file)}, verbose=0))
-    rows = {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+    rows = {json.loads((d / "params.json").read_text())["learning_rate"]:
+            [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
             for d in out.experiment_dir.glob("trial_*")}
     assert sorted(len(r) for r in rows.values()) == [1, 4]  # 1 + 4 = 5 of the 8 steps two full trials take
-    finisher = next(r for r in rows.values() if len(r) == 4)
-    assert [r["step"] for r in finisher] == [1, 2, 3, 4]  # on from its checkpoint: no step trained twice
-    assert any(r["iterations_since_restore"] == 1 for r in finisher[1:])  # it waited, and went on
+    finisher = next(lr for lr, r in rows.items() if len(r) == 4)
+    assert [r["step"] for r in rows[finisher]] == [1, 2, 3, 4]  # on from its checkpoint: no step trained twice
+    restarts = [r["step"] for r in rows[finisher][1:] if r["iterations_since_restore"] == 1]
+    # the baseline (1e-4) runs first and waits at the first rung; alone at the second with nothing else to
+    # run, the finisher does not pause there
+    assert restarts == ([2] if finisher == 1e-4 else []), rows
     assert {v["status"] for v in saved_trial_states(out.experiment_dir).values()} == {"TERMINATED"}
     said = capsys.readouterr()
     assert "2 trials in" in said.out and "(1 finished, 1 early-stopped)" in said.out
@@ -275,7 +312,8 @@ def test_the_promotion_form_is_the_default_asha_and_rays_form_is_kept_where_aske
     from ray.tune.schedulers import ASHAScheduler
 
     from tune_gpt.errors import ConfigError
-    from tune_gpt.search import SearchOptions, _check_same_search, _scheduler, build_parser, options_from_args, plan_search
+    from tune_gpt.search import (SearchOptions, _check_same_search, _scheduler, _tune_config, build_parser,
+                                 options_from_args, plan_search)
 
     def plan(sched: str = "{type: asha, reduction_factor: 2}", *flags: str):
         path = write_space(tmp_path / "s.yaml", f"method: optuna\nscheduler: {sched}\nspace:\n"
@@ -312,9 +350,17 @@ def test_the_promotion_form_is_the_default_asha_and_rays_form_is_kept_where_aske
     resumed = plan()
     _check_same_search(resumed, old)
     assert resumed.scheduler["pause"] is False
-    resumed = plan("{type: asha, reduction_factor: 2}", "--max-concurrent", "2")
-    _check_same_search(resumed, {"scheduler": {"type": "asha", "reduction_factor": 2.0, "pause": True}})
-    assert resumed.scheduler["pause"] is True and not any("Ray's form" in n for n in resumed.notes)
+    paused = {"scheduler": {"type": "asha", "reduction_factor": 2.0, "pause": True}}
+    resumed = plan("{type: asha, reduction_factor: 2}")
+    _check_same_search(resumed, paused)
+    assert resumed.scheduler["pause"] is True
+    # with --max-concurrent: Ray's restored search keeps its own settings; one that starts afresh (Ray had saved
+    # nothing) would limit paused trials: refused
+    limited = plan("{type: asha, reduction_factor: 2}", "--max-concurrent", "2")
+    _check_same_search(limited, paused)
+    assert limited.scheduler["pause"] is True and not any("Ray's form" in n for n in limited.notes)
+    with pytest.raises(ConfigError, match=r"^--max-concurrent: the search was started with ASHA's promotion form"):
+        _tune_config(limited)
     with pytest.raises(ConfigError, match=r"^--resume: scheduler .*'pause': True.* \(started with .*'pause': False"):
         _check_same_search(plan("{type: asha, reduction_factor: 2}", "--pause-at-rungs"), old)
 
@@ -370,3 +416,30 @@ def test_a_search_killed_while_trials_wait_at_a_rung_resumes_to_a_clean_end(tmp_
             assert resumed[0] > before[name][-1] - 10, (name, seq)  # (at most the evaluation the kill lost)
     assert max(len(s) for s in steps.values()) == 8 and any(len(s) < 8 for s in steps.values()), steps
     assert "interrupted" not in done.stderr
+
+
+def test_a_scheduler_pickled_by_an_older_tune_gpt_resumes():
+    """Ray pickles the scheduler as a search starts and unpickles it for --resume."""
+    import pickle
+
+    old = asha()
+    for added in ("_restored", "num_not_paused"):
+        del old.__dict__[added]
+    s = pickle.loads(pickle.dumps(old))
+    t = restored(s, "t", Trial.PAUSED, 1, 2.0)
+    assert report(s, t, 2, 1.9) == TrialScheduler.PAUSE and "0 pauses skipped" in s.debug_string()
+
+
+def test_a_trial_that_fails_after_going_on_from_a_rung_keeps_its_place_when_tune_retries_it():
+    """Tune retries a failed trial (--max-failures) by adding it again (on_trial_add), with its last result."""
+    s = asha()
+    trials = [FakeTrial(f"t{i}") for i in range(3)]
+    for t, loss in zip(trials, (3.0, 2.0, 1.0)):
+        t.status = Trial.RUNNING
+        report(s, t, 1, loss)
+    best = trials[2]
+    assert best.status == Trial.RUNNING and "t2" in s._promoted[0]  # third of three, the best: it went on
+    s.on_trial_error(None, best)
+    best.status, best.last_result = Trial.PENDING, {"it": 1, "loss": 1.0}
+    s.on_trial_add(None, best)  # known: not taken for a restored trial
+    assert report(s, best, 2, 0.9) == TrialScheduler.CONTINUE and "t2" not in s._waiting

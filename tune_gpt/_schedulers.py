@@ -21,7 +21,8 @@ of the rung, and goes on from its checkpoint once enough trials have reached the
 - The end of a search has too few trials at its top rungs to fill 1/reduction_factor: when nothing runs
   and nothing waits to start, the best trial of a rung goes on if it is waiting there (the highest such
   rung first); when no rung's best is left waiting, the waiting trials stop where they are, and the
-  search ends.
+  search ends. A trial that this rule would send on as soon as it paused does not pause: with nothing
+  else to run (a one-trial search, the last trial of a search) a pause would only cost a restart.
 - A resumed search: Tune does not keep a scheduler's state, and restores paused trials as pending, which it
   starts whatever the scheduler says. The rungs are rebuilt from the trials Tune restores (`on_trial_add`,
   from each one's last result): a trial past a rung counts as gone on from it (its value there is not kept:
@@ -63,7 +64,14 @@ class PromotingASHA(FIFOScheduler):
         self._promoted: list[set[str]] = [set() for _ in self.rungs]  # rung -> the trials that went on from it
         self._waiting: dict[str, int] = {}  # trial id -> the rung it is paused at
         self._restored: dict[str, int] = {}  # trial id -> the rung a resumed search found it at, undecided
-        self.num_paused = self.num_promoted = self.num_stopped_waiting = 0
+        self.num_paused = self.num_promoted = self.num_stopped_waiting = self.num_not_paused = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Ray pickles the scheduler when a search starts and unpickles it for --resume: one pickled by an
+        # older tune_gpt lacks what was added since
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_restored", {})
+        self.__dict__.setdefault("num_not_paused", 0)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return (metric in (None, self._metric)) and (mode in (None, self._mode))
@@ -110,6 +118,10 @@ class PromotingASHA(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
     def _pause(self, tune_controller: Any, tid: str, k: int) -> str:
+        if self._pause_undone_at_once(tune_controller, tid, k):
+            self._promoted[k].add(tid)
+            self.num_not_paused += 1
+            return TrialScheduler.CONTINUE
         self._waiting[tid] = k
         self.num_paused += 1
         searcher = _telling_searcher(tune_controller)
@@ -117,13 +129,46 @@ class PromotingASHA(FIFOScheduler):
             searcher.pause_after_this_result(tid)  # Tune hands it this result next
         return TrialScheduler.PAUSE
 
+    def _best(self, k: int) -> str | None:
+        """The best trial of rung `k` (the first of equals), whether it went on or not."""
+        scores = self._scores[k]
+        return max(scores, key=lambda t: scores[t]) if scores else None
+
+    def _pause_undone_at_once(self, tune_controller: Any, tid: str, k: int) -> bool:
+        """Whether the end-of-search rule would send `tid` on from rung `k` as soon as it paused there: the
+        search makes no more trials, no other trial runs or waits to start, no waiting trial may go on, and
+        no higher rung's best waits. The pause would then cost a restart and change nothing (a one-trial
+        search, the last trial of any search)."""
+        get_trials, search_alg = (getattr(tune_controller, "get_trials", None),
+                                  getattr(tune_controller, "search_alg", None))
+        if get_trials is None or not getattr(search_alg, "is_finished", lambda: False)():
+            return False
+        trials = get_trials()
+        if any(t.status in (Trial.RUNNING, Trial.PENDING) and t.trial_id != tid for t in trials):
+            return False
+        paused = {t.trial_id for t in trials if t.status == Trial.PAUSED}
+        if any(t not in self._waiting for t in paused):  # paused by something else: choose_trial_to_run starts it
+            return False
+        for j in reversed(range(len(self.rungs))):
+            if any(self._waiting.get(t) == j and t in paused for t in self._next_up(j)):
+                return False  # a waiting trial goes on first
+        for j in reversed(range(len(self.rungs))):
+            best = self._best(j)
+            if j == k:
+                return best == tid
+            if best in paused and self._waiting.get(best) == j:
+                return False  # the end-of-search rule sends that one on first
+        return False
+
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        """A trial a resumed search restored (new trials have no result yet): its place at the rungs."""
+        """A trial a resumed search restored: its place at the rungs. (A new trial has no result yet, and
+        Tune adds again a trial it retries after a failure, which this scheduler knows already.)"""
         last = getattr(trial, "last_result", None) or {}
         t = last.get(self._time_attr)
-        if not isinstance(t, (int, float)) or self._metric not in last:
+        tid = trial.trial_id
+        if not isinstance(t, (int, float)) or self._metric not in last or any(tid in s for s in self._scores):
             return
-        tid, score = trial.trial_id, self._score(last)
+        score = self._score(last)
         for k, rung in enumerate(self.rungs):
             if t >= rung:
                 self._scores[k].setdefault(tid, score)  # past the rung: its value there stands in (not kept)
@@ -155,8 +200,7 @@ class PromotingASHA(FIFOScheduler):
         if any(t.status == Trial.RUNNING for t in trials):
             return None  # the rungs may fill yet
         for k in reversed(range(len(self.rungs))):  # the end of the search: a rung's best, from the top
-            scores = self._scores[k]
-            best = max(scores, key=lambda t: scores[t]) if scores else None  # (the first of equals)
+            best = self._best(k)
             if best in paused and self._waiting.get(best) == k:
                 return self._go_on(paused[best])
         controller = getattr(tune_controller, "_tune_controller", tune_controller)  # (Tune hands a wrapper)
@@ -185,7 +229,8 @@ class PromotingASHA(FIFOScheduler):
     def debug_string(self) -> str:
         filled = ", ".join(f"{r:g}: {len(s)}" for r, s in zip(self.rungs, self._scores))
         return (f"ASHA with promotions: {self.num_paused} pauses, {self.num_promoted} promoted, "
-                f"{self.num_stopped_waiting} ended waiting; trials per rung {{{filled}}}")
+                f"{self.num_stopped_waiting} ended waiting, {self.num_not_paused} pauses skipped (nothing else to "
+                f"run); trials per rung {{{filled}}}")
 
 
 def _telling_searcher(tune_controller: Any) -> Any:

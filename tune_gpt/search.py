@@ -1418,6 +1418,11 @@ def _tune_config(plan: Plan):
         search_alg = UniqueOptunaSearch(metric=plan.metric, mode=plan.mode, sampler=sampler, experiment=_study_tag(plan),
                                         points_to_evaluate=[plan.space.baseline()] if plan.space.domains else None, **kwargs)
     max_concurrent = opts.max_concurrent
+    if plan.scheduler.get("pause") and max_concurrent is not None:  # only a resume adopts pause with it: before
+        # Ray saved any state, the search starts afresh (restored, it keeps its own settings and ignores the flag)
+        raise ConfigError("--max-concurrent: the search was started with ASHA's promotion form, which pauses "
+                          "trials at its rungs, and a paused trial would count as running for ever; resume it "
+                          "without --max-concurrent")
     if search_alg is not None and max_concurrent:
         from tune_gpt._searchers import TellingLimiter
 

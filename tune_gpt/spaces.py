@@ -1276,7 +1276,8 @@ def metric_name(text: Any) -> str | None:
 
 def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int | None = None,
                        s: int | None = None, notes: list[str]) -> dict:
-    """Map W&B's hyperband stopping onto Ray's ASHA, one bracket.
+    """Map W&B's hyperband stopping onto ASHA, one bracket (tune_gpt's default form, which pauses a trial at a
+    rung until the rung ranks it; W&B, like Ray's form, ``--stop-at-rungs``, decides as a run arrives).
 
     W&B counts iterations as reports of the metric, as ASHA's
     ``training_iteration`` does (tune_gpt reports once per evaluation). At each

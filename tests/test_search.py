@@ -504,6 +504,15 @@ def test_resume_says_what_it_cannot_do_with_a_time_budget(tmp_path, corpus_file,
     p = plan(time_budget=60)
     assert run_main(lambda: _warn_budget_not_applied(p, _check_resumable(p)) or 0, "tune_gpt.search") == 0
     assert capsys.readouterr().err == f"tune_gpt.search: warning: {said}\n"  # the CLI's warnings: one line each
+    assert check(max_concurrent=3) == []  # an experiment file from before the limit was recorded: nothing to say
+    (exp / EXPERIMENT_FILE).write_text(json.dumps({"name": "b", "time_budget_s": 600.0, "max_concurrent": 2}))
+    assert check(max_concurrent=2) == []
+    (said,) = check(max_concurrent=3)
+    assert said.startswith("--max-concurrent 3 is not applied to a resumed search") and said.endswith("(2)")
+    (said,) = check()
+    assert said.startswith("--max-concurrent unset is not applied") and said.endswith("(2)")
+    (exp / EXPERIMENT_FILE).write_text(json.dumps({"name": "b", "time_budget_s": 600.0, "max_concurrent": None}))
+    assert check() == [] and check(max_concurrent=1)[0].endswith("with the limit it was started with (none)")
     (exp / "trial_1" / STOPPED_FILE).write_text("{}")
     with pytest.raises(ConfigError, match="time budget ran out .1 trial.s. out-of-time.*--retry-errored"):
         check()

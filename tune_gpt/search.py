@@ -1577,7 +1577,7 @@ def _search_info(plan: Plan) -> dict[str, Any]:
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept
-        "time_budget_s": plan.opts.time_budget,
+        "time_budget_s": plan.opts.time_budget, "max_concurrent": plan.opts.max_concurrent,
         "cpus_per_trial": plan.opts.cpus_per_trial, "gpus_per_trial": plan.opts.gpus_per_trial,
     }
     return json.loads(json.dumps(info, default=str))
@@ -1731,12 +1731,19 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
 
 
 def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:
-    """Ray restores a resumed search's own TuneConfig: say so when --time-budget asks for another budget."""
+    """Ray restores a resumed search's own TuneConfig: say so when --time-budget asks for another budget, or
+    --max-concurrent for another limit."""
     started = info.get("time_budget_s", "not recorded")
     if plan.opts.time_budget is not None and started != plan.opts.time_budget:
         had = "none" if started is None else f"{started:g} s" if isinstance(started, (int, float)) else started
         warnings.warn(f"--time-budget {plan.opts.time_budget:g} is not applied to a resumed search: Ray restores the "
                       f"search's own settings, so each run of it has the budget it was started with ({had})")
+    limit = plan.opts.max_concurrent
+    if "max_concurrent" in info and limit != info["max_concurrent"]:  # (recorded since 2026-11-30)
+        had = "none" if info["max_concurrent"] is None else info["max_concurrent"]
+        warnings.warn(f"--max-concurrent {limit if limit is not None else 'unset'} is not applied to a resumed "
+                      f"search: Ray restores the search's own settings, so it runs with the limit it was started "
+                      f"with ({had})")
 
 
 def _check_remote_experiment(plan: Plan) -> None:

@@ -441,5 +441,23 @@ def test_a_trial_that_fails_after_going_on_from_a_rung_keeps_its_place_when_tune
     assert best.status == Trial.RUNNING and "t2" in s._promoted[0]  # third of three, the best: it went on
     s.on_trial_error(None, best)
     best.status, best.last_result = Trial.PENDING, {"it": 1, "loss": 1.0}
-    s.on_trial_add(None, best)  # known: not taken for a restored trial
+    s.on_trial_add(None, best)  # known, and it went on: it goes on
     assert report(s, best, 2, 0.9) == TrialScheduler.CONTINUE and "t2" not in s._waiting
+
+
+def test_a_trial_that_fails_as_it_pauses_is_decided_again_on_its_value_at_the_rung():
+    """Tune retries a trial whose pause failed (its actor died): on its retry's first result it is ranked on
+    its value at the rung, not on the evaluation after it, which would take the slot of a better trial."""
+    s = asha(max_t=8, grace_period=1, reduction_factor=3)  # rungs 1, 3
+    trials = [FakeTrial(f"t{i}") for i in range(3)]
+    for t, loss in zip(trials, (1.0, 2.0, 3.0)):
+        t.status = Trial.RUNNING
+        report(s, t, 1, loss)
+    # all three wait (one slot of three, not yet taken: t0 is to go on, the best)
+    assert [t.status for t in trials] == [Trial.PAUSED, Trial.PAUSED, Trial.PAUSED] and s._next_up(0) == ["t0"]
+    s.on_trial_error(None, trials[2])  # its pause failed: Tune retries it
+    trials[2].status, trials[2].last_result = Trial.PENDING, {"it": 1, "loss": 3.0}
+    s.on_trial_add(None, trials[2])
+    trials[2].status = Trial.RUNNING
+    assert report(s, trials[2], 2, 0.5) == TrialScheduler.PAUSE  # ranked on 3.0: the slot stays t0's
+    assert s._scores[0]["t2"] == -3.0 and s._next_up(0) == ["t0"]

@@ -161,12 +161,12 @@ class PromotingASHA(FIFOScheduler):
         return False
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
-        """A trial a resumed search restored: its place at the rungs. (A new trial has no result yet, and
-        Tune adds again a trial it retries after a failure, which this scheduler knows already.)"""
+        """A trial a resumed search restored: its place at the rungs. Tune also adds again a trial it retries
+        after a failure (this scheduler knows it: what it knows stands), and a new trial has no result yet."""
         last = getattr(trial, "last_result", None) or {}
         t = last.get(self._time_attr)
         tid = trial.trial_id
-        if not isinstance(t, (int, float)) or self._metric not in last or any(tid in s for s in self._scores):
+        if not isinstance(t, (int, float)) or self._metric not in last:
             return
         score = self._score(last)
         for k, rung in enumerate(self.rungs):
@@ -174,8 +174,10 @@ class PromotingASHA(FIFOScheduler):
                 self._scores[k].setdefault(tid, score)  # past the rung: its value there stands in (not kept)
             if t > rung:
                 self._promoted[k].add(tid)
-            elif t == rung and trial.status not in (Trial.TERMINATED, Trial.ERROR):
-                self._restored[tid] = k  # it waited here (or had just gone on): decided at its next result
+            elif t == rung and trial.status not in (Trial.TERMINATED, Trial.ERROR) and tid not in self._promoted[k]:
+                # it waited here (or, restored, had just gone on; or failed as it paused): decided at its next
+                # result, on its value here
+                self._restored[tid] = k
 
     def _go_on(self, trial: Trial) -> Trial:
         k = self._waiting.pop(trial.trial_id, None)

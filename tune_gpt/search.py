@@ -1739,7 +1739,7 @@ def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:
         warnings.warn(f"--time-budget {plan.opts.time_budget:g} is not applied to a resumed search: Ray restores the "
                       f"search's own settings, so each run of it has the budget it was started with ({had})")
     limit = plan.opts.max_concurrent
-    if "max_concurrent" in info and limit != info["max_concurrent"]:  # (recorded since 2026-11-30)
+    if limit is not None and "max_concurrent" in info and limit != info["max_concurrent"]:  # (recorded since 2026-11-30)
         had = "none" if info["max_concurrent"] is None else info["max_concurrent"]
         warnings.warn(f"--max-concurrent {limit if limit is not None else 'unset'} is not applied to a resumed "
                       f"search: Ray restores the search's own settings, so it runs with the limit it was started "

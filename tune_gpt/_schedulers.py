@@ -134,11 +134,26 @@ class PromotingASHA(FIFOScheduler):
         scores = self._scores[k]
         return max(scores, key=lambda t: scores[t]) if scores else None
 
+    def _waiting_to_go_on(self, paused: set[str], idle: bool) -> str | None:
+        """The waiting trial to send on next: one its rung now has room for (highest rung first); else, when
+        `idle` (the end of the search: nothing runs or waits to start), the best of the highest rung whose
+        best waits there."""
+        for k in reversed(range(len(self.rungs))):
+            for tid in self._next_up(k):
+                if self._waiting.get(tid) == k and tid in paused:
+                    return tid
+        if idle:
+            for k in reversed(range(len(self.rungs))):
+                best = self._best(k)
+                if best in paused and self._waiting.get(best) == k:
+                    return best
+        return None
+
     def _pause_undone_at_once(self, tune_controller: Any, tid: str, k: int) -> bool:
-        """Whether the end-of-search rule would send `tid` on from rung `k` as soon as it paused there: the
-        search makes no more trials, no other trial runs or waits to start, no waiting trial may go on, and
-        no higher rung's best waits. The pause would then cost a restart and change nothing (a one-trial
-        search, the last trial of any search)."""
+        """Whether `choose_trial_to_run` would send `tid` on from rung `k` as soon as it paused there: the
+        search makes no more trials, no other trial runs or waits to start, and the end-of-search rule picks
+        it first. The pause would then cost a restart and change nothing (a one-trial search, the last trial
+        of any search)."""
         get_trials, search_alg = (getattr(tune_controller, "get_trials", None),
                                   getattr(tune_controller, "search_alg", None))
         if get_trials is None or not getattr(search_alg, "is_finished", lambda: False)():
@@ -149,16 +164,11 @@ class PromotingASHA(FIFOScheduler):
         paused = {t.trial_id for t in trials if t.status == Trial.PAUSED}
         if any(t not in self._waiting for t in paused):  # paused by something else: choose_trial_to_run starts it
             return False
-        for j in reversed(range(len(self.rungs))):
-            if any(self._waiting.get(t) == j and t in paused for t in self._next_up(j)):
-                return False  # a waiting trial goes on first
-        for j in reversed(range(len(self.rungs))):
-            best = self._best(j)
-            if j == k:
-                return best == tid
-            if best in paused and self._waiting.get(best) == j:
-                return False  # the end-of-search rule sends that one on first
-        return False
+        self._waiting[tid] = k  # as if it waited there
+        try:
+            return self._waiting_to_go_on(paused | {tid}, idle=True) == tid
+        finally:
+            del self._waiting[tid]
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         """A trial a resumed search restored: its place at the rungs. Tune also adds again a trial it retries
@@ -189,10 +199,9 @@ class PromotingASHA(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
         trials = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
-        for k in reversed(range(len(self.rungs))):  # a trial that may go on, highest rung first
-            for tid in self._next_up(k):
-                if self._waiting.get(tid) == k and tid in paused:
-                    return self._go_on(paused[tid])
+        tid = self._waiting_to_go_on(set(paused), idle=False)  # a trial its rung has room for, before new ones
+        if tid is not None:
+            return self._go_on(paused[tid])
         for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
@@ -201,10 +210,9 @@ class PromotingASHA(FIFOScheduler):
                 return trial
         if any(t.status == Trial.RUNNING for t in trials):
             return None  # the rungs may fill yet
-        for k in reversed(range(len(self.rungs))):  # the end of the search: a rung's best, from the top
-            best = self._best(k)
-            if best in paused and self._waiting.get(best) == k:
-                return self._go_on(paused[best])
+        tid = self._waiting_to_go_on(set(paused), idle=True)  # the end of the search: a rung's best, from the top
+        if tid is not None:
+            return self._go_on(paused[tid])
         controller = getattr(tune_controller, "_tune_controller", tune_controller)  # (Tune hands a wrapper)
         for tid, trial in paused.items():  # nothing left worth training: they end at their rung
             self._waiting.pop(tid, None)

@@ -1690,12 +1690,13 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     if not saved:
         return
     was = saved.get("scheduler")
-    if isinstance(was, dict) and was.get("type") == "asha" and "pause" not in was:
-        saved = {**saved, "scheduler": {**was, "pause": False}}  # started before promotions were the default
-    was = saved.get("scheduler")
-    if not plan.pause_given and plan.scheduler.get("type") == "asha" and isinstance(was, dict) and was.get("type") == "asha":
-        plan.scheduler["pause"] = was["pause"]  # not asked for: the form the search was started with (Ray restores it)
-        plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
+    if isinstance(was, dict) and was.get("type") == "asha":
+        if "pause" not in was:  # started before promotions were the default
+            was = {**was, "pause": False}
+            saved = {**saved, "scheduler": was}
+        if not plan.pause_given and plan.scheduler.get("type") == "asha":
+            plan.scheduler["pause"] = was["pause"]  # not asked for: the form it was started with (Ray restores it)
+            plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
     now = _search_info(plan)
     diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
              for key in ("space", "searcher", "scheduler", "num_samples", "metric", "mode")
@@ -1741,7 +1742,7 @@ def _warn_budget_not_applied(plan: Plan, info: dict[str, Any]) -> None:
     limit = plan.opts.max_concurrent
     if limit is not None and "max_concurrent" in info and limit != info["max_concurrent"]:  # (recorded since 2026-11-30)
         had = "none" if info["max_concurrent"] is None else info["max_concurrent"]
-        warnings.warn(f"--max-concurrent {limit if limit is not None else 'unset'} is not applied to a resumed "
+        warnings.warn(f"--max-concurrent {limit} is not applied to a resumed "
                       f"search: Ray restores the search's own settings, so it runs with the limit it was started "
                       f"with ({had})")
 

@@ -121,6 +121,25 @@ def test_the_plan_says_what_the_command_line_changed_in_the_file():
     assert "time budget  30 s" in resumed.describe(restoring=False)  # --resume, but Ray had saved nothing: a new start
 
 
+def test_a_restored_plan_shows_the_limit_and_budget_ray_restores():
+    """Ray restores a resumed search's own --max-concurrent and --time-budget: the printed plan shows those,
+    from the experiment file, not the flags given now."""
+    resumed = plan_search(SearchOptions(time_budget=30, max_concurrent=4, resume=True, search="random"))
+    resumed.saved = {"max_concurrent": 2, "time_budget_s": 600}
+    text = resumed.describe()
+    assert "concurrency 2 (the search's own: --max-concurrent is not applied to a resumed search)" in text
+    assert "time budget  600 s, the search's own, counted afresh in this run (--time-budget is not applied" in text
+    assert "concurrency 4" in resumed.describe(restoring=False) and "time budget  30 s" in resumed.describe(restoring=False)
+    resumed.saved = {"max_concurrent": None, "time_budget_s": None}  # started with neither
+    text = resumed.describe()
+    assert "concurrency as resources allow (the search's own" in text
+    assert "time budget  none, as the search was started (--time-budget is not applied" in text
+    same = plan_search(SearchOptions(max_concurrent=2, resume=True, search="random"))
+    same.saved = {"max_concurrent": 2, "time_budget_s": 600}  # the same limit given again: nothing to point out
+    assert "concurrency 2\n" in same.describe() + "\n" and "not applied" not in same.describe()
+    assert "time budget  600 s, the search's own" in same.describe()  # the restored budget, though no flag asked
+
+
 def test_bundled_spaces_are_found_by_name_or_the_readmes_path_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the repository: the README's `--space search_spaces/...` must still work
     assert plan_search(SearchOptions(space="search_spaces/seed_sweep.yaml")).space.name == "seed_sweep"

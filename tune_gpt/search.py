@@ -119,6 +119,7 @@ class Plan:
     notes: list[str]
     n_trials: int = 0
     pause_given: bool = False  # ASHA's form was asked for (a flag or the space's `pause`), not the default
+    saved: dict[str, Any] | None = None  # a resumed search's experiment file: the settings Ray restores
 
     def max_trials(self) -> int:
         """`n_trials`, or fewer where Optuna, which trains no configuration twice, searches a space holding fewer."""
@@ -135,7 +136,11 @@ class Plan:
         o = self.opts
         restoring = o.resume if restoring is None else restoring
         res = f"{o.cpus_per_trial:g} CPU" + (f" + {o.gpus_per_trial:g} GPU" if o.gpus_per_trial else "")
-        conc = o.max_concurrent if o.max_concurrent else "as resources allow"
+        saved = self.saved if restoring and self.saved else {}
+        limit = saved.get("max_concurrent", o.max_concurrent)  # restored: the search's own (recorded since 2026-11-30)
+        conc = limit if limit else "as resources allow"
+        if "max_concurrent" in saved and o.max_concurrent is not None and o.max_concurrent != limit:
+            conc = f"{conc} (the search's own: --max-concurrent is not applied to a resumed search)"
         sched = " ".join(f"{k}={v}" for k, v in self.scheduler.items())
         lines = [
             self.space.describe(),
@@ -155,7 +160,13 @@ class Plan:
             + (" after halving the micro-batch down to 1 (same effective batch)" if o.oom_retry else ""),
             f"  corpus       {redact(self.base_cfg.data or '') or ('chinese' if self.base_cfg.use_chinese else 'python-docs')}",
         ]
-        if o.time_budget and restoring:
+        had = saved.get("time_budget_s")
+        if "time_budget_s" in saved and (had is not None or o.time_budget):
+            lines.append("  time budget  " + (f"{had:g} s, the search's own, counted afresh in this run"
+                                              if isinstance(had, (int, float)) else "none, as the search was started")
+                         + (" (--time-budget is not applied to a resumed search)"
+                            if o.time_budget and o.time_budget != had else ""))
+        elif o.time_budget and restoring:
             lines.append("  time budget  the one the search was started with (--time-budget is not applied to a "
                          "resumed search)")
         elif o.time_budget:
@@ -935,6 +946,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
         _check_gpus(opts)
         restore = opts.resume and _can_restore(plan)
         if restore:
+            plan.saved = experiment_file  # the plan printed shows the limit and budget Ray restores
             _warn_budget_not_applied(plan, experiment_file)
         if not restore:
             param_space = {**plan.space.to_tune(), **redact_flat(plan.fixed)}  # Ray writes it in every trial's files

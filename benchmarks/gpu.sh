@@ -10,7 +10,7 @@ mkdir -p "$out"
 here="$(cd "$(dirname "$0")" && pwd)"
 export WANDB_MODE=disabled
 if [ "${1:-}" != "--dry-run" ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
+  timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
 fi
 # the first of python3, python that imports torch (on the lent GPU machines python3 is the one with
 # PyTorch, and a `python` there may be another interpreter); PYTHON=... overrides

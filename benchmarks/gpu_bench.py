@@ -51,13 +51,14 @@ def _cfg(size: str, dry: bool, data: str, **over):
 
 
 def resume_check(dry: bool, data: str) -> dict:
-    """Stop at 30, resume to 60; against an uninterrupted 60. Evaluated every 10 steps."""
+    """Stop at 30, resume to 60; against an uninterrupted 60. Evaluated every 10 steps. Dropout 0.1 (tiny has
+    none), so that the resumed run draws from the restored RNG (on a GPU, the CUDA generator's state)."""
     from tune_gpt.config import TrainConfig
     from tune_gpt.data import load_corpus
     from tune_gpt.train import train
 
     corpus = load_corpus(data)
-    over = {"max_steps": 60, "eval_interval": 10, "eval_iters": 4, "checkpoint": True}
+    over = {"max_steps": 60, "eval_interval": 10, "eval_iters": 4, "checkpoint": True, "dropout": 0.1}
     whole = train(_cfg("tiny", dry, data, **over), corpus=corpus)
     cfg = _cfg("tiny", dry, data, **over)
     train(cfg, corpus=corpus, stop_after=30)
@@ -131,8 +132,9 @@ def pack_worker(spec: dict) -> dict:
     over = {"max_steps": 10**7, "eval_interval": 10**9, "log_interval": 1 if spec["dry"] else 10, "checkpoint": False}
     if spec["dry"]:
         over["num_threads"] = 1
-    else:
+    else:  # as a trial: its share of the GPU's memory, and of the CPU's cores (as --cpus-per-trial gives)
         over["gpu_memory_fraction"] = 1.0 / spec["n"]
+        over["num_threads"] = max(1, (os.cpu_count() or 1) // spec["n"])
     rep = Stamps()
     try:
         train(_cfg(spec["size"], spec["dry"], spec["data"], **over), rep, corpus=load_corpus(spec["data"]))
@@ -167,10 +169,12 @@ def _tokens_at(stamps: list, t: float) -> float:
     return stamps[-1][1] if t > stamps[-1][0] else stamps[0][1]
 
 
-def packing(size: str, n: int, seconds: float, dry: bool, data: str) -> dict:
+def packing(size: str, n: int, seconds: float, dry: bool, data: str, out: Path) -> dict:
     """n processes training at once, each capped to 1/n of the GPU's memory: aggregate tokens/s over the
     window in which all n were past their warm-up and still training (a sum of each one's own rate would
-    count time the others had not started yet: CUDA start-up and imports take seconds)."""
+    count time the others had not started yet: CUDA start-up and imports take seconds). One deadline for
+    all n (a hung worker cannot hold the run for n times its own limit); a failed worker's stderr is kept
+    in `out`/pack_<size>_<n>_<i>.log."""
     # a common start, late enough for every worker to have imported torch and built its model
     spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data,
             "start_at": time.time() + (8.0 if dry else 12.0)}
@@ -178,12 +182,20 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str) -> dict:
                               stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True) for _ in range(n)]
     _WORKERS[:] = procs  # gpu.sh's time limit (SIGTERM) kills them too: their sessions are their own
     outs = []
+    deadline = spec["start_at"] + seconds + 120
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=seconds + 180)
+        for i, proc in enumerate(procs):
+            try:
+                stdout, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                return {"size": size, "trials": n, "error": [f"worker {i} still running {seconds + 120:.0f} s after "
+                                                             "the common start: killed"]}
             if proc.returncode:
-                return {"size": size, "trials": n, "error": (err.strip().splitlines() or ["?"])[-1:]}
-            outs.append(json.loads(out.strip().splitlines()[-1]))
+                log = out / f"pack_{size}_{n}_{i}.log"
+                log.write_text(err)
+                return {"size": size, "trials": n,
+                        "error": [f"{(err.strip().splitlines() or ['?'])[-1]} (stderr: {log.name})"]}
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:
         _kill(procs)
     kept = [o["stamps"][len(o["stamps"]) // 5:] for o in outs]  # the first fifth: warm-up
@@ -267,7 +279,7 @@ def main() -> None:
     pack_seconds = 15.0 if not dry else 4.0
     for size in (("tiny", "small") if not dry else ("tiny",)):
         for n in ((1, 2, 4, 8) if not dry else (1, 2)):
-            add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_seconds, dry, args.data))
+            add("packing", _attempt({"size": size, "trials": n}, packing, size, n, pack_seconds, dry, args.data, out))
     # compiled last (slow to start, and it needs a C compiler): the rows a time limit would cut
     for size in (("tiny", "small", "medium") if not dry else ()):
         add("speed", _attempt({"size": size, "compile": True}, speed, size, True, speed_steps[size], dry, args.data))

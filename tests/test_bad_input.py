@@ -167,6 +167,7 @@ FLAG_CASES = [
     ("bf16_on_cpu_trials", ["--bf16"], ["bf16", "--gpus-per-trial"]),
     ("device_unknown", ["--device", "tpu"], ["device", "tpu"]),
     ("device_cuda_without_gpus", ["--device", "cuda"], ["--device", "cuda", "--gpus-per-trial"]),
+    ("device_numbered_with_gpus", ["--gpus-per-trial", "0.5", "--device", "cuda:1"], ["--device", "'cuda:1'", "cuda:0"]),
     ("max_steps_negative", ["--max_steps", "-5"], ["max_steps", "-5"]),
     ("epochs_zero", ["--epochs", "0"], ["epochs", "0"]),
     ("beta1_one", ["--beta1", "1.0"], ["beta1", "1.0"]),

@@ -413,3 +413,55 @@ def test_compile_on_a_gpu_without_a_c_compiler_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--compile: CC='/opt/nowhere/cc' is no compiler found on PATH"):
         _check_compiler(torch.device("cuda"))
 
+
+
+def test_a_shared_gpus_memory_cap_leaves_room_for_the_cuda_context():
+    """set_per_process_memory_fraction caps torch's allocator only; each process's CUDA context comes on top.
+    Four trials at exactly 0.25 would claim the whole GPU plus four contexts: each share gives 1 GiB back."""
+    from tune_gpt.train import CONTEXT_ALLOWANCE, memory_cap
+
+    h200 = 141 * 10**9
+    quarter = memory_cap(0.25, h200)
+    assert quarter == pytest.approx(0.25 - CONTEXT_ALLOWANCE / h200) and CONTEXT_ALLOWANCE == 1 << 30
+    assert 4 * quarter * h200 + 4 * CONTEXT_ALLOWANCE == pytest.approx(h200)  # four caps and four contexts fit
+    assert memory_cap(1.0, h200) == 1.0 and memory_cap(1, h200) == 1.0 and isinstance(memory_cap(1, h200), float)
+    assert memory_cap(0.125, 4 * 2**30) == 0.0625  # a 4 GiB GPU: never less than half the share
+    assert isinstance(memory_cap(1, 0), float)
+
+
+def test_resuming_keeps_this_runs_optimizer_kernel_not_the_checkpoints():
+    """torch's load_state_dict takes fused/foreach from the saved groups: a checkpoint saved unfused (an MPS
+    run), resumed on CUDA with fp16, failed at the first step (GradScaler hands its scale to fused AdamW)."""
+    from tune_gpt.train import load_optimizer_state
+
+    model = torch.nn.Linear(4, 4)
+    saved = torch.optim.AdamW(model.parameters(), lr=0.1)  # not fused
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    state = saved.state_dict()
+    assert state["param_groups"][0]["fused"] is None
+    fused = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    load_optimizer_state(fused, state)
+    group = fused.param_groups[0]
+    assert group["fused"] is True and group["lr"] == 0.1  # the kernel is this run's; the hyperparameters resumed
+    assert torch.equal(fused.state[model.weight]["exp_avg"], saved.state[model.weight]["exp_avg"])
+    fused.step()  # and it steps
+
+
+def test_a_compiled_run_raises_the_recompile_limit_while_it_trains_and_puts_it_back(tiny_cfg, monkeypatch):
+    """A search's worker process compiles trial after trial; at torch's default limit of 8 compiled variants
+    every later new shape ran eagerly, so a trial's tokens/s depended on the trials before it."""
+    import torch._dynamo
+
+    from tune_gpt.train import RECOMPILE_LIMIT
+
+    class Limit(Reporter):
+        def start(self, cfg, info):
+            self.during = torch._dynamo.config.recompile_limit
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # the limit, not Inductor, is under test
+    before = torch._dynamo.config.recompile_limit
+    rec = Limit()
+    res = train(tiny_cfg(max_steps=2, eval_interval=2, sample_tokens=0, compile=True), rec)
+    assert res.status == "finished" and rec.during == max(before, RECOMPILE_LIMIT) > 8
+    assert torch._dynamo.config.recompile_limit == before

@@ -106,7 +106,7 @@ class TrainConfig:
         " layers on a CPU with AMX or AVX512-BF16 (not with compile), else highest")
     compile: bool = _f(False, "torch.compile the model")
     num_threads: int | None = _f(None, "torch CPU threads; default: torch's")
-    gpu_memory_fraction: float | None = _f(None, "cap this process's CUDA memory to this fraction")
+    gpu_memory_fraction: float | None = _f(None, "this process's share of the GPU: its CUDA memory is capped to it, less 1 GiB for the CUDA context")
     output_dir: str = _f("./output_single", "checkpoints, logs and the final model go here")
     cache_dir: str | None = _f(None, "token cache; default: ~/.cache/tune_gpt")
     resume: bool = _f(False, "resume from output_dir's last checkpoint")

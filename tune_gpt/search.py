@@ -407,10 +407,15 @@ def _blame(exc: Exception, overrides: dict[str, Any], space: SearchSpace) -> str
 
 
 def _check_trial_device(base: TrainConfig, fixed: dict[str, Any], opts: SearchOptions, space: SearchSpace) -> None:
-    """Trials run on the CPU unless they ask Ray for a GPU: refuse GPU-only settings without one."""
-    if opts.gpus_per_trial > 0:
-        return
+    """Trials run on the CPU unless they ask Ray for a GPU: refuse GPU-only settings without one, and a fixed
+    device with one (Ray shows each trial only the GPUs it was given, numbered from cuda:0)."""
     where = (lambda key: f"--{flag_name(key)}" if key in opts.overrides else f"{space.source}: {space.where(key)}")
+    if opts.gpus_per_trial > 0:
+        if "device" in fixed and str(fixed["device"]) not in ("auto", "cuda", "cuda:0"):
+            raise ConfigError(f"{where('device')}: {fixed['device']!r}: each trial trains on the GPU Ray gives it "
+                              f"(--gpus-per-trial {opts.gpus_per_trial:g}), which it sees as cuda:0; leave the device "
+                              "out (or 'cuda')")
+        return
     if "device" in fixed and str(fixed["device"]) not in ("cpu", "auto"):
         raise ConfigError(f"{where('device')}: {fixed['device']!r}: trials run where Ray places them; "
                           "ask for GPUs with --gpus-per-trial (e.g. 0.25) instead of a device")

@@ -344,11 +344,14 @@ def train(
     when the loss turns NaN or infinite.
 
     The process-wide torch settings the run changes (CPU threads, float32 matmul precision, cuDNN's
-    TF32) are put back when it returns or raises: a notebook's next cell runs as it did before.
+    TF32, the CUDA memory cap, torch.compile's recompile limit) are put back when it returns or raises:
+    a notebook's next cell runs as it did before.
     """
     threads, matmul, cudnn_tf32 = torch.get_num_threads(), _matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        return _train(cfg, reporter, corpus=corpus, resume_from=resume_from, stop_after=stop_after)
+        with contextlib.ExitStack() as restore:  # what _train changes once it knows the device
+            return _train(cfg, reporter, corpus=corpus, resume_from=resume_from, stop_after=stop_after,
+                          restore=restore)
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -369,7 +372,7 @@ def _matmul_precision() -> str | None:
 
 
 def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None, resume_from: str | Path | None,
-           stop_after: int | None) -> TrainResult:
+           stop_after: int | None, restore: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
     reporter = reporter or Reporter()
     device = resolve_device(cfg)
@@ -381,7 +384,10 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
         torch.set_float32_matmul_precision("high" if cfg.matmul_precision == "auto" else cfg.matmul_precision)
         torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"
         if cfg.gpu_memory_fraction:
-            torch.cuda.set_per_process_memory_fraction(cfg.gpu_memory_fraction, device)
+            restore.callback(torch.cuda.set_per_process_memory_fraction,
+                             torch.cuda.get_per_process_memory_fraction(device), device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(memory_cap(cfg.gpu_memory_fraction, total), device)
     if corpus is None:
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
     corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)
@@ -436,7 +442,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
             raise ConfigError(f"resume: checkpoint {src} has model {state['model_args']}, this run wants {model_args}")
         try:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
             if state["scaler"]:  # a run without loss scaling saved {}: resumed with --fp16, the scaler starts afresh
                 scaler.load_state_dict(state["scaler"])
             sampler.set_state(state["sampler"])
@@ -459,6 +465,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
     raw_model = model
     if cfg.compile:
         _check_compiler(device)
+        restore.enter_context(_recompile_limit(RECOMPILE_LIMIT))
         model = torch.compile(model)
 
     flops_per_token = raw_model.flops_per_token()
@@ -607,6 +614,61 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
         warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
     interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
     raise interrupted
+
+
+CONTEXT_ALLOWANCE = 1 << 30  # bytes left outside a shared GPU's cap for the process's CUDA context
+RECOMPILE_LIMIT = 64  # compiled variants of the model kept in one process (torch's default: 8)
+
+
+def memory_cap(fraction: float, total_bytes: int) -> float:
+    """The fraction of the GPU's memory `torch.cuda.set_per_process_memory_fraction` gets for a process
+    given `fraction` of the GPU (a search's ``--gpus-per-trial``).
+
+    The cap covers torch's caching allocator only; each process's CUDA context (0.5-1.5 GiB: kernels,
+    cuBLAS handles) sits outside it. Four trials capped at exactly 0.25 each would together claim the
+    whole GPU plus four contexts, and the last to allocate could meet a real out-of-memory below its own
+    cap, decided by its neighbours. A share below the whole GPU leaves `CONTEXT_ALLOWANCE` of it to the
+    context (never more than half the share); the whole GPU is capped at all of it.
+    """
+    fraction = float(fraction)
+    if fraction >= 1.0 or total_bytes <= 0:
+        return min(fraction, 1.0)
+    return max(fraction / 2, fraction - CONTEXT_ALLOWANCE / total_bytes)
+
+
+@contextlib.contextmanager
+def _recompile_limit(limit: int):
+    """torch.compile's per-function limit on compiled variants raised to `limit` while a compiled run trains.
+
+    A search's worker process (Ray reuses them: ``reuse_actors``) compiles `GPT.forward` for trial after
+    trial; each model shape it has not seen (another n_layer, dropout, batch...) adds a variant, and at
+    torch's default of 8 Dynamo logs once and runs every later new shape eagerly: a trial's tokens/s and
+    MFU would then depend on which trials ran before it in that process. The variants are kept, not reset:
+    a trial ASHA promotes back into a process that compiled it before compiles nothing again."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # (its name before torch 2.6)
+    before = getattr(cfg, name)
+    setattr(cfg, name, max(before, limit))
+    try:
+        yield
+    finally:
+        setattr(cfg, name, before)
+
+
+_OPTIMIZER_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict`, keeping how this run's optimizer steps (fused, foreach...): torch takes
+    those from the checkpoint's parameter groups, so a checkpoint saved where AdamW was not fused (an MPS
+    run) resumed on CUDA with fp16 would fail at the first step (GradScaler hands its scale to the fused
+    kernel only), and one saved fused would impose the fused kernel where it cannot run."""
+    flags = [{k: g[k] for k in _OPTIMIZER_FLAGS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
 
 
 def _check_compiler(device: torch.device) -> None:

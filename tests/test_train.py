@@ -441,7 +441,10 @@ def test_resuming_keeps_this_runs_optimizer_kernel_not_the_checkpoints():
     state = saved.state_dict()
     assert state["param_groups"][0]["fused"] is None
     fused = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    loaded = []  # torch places each `step` counter by the groups it is given (CUDA for fused): they carry the flags
+    fused.load_state_dict = lambda sd, load=fused.load_state_dict: (loaded.append(sd), load(sd))[1]
     load_optimizer_state(fused, state)
+    assert loaded[0]["param_groups"][0]["fused"] is True and state["param_groups"][0]["fused"] is None  # not edited
     group = fused.param_groups[0]
     assert group["fused"] is True and group["lr"] == 0.1  # the kernel is this run's; the hyperparameters resumed
     assert torch.equal(fused.state[model.weight]["exp_avg"], saved.state[model.weight]["exp_avg"])

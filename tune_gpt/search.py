@@ -163,7 +163,8 @@ class Plan:
         had = saved.get("time_budget_s")
         if "time_budget_s" in saved and (had is not None or o.time_budget):
             lines.append("  time budget  " + (f"{had:g} s, the search's own, counted afresh in this run"
-                                              if isinstance(had, (int, float)) else "none, as the search was started")
+                                              if isinstance(had, (int, float)) else "none, as the search was started"
+                                              if had is None else f"{had} (as recorded)")
                          + (" (--time-budget is not applied to a resumed search)"
                             if o.time_budget and o.time_budget != had else ""))
         elif o.time_budget and restoring:

@@ -664,11 +664,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     """`optimizer.load_state_dict`, keeping how this run's optimizer steps (fused, foreach...): torch takes
     those from the checkpoint's parameter groups, so a checkpoint saved where AdamW was not fused (an MPS
     run) resumed on CUDA with fp16 would fail at the first step (GradScaler hands its scale to the fused
-    kernel only), and one saved fused would impose the fused kernel where it cannot run."""
+    kernel only), and one saved fused would impose the fused kernel where it cannot run. The flags go into
+    the saved groups before loading, not after: torch also decides from them where each ``step`` counter
+    goes (on the parameter's device for the fused kernel, where it would otherwise stay on the CPU)."""
     flags = [{k: g[k] for k in _OPTIMIZER_FLAGS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, own in zip(optimizer.param_groups, flags):
-        group.update(own)
+    saved = state.get("param_groups") if isinstance(state, dict) else None
+    if isinstance(saved, list) and len(saved) == len(flags) and all(isinstance(g, dict) for g in saved):
+        state = {**state, "param_groups": [{**g, **own} for g, own in zip(saved, flags)]}
+    optimizer.load_state_dict(state)  # (groups that do not match: its own error, which resume reports)
 
 
 def _check_compiler(device: torch.device) -> None:

@@ -192,3 +192,23 @@ def test_batches_are_shifted_windows_and_seeded():
     nxt = a.next()[0]
     a.set_state(state)
     assert (a.next()[0] == nxt).all()
+
+
+def test_batches_are_taken_from_the_split_as_stored_without_a_copy_of_it():
+    """A search hands every trial the corpus in Ray's shared memory, read-only: an int64 copy of each split
+    per trial cost 8 bytes a token (gigabytes for a large corpus, times the trials on the node)."""
+    import torch
+
+    tokens = (np.arange(5000) % 3001).astype(np.uint16)
+    tokens.flags.writeable = False  # as Ray's shared copy
+    s = BatchSampler(tokens, 3, 16, seed=7)
+    assert s.tokens is tokens
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ix = torch.randint(len(tokens) - 16 - 1, (3,), generator=gen)
+        x, y = s.next()
+        assert x.dtype == torch.int64 and x.shape == (3, 16)
+        for row, i in enumerate(ix.tolist()):  # each row is the window at the generator's position
+            assert x[row].tolist() == tokens[i:i + 16].tolist() and y[row].tolist() == tokens[i + 1:i + 17].tolist()
+    big = BatchSampler(np.full(10, 70000, dtype=np.uint32), 2, 3, seed=0)  # a vocabulary past uint16: ids kept
+    assert (big.next()[0] == 70000).all()

@@ -468,3 +468,17 @@ def test_a_compiled_run_raises_the_recompile_limit_while_it_trains_and_puts_it_b
     res = train(tiny_cfg(max_steps=2, eval_interval=2, sample_tokens=0, compile=True), rec)
     assert res.status == "finished" and rec.during == max(before, RECOMPILE_LIMIT) > 8
     assert torch._dynamo.config.recompile_limit == before
+
+
+def test_training_keeps_its_step_tensors_in_glibcs_heap_unless_the_user_tuned_malloc(monkeypatch):
+    """glibc maps and unmaps every block above 128 KiB until a large free raises its threshold: a search's
+    trial (corpus from Ray's shared memory, no large free) trained slower than the same run called directly."""
+    import platform
+    import sys
+
+    from tune_gpt.train import _malloc_for_training
+
+    glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+    assert _malloc_for_training() is glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own tuning stands
+    assert _malloc_for_training() is False

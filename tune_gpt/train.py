@@ -376,6 +376,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
     t_start = time.perf_counter()
     reporter = reporter or Reporter()
     device = resolve_device(cfg)
+    _malloc_for_training()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if device.type == "cuda":
@@ -614,6 +615,37 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
         warnings.warn(f"closing the logs after Ctrl+C failed: {type(exc).__name__}: {exc}")
     interrupted.train_result = result  # type: ignore[attr-defined]  # where the last checkpoint is (the CLI says)
     raise interrupted
+
+
+MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest dynamic value on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def _malloc_for_training() -> bool:
+    """Keep the training step's tensors in glibc's heap: blocks up to 32 MiB are not mapped and unmapped,
+    nor the heap trimmed, at every step. Returns whether it was set (glibc only; a no-op elsewhere).
+
+    glibc serves each block above its mmap threshold (128 KiB at start) with a fresh mmap and unmaps it
+    when freed, so each step's activations (0.2-1.5 MiB for the tiny model) cost page faults and zeroing,
+    step after step. glibc raises the threshold (and the trim threshold, to twice it) by itself the first
+    time a large mapped block is freed: a run that happened to free one (a copy of its corpus) trained
+    6-18 % faster than one that did not, such as a search's trial, whose corpus comes from Ray's shared
+    memory. Set here, as glibc's own raise would at most (32 MiB; trim 64 MiB), for every run alike.
+    Process-wide, and not put back (glibc has no getter); a heap that keeps up to 64 MiB free on top.
+    """
+    if sys.platform != "linux" or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return False  # not glibc, or the user tuned malloc through its environment: theirs stands
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * MALLOC_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 CONTEXT_ALLOWANCE = 1 << 30  # bytes left outside a shared GPU's cap for the process's CUDA context

@@ -203,6 +203,9 @@ def test_batches_are_taken_from_the_split_as_stored_without_a_copy_of_it():
     tokens.flags.writeable = False  # as Ray's shared copy
     s = BatchSampler(tokens, 3, 16, seed=7)
     assert s.tokens is tokens
+    size = (lambda v: v.numel() if isinstance(v, torch.Tensor) else v.size if isinstance(v, np.ndarray) else 0)
+    big = [k for k, v in vars(s).items() if v is not tokens and size(v) >= len(tokens)]
+    assert not big, f"a copy of the split kept beside it: {big}"
     gen = torch.Generator().manual_seed(7)
     for _ in range(3):
         ix = torch.randint(len(tokens) - 16 - 1, (3,), generator=gen)

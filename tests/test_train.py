@@ -470,15 +470,38 @@ def test_a_compiled_run_raises_the_recompile_limit_while_it_trains_and_puts_it_b
     assert torch._dynamo.config.recompile_limit == before
 
 
-def test_training_keeps_its_step_tensors_in_glibcs_heap_unless_the_user_tuned_malloc(monkeypatch):
+def test_training_keeps_its_step_tensors_in_glibcs_heap_unless_the_user_tuned_malloc(monkeypatch, tiny_cfg):
     """glibc maps and unmaps every block above 128 KiB until a large free raises its threshold: a search's
     trial (corpus from Ray's shared memory, no large free) trained slower than the same run called directly."""
     import platform
+    import subprocess
     import sys
 
-    from tune_gpt.train import _malloc_for_training
+    from tune_gpt import train as train_module
 
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-    assert _malloc_for_training() is glibc
+    calls = []
+    real = train_module._malloc_for_training
+    monkeypatch.setattr(train_module, "_malloc_for_training", lambda: calls.append(real()) or calls[-1])
+    train(tiny_cfg(max_steps=2, eval_interval=2, sample_tokens=0))
+    assert calls == [glibc]  # every run sets it
+    if glibc:  # and it takes effect: in a fresh process, a 16 MiB block then comes from the heap, not a mapping
+        code = ("import ctypes\nfrom tune_gpt.train import _malloc_for_training\n"
+                "class M(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks "
+                "hblkhd usmblks fsmblks uordblks fordblks keepcost').split()]\n"
+                "libc = ctypes.CDLL('libc.so.6'); libc.mallinfo2.restype = M; libc.malloc.restype = ctypes.c_void_p\n"
+                "def mapped(n):  # whether a block of n bytes is mapped (hblks: how many are)\n"
+                "    h = libc.mallinfo2().hblks; p = libc.malloc(n); h = libc.mallinfo2().hblks - h\n"
+                "    libc.free(ctypes.c_void_p(p)); return h\n"
+                # 16 MiB mapped, and freed: glibc's own dynamic threshold rises to 16 MiB, not past it
+                "before = mapped(16 << 20)\nassert _malloc_for_training()\nprint(before, mapped(24 << 20))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        before, after = map(int, out.stdout.split())
+        assert (before, after) == (1, 0), out.stdout  # 24 MiB from the heap: only the 32 MiB set here allows it
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own tuning stands
-    assert _malloc_for_training() is False
+    assert real() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")  # glibc's newer way to say it
+    assert real() is False

@@ -633,7 +633,9 @@ def _malloc_for_training() -> bool:
     memory. Set here, as glibc's own raise would at most (32 MiB; trim 64 MiB), for every run alike.
     Process-wide, and not put back (glibc has no getter); a heap that keeps up to 64 MiB free on top.
     """
-    if sys.platform != "linux" or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (sys.platform != "linux" or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+            or "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables):
         return False  # not glibc, or the user tuned malloc through its environment: theirs stands
     import ctypes
     import platform

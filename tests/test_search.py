@@ -45,6 +45,60 @@ def test_seed_sweep_file_plans_nine_grid_points_on_chinese():
     assert plan.scheduler["type"] == "none"  # the W&B file asks for no early termination
 
 
+GRID_CAP = """method: grid
+run_cap: 3
+parameters:
+  batch_size: {values: [4, 8]}
+  learning_rate: {values: [1.0e-3, 2.0e-3]}
+"""
+
+
+def test_a_grid_sweeps_run_cap_below_its_size_runs_that_many_points(tmp_path):
+    """W&B stops a grid sweep after run_cap runs; Tune's generator ran every point (run_cap was ignored)."""
+    sweep = write_space(tmp_path / "grid.yaml", GRID_CAP)
+    plan = plan_search(SearchOptions(space=str(sweep)))
+    assert plan.searcher == "grid" and plan.num_samples == 1 and plan.grid_cap == 3 and plan.n_trials == 3
+    text = plan.describe()
+    assert "trials       3 (the first 3 of the grid's 4 points)" in text
+    assert "num_samples 3: the first 3 of the grid's 4 points (in Tune's grid order)" in text
+    whole = plan_search(SearchOptions(space=str(sweep), num_samples=9))  # more than the grid: each point once
+    assert whole.grid_cap is None and whole.n_trials == 4
+    assert "a grid runs each point once: num_samples 9 is more than its 4 points" in whole.describe()
+    assert plan_search(SearchOptions(space=str(sweep), num_samples=2)).n_trials == 2  # the flag wins over the file
+
+
+def test_a_capped_grid_search_runs_its_first_points_only(ray_session, tmp_path, corpus_file):
+    space = write_space(tmp_path / "capped.yaml", "name: capped\nmethod: grid\nnum_samples: 3\nscheduler: {type: none}\n"
+                        "fixed:\n" + TINY_MODEL + "  max_steps: 2\n  eval_interval: 1\n  eval_iters: 1\n  sample_tokens: 0\n"
+                        "space:\n  learning_rate: {grid: [1.0e-3, 2.0e-3]}\n  batch_size: {grid: [4, 8]}\n")
+    out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False,
+                                   overrides={"data": str(corpus_file)}, verbose=0))
+    params = [json.loads((d / "params.json").read_text()) for d in trial_dirs(out.experiment_dir)]
+    assert out.num_trials == 3 and len({(p["learning_rate"], p["batch_size"]) for p in params}) == 3
+
+
+def test_the_capped_generator_stops_after_its_cap_and_keeps_the_count_in_its_state():
+    from ray.tune.search import BasicVariantGenerator
+
+    from tune_gpt._searchers import CappedVariantGenerator
+
+    class Stub(BasicVariantGenerator):  # stands for Tune's generator: one trial per call, never finished
+        def next_trial(self):
+            return object()
+
+    class Capped(CappedVariantGenerator, Stub):
+        pass
+
+    gen = Capped(cap=3)
+    made = [gen.next_trial() for _ in range(5)]
+    assert sum(t is not None for t in made) == 3 and made[3:] == [None, None] and gen.is_finished()
+    state = gen.get_state()
+    again = Capped(cap=None)
+    again.set_state(state)
+    assert again.next_trial() is None  # restored: the same cap, already reached
+    assert Capped(cap=None).next_trial() is not None  # no cap: Tune's own behaviour
+
+
 def test_default_plan_is_optuna_with_asha():
     plan = plan_search(SearchOptions())
     assert plan.searcher == "optuna" and plan.scheduler["type"] == "asha" and plan.metric == "val/loss"

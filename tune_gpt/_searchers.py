@@ -37,7 +37,7 @@ import sys
 import warnings
 from typing import Any
 
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
@@ -214,3 +214,36 @@ class TellingLimiter(ConcurrencyLimiter):
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class CappedVariantGenerator(BasicVariantGenerator):
+    """Tune's generator for random and grid search, ending after `cap` trials (None: no cap).
+
+    A W&B grid sweep's ``run_cap`` (or ``--num-samples``) below the grid's size: W&B stops the sweep after
+    that many runs; Tune's own generator would run every grid point (its ``num_samples`` repeats the whole
+    grid). The count is part of the generator's state, so a resumed search stops at the same total.
+    """
+
+    def __init__(self, *args: Any, cap: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cap = cap
+        self._made = 0
+
+    @property
+    def total_samples(self) -> int:
+        total = super().total_samples
+        return total if self._cap is None else min(total, self._cap)
+
+    def next_trial(self):
+        if self._cap is not None and self._made >= self._cap:
+            self.set_finished()
+            return None
+        trial = super().next_trial()
+        if trial is not None:
+            self._made += 1
+        return trial
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self.__dict__.setdefault("_cap", None)  # a state saved by Tune's own generator (before this class)
+        self.__dict__.setdefault("_made", 0)

@@ -120,6 +120,7 @@ class Plan:
     n_trials: int = 0
     pause_given: bool = False  # ASHA's form was asked for (a flag or the space's `pause`), not the default
     saved: dict[str, Any] | None = None  # a resumed search's experiment file: the settings Ray restores
+    grid_cap: int | None = None  # a grid search's run_cap / --num-samples below its size: its first points only
 
     def max_trials(self) -> int:
         """`n_trials`, or fewer where Optuna, which trains no configuration twice, searches a space holding fewer."""
@@ -147,7 +148,9 @@ class Plan:
             "",
             "plan:",
             f"  experiment   {self.experiment_dir}",
-            f"  trials       {self.n_trials}" + (" (every grid point once)" if self.searcher == "grid" else self._trials_note()),
+            f"  trials       {self.n_trials}" + ((f" (the first {self.grid_cap} of the grid's {self.space.grid_size()} points)"
+                                                     if self.grid_cap else " (every grid point once)")
+                                                    if self.searcher == "grid" else self._trials_note()),
             f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first, no configuration twice)" if self.searcher == "optuna"
                                                 else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",
@@ -378,11 +381,17 @@ def plan_search(opts: SearchOptions) -> Plan:
         raise ConfigError(_blame(exc, opts.overrides, space)) from None
     _check_trial_device(base_cfg, fixed, opts, space)
 
+    grid_cap = None
     if searcher == "grid":
         num_samples = 1  # Tune repeats the whole grid num_samples times
-        if opts.num_samples not in (None, 1) or (space.num_samples or 1) != 1:
-            notes.append("a grid runs each point once: num_samples is ignored")
         n_trials = space.grid_size()
+        asked = opts.num_samples or space.num_samples  # (a W&B file's run_cap)
+        if asked is not None and asked < n_trials:  # W&B stops a grid sweep after run_cap runs
+            grid_cap = n_trials = asked
+            notes.append(f"num_samples {asked}: the first {asked} of the grid's {space.grid_size()} points "
+                         "(in Tune's grid order), as W&B stops a grid sweep after run_cap runs")
+        elif asked not in (None, 1):
+            notes.append(f"a grid runs each point once: num_samples {asked} is more than its {n_trials} points")
     else:
         num_samples = opts.num_samples or space.num_samples or 8
         n_trials = num_samples * space.grid_size()
@@ -392,7 +401,8 @@ def plan_search(opts: SearchOptions) -> Plan:
     experiment_dir = Path(storage).expanduser().resolve() / name if "://" not in storage else Path(name)
     return Plan(opts=opts, space=space, name=name, experiment_dir=experiment_dir, searcher=searcher,
                 scheduler=sched, metric=metric, mode=mode, num_samples=num_samples, fixed=fixed,
-                base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials, pause_given=pause_given)
+                base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials, pause_given=pause_given,
+                grid_cap=grid_cap)
 
 
 def _blame(exc: Exception, overrides: dict[str, Any], space: SearchSpace) -> str:
@@ -1446,9 +1456,10 @@ def _tune_config(plan: Plan):
 
         search_alg, max_concurrent = TellingLimiter(search_alg, max_concurrent=max_concurrent), None
     if search_alg is None:  # random and grid: Tune's generator, seeded so that --seed repeats a random search
-        from ray.tune.search import BasicVariantGenerator
+        from tune_gpt._searchers import CappedVariantGenerator
 
-        search_alg = BasicVariantGenerator(max_concurrent=opts.max_concurrent or 0, random_state=opts.seed)
+        search_alg = CappedVariantGenerator(max_concurrent=opts.max_concurrent or 0, random_state=opts.seed,
+                                            cap=plan.grid_cap)
         max_concurrent = None  # the generator applies it (Tune would ignore it, with a warning)
     return tune.TuneConfig(
         metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=_scheduler(plan),
@@ -1594,7 +1605,8 @@ def _search_info(plan: Plan) -> dict[str, Any]:
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
-        "num_samples": plan.num_samples, "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept
+        "num_samples": plan.num_samples, "grid_cap": plan.grid_cap,
+        "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept
         "time_budget_s": plan.opts.time_budget, "max_concurrent": plan.opts.max_concurrent,
         "cpus_per_trial": plan.opts.cpus_per_trial, "gpus_per_trial": plan.opts.gpus_per_trial,
     }
@@ -1717,7 +1729,7 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
             plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
     now = _search_info(plan)
     diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
-             for key in ("space", "searcher", "scheduler", "num_samples", "metric", "mode")
+             for key in ("space", "searcher", "scheduler", "num_samples", "grid_cap", "metric", "mode")
              if key in saved and now.get(key) != saved.get(key)]
 
     def trained(fixed: Any) -> dict[str, Any]:  # what the trials train with, not how they run

@@ -839,9 +839,6 @@ class _Parser:
                     self.notes.append(f"metric.{extra} ignored (W&B controller setting)")
 
         num_samples = self.positive_int(data["run_cap"], "run_cap") if "run_cap" in data else None
-        if num_samples is not None and method == "grid":
-            self.notes.append(f"run_cap: {num_samples} with method grid; W&B stops after that many runs, "
-                              "while Tune's num_samples repeats the whole grid")
 
         if "parameters" not in data:
             self.fail("parameters", "a W&B sweep needs parameters")

@@ -60,17 +60,45 @@ def test_a_grid_sweeps_run_cap_below_its_size_runs_that_many_points(tmp_path):
     assert plan.searcher == "grid" and plan.num_samples == 1 and plan.grid_cap == 3 and plan.n_trials == 3
     text = plan.describe()
     assert "trials       3 (the first 3 of the grid's 4 points)" in text
-    assert "num_samples 3: the first 3 of the grid's 4 points (in Tune's grid order)" in text
+    assert "run_cap 3: the first 3 of the grid's 4 points (in Tune's grid order)" in text
     whole = plan_search(SearchOptions(space=str(sweep), num_samples=9))  # more than the grid: each point once
     assert whole.grid_cap is None and whole.n_trials == 4
-    assert "a grid runs each point once: num_samples 9 is more than its 4 points" in whole.describe()
+    assert "a grid runs each point once: run_cap 9 is more than its 4 points" in whole.describe()
+    exact = plan_search(SearchOptions(space=str(sweep), num_samples=4))
+    assert exact.grid_cap is None and "each point once" not in exact.describe()
     assert plan_search(SearchOptions(space=str(sweep), num_samples=2)).n_trials == 2  # the flag wins over the file
+    assert plan_search(SearchOptions(space=str(sweep), num_samples=1)).n_trials == 1  # W&B's run_cap: 1, one run
+    # a native file's num_samples keeps Tune's meaning: a grid runs each point once (the benchmarks' grid says 1)
+    native = write_space(tmp_path / "native.yaml", "method: grid\nnum_samples: 1\nspace:\n"
+                         "  batch_size: {grid: [4, 8]}\n  learning_rate: {grid: [1.0e-3, 2.0e-3]}\n")
+    for n in (None, 1, 3):
+        plan = plan_search(SearchOptions(space=str(native), num_samples=n))
+        assert plan.grid_cap is None and plan.n_trials == 4, n
+    assert "num_samples is ignored" in plan.describe()
+
+
+def test_resuming_a_grid_search_started_before_run_cap_capped_grids_runs_every_point(tmp_path):
+    """Ray restores the uncapped generator it pickled then: the plan must not claim a cap it will not apply."""
+    from tune_gpt.search import _check_same_search, _search_info
+
+    sweep = write_space(tmp_path / "grid.yaml", GRID_CAP)
+    started = plan_search(SearchOptions(space=str(sweep)))
+    old = {k: v for k, v in _search_info(started).items() if k != "grid_cap"}  # an experiment file from before
+    resumed = plan_search(SearchOptions(space=str(sweep), resume=True))
+    _check_same_search(resumed, old)
+    assert resumed.grid_cap is None and resumed.n_trials == 4
+    assert "run_cap 3: not applied; the search was started before run_cap capped a grid" in resumed.describe()
+    assert "the first 3" not in resumed.describe()
+    again = plan_search(SearchOptions(space=str(sweep), resume=True))
+    _check_same_search(again, _search_info(started))  # started with the cap: kept
+    assert again.grid_cap == 3
 
 
 def test_a_capped_grid_search_runs_its_first_points_only(ray_session, tmp_path, corpus_file):
-    space = write_space(tmp_path / "capped.yaml", "name: capped\nmethod: grid\nnum_samples: 3\nscheduler: {type: none}\n"
-                        "fixed:\n" + TINY_MODEL + "  max_steps: 2\n  eval_interval: 1\n  eval_iters: 1\n  sample_tokens: 0\n"
-                        "space:\n  learning_rate: {grid: [1.0e-3, 2.0e-3]}\n  batch_size: {grid: [4, 8]}\n")
+    fixed = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "max_steps": 2, "eval_interval": 1,
+             "eval_iters": 1, "sample_tokens": 0}
+    space = write_space(tmp_path / "capped.yaml", GRID_CAP.replace("parameters:\n", "parameters:\n" + "".join(
+        f"  {k}: {{value: {v}}}\n" for k, v in fixed.items())))
     out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False,
                                    overrides={"data": str(corpus_file)}, verbose=0))
     params = [json.loads((d / "params.json").read_text()) for d in trial_dirs(out.experiment_dir)]

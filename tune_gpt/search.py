@@ -385,13 +385,17 @@ def plan_search(opts: SearchOptions) -> Plan:
     if searcher == "grid":
         num_samples = 1  # Tune repeats the whole grid num_samples times
         n_trials = space.grid_size()
-        asked = opts.num_samples or space.num_samples  # (a W&B file's run_cap)
-        if asked is not None and asked < n_trials:  # W&B stops a grid sweep after run_cap runs
+        # A W&B grid sweep stops after run_cap runs: its run_cap, or --num-samples in its place, caps the grid.
+        # A native file's num_samples keeps Tune's meaning, which a grid ignores (each point runs once).
+        asked = (opts.num_samples or space.num_samples) if space.format == "wandb" else None
+        if asked is not None and asked < n_trials:
             grid_cap = n_trials = asked
-            notes.append(f"num_samples {asked}: the first {asked} of the grid's {space.grid_size()} points "
+            notes.append(f"run_cap {asked}: the first {asked} of the grid's {space.grid_size()} points "
                          "(in Tune's grid order), as W&B stops a grid sweep after run_cap runs")
-        elif asked not in (None, 1):
-            notes.append(f"a grid runs each point once: num_samples {asked} is more than its {n_trials} points")
+        elif asked is not None and asked > n_trials:
+            notes.append(f"a grid runs each point once: run_cap {asked} is more than its {n_trials} points")
+        elif asked is None and (opts.num_samples or space.num_samples or 1) != 1:
+            notes.append("a grid runs each point once: num_samples is ignored")
     else:
         num_samples = opts.num_samples or space.num_samples or 8
         n_trials = num_samples * space.grid_size()
@@ -1727,6 +1731,11 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
         if not plan.pause_given and plan.scheduler.get("type") == "asha":
             plan.scheduler["pause"] = was["pause"]  # not asked for: the form it was started with (Ray restores it)
             plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
+    if plan.grid_cap is not None and "grid_cap" not in saved and saved.get("searcher") == "grid":
+        plan.notes[:] = [n for n in plan.notes if not n.startswith(f"run_cap {plan.grid_cap}:")]
+        plan.notes.append(f"run_cap {plan.grid_cap}: not applied; the search was started before run_cap capped a "
+                          "grid, and every grid point runs")
+        plan.grid_cap, plan.n_trials = None, plan.space.grid_size()
     now = _search_info(plan)
     diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
              for key in ("space", "searcher", "scheduler", "num_samples", "grid_cap", "metric", "mode")

@@ -242,8 +242,3 @@ class CappedVariantGenerator(BasicVariantGenerator):
         if trial is not None:
             self._made += 1
         return trial
-
-    def set_state(self, state: dict) -> None:
-        super().set_state(state)
-        self.__dict__.setdefault("_cap", None)  # a state saved by Tune's own generator (before this class)
-        self.__dict__.setdefault("_made", 0)

@@ -128,6 +128,9 @@ class Plan:
         return self.n_trials if points is None else min(self.n_trials, points)
 
     def _trials_note(self) -> str:
+        if self.searcher == "grid":
+            return (f" (the first {self.grid_cap} of the grid's {self.space.grid_size()} points)" if self.grid_cap
+                    else " (every grid point once)")
         if self.max_trials() >= self.n_trials:
             return ""
         return f" at most: the space holds {self.max_trials()} distinct configurations, and none is trained twice"
@@ -148,9 +151,7 @@ class Plan:
             "",
             "plan:",
             f"  experiment   {self.experiment_dir}",
-            f"  trials       {self.n_trials}" + ((f" (the first {self.grid_cap} of the grid's {self.space.grid_size()} points)"
-                                                     if self.grid_cap else " (every grid point once)")
-                                                    if self.searcher == "grid" else self._trials_note()),
+            f"  trials       {self.n_trials}{self._trials_note()}",
             f"  search       {self.searcher}" + (f" (TPE, multivariate, seed {o.seed}, baseline first, no configuration twice)" if self.searcher == "optuna"
                                                 else f" (seed {o.seed})" if self.searcher == "random" else ""),
             f"  scheduler    {sched}",

@@ -503,6 +503,10 @@ ERRORS = [
     ("only-comments", "# nothing here\n", ["empty file"]),
     ("unknown-top-wandb", P + "  lr: {value: 0.1}\nmetrc: {name: val/loss}\n", ["metrc:", "'metric'"]),
     ("unknown-top-native", "spaces: {lr: {choice: [0.1]}}\n", ["spaces:", "'space'"]),
+    # a misspelt space: leaves method: random, which makes it a W&B file: the message says so
+    ("misspelt-space-reads-as-wandb", "method: random\nsapce: {lr: {loguniform: [1e-4, 1e-2]}}\n",
+     ["sapce:", "did you mean 'space'?", "neither space: nor parameters: is read as a W&B sweep"]),
+    ("native-empty-domain", "space: {lr: {}}\n", ["space.lr:", "empty domain", "loguniform"]),
     ("top-level-training-key", "learning_rate: 0.1\nspace: {bs: {choice: [8]}}\n",
      ["learning_rate:", "fixed: or space:"]),
     ("unknown-parameter", P + "  learnin_rate: {value: 0.1}\n", ["parameters.learnin_rate:", "'learning_rate'"]),

@@ -794,6 +794,10 @@ class _Parser:
                     hint = f" (a training setting: put it under {home})"
                 except ConfigError:
                     pass
+            if not hint and fmt_id == "wandb" and _suggest(key, _NATIVE_ONLY):
+                # e.g. a native file whose `space:` is misspelt: without it, `method: random` reads as W&B
+                hint = (f"{_suggest(key, _NATIVE_ONLY)[:-1]} A file with method: but neither space: nor "
+                        "parameters: is read as a W&B sweep)")
             self.fail(str(key), f"unknown top-level key {key!r} in a {fmt} file{hint}")
 
     def metric(self, name: Any, where: str) -> str:
@@ -1116,10 +1120,12 @@ class _Parser:
                 if all(isinstance(v, Mapping) for v in spec.values()) and spec:
                     self.native_space(spec, path, f"{prefix}{name}.")  # nested section
                     continue
-                bad = next(iter(spec), None)
-                self.fail(f"{path}.{bad}" if bad is not None else path,
-                          f"unknown domain {bad!r}{_suggest(bad, _NATIVE_DOMAINS)} "
-                          f"(valid: {', '.join(_NATIVE_DOMAINS)})")
+                if not spec:
+                    self.fail(path, f"empty domain: give one of {', '.join(_NATIVE_DOMAINS)} "
+                                    "(e.g. {loguniform: [1e-4, 1e-2]})")
+                bad = next(iter(spec))
+                self.fail(f"{path}.{bad}", f"unknown domain {bad!r}{_suggest(bad, _NATIVE_DOMAINS)} "
+                                           f"(valid: {', '.join(_NATIVE_DOMAINS)})")
             self.native_domain(prefix + name, spec, path)
 
     def native_domain(self, name: str, spec: Mapping, path: str) -> None:

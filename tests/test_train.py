@@ -470,6 +470,40 @@ def test_a_compiled_run_raises_the_recompile_limit_while_it_trains_and_puts_it_b
     assert torch._dynamo.config.recompile_limit == before
 
 
+def test_the_step_loop_runs_with_older_objects_frozen_and_gives_them_back(tiny_cfg):
+    """A full collection walks every object in the process: in a search's worker (Ray, Tune, pyarrow and pandas
+    beside torch, 420k objects) each took 0.1 s every few hundred steps. The loop freezes what existed before it
+    and unfreezes it after; a caller who manages the collector itself keeps its own state."""
+    import gc
+
+    class Frozen(Reporter):
+        during = None
+
+        def evaluate(self, step, metrics, checkpoint_dir):
+            self.during = gc.get_freeze_count()
+
+    cfg = tiny_cfg(max_steps=2, eval_interval=2, sample_tokens=0)
+    assert gc.get_freeze_count() == 0
+    rec = Frozen()
+    assert train(cfg, rec).status == "finished"
+    assert rec.during > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze: not added to, not undone
+    try:
+        mine = gc.get_freeze_count()
+        rec = Frozen()
+        train(cfg, rec)
+        assert 0 < rec.during <= mine and 0 < gc.get_freeze_count() <= mine  # (freed objects leave it)
+    finally:
+        gc.unfreeze()
+    gc.disable()  # the caller's collector switched off: left off, nothing frozen
+    try:
+        rec = Frozen()
+        train(cfg, rec)
+        assert rec.during == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_training_keeps_its_step_tensors_in_glibcs_heap_unless_the_user_tuned_malloc(monkeypatch, tiny_cfg):
     """glibc maps and unmaps every block above 128 KiB until a large free raises its threshold: a search's
     trial (corpus from Ray's shared memory, no large free) trained slower than the same run called directly."""

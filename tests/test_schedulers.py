@@ -279,6 +279,32 @@ def test_a_resumed_search_rebuilds_the_rungs_from_the_trials_tune_restores():
     assert s.choose_trial_to_run(ctl) is None and sorted(ctl.stopped) == ["a", "b", "e"]
 
 
+def test_a_restored_trial_past_a_rung_is_ranked_there_by_its_value_there_read_from_its_results(tmp_path):
+    """Its last value (a later, better one) made the rung's cut-off stricter for every trial after the resume."""
+    import json
+    from types import SimpleNamespace
+
+    from pyarrow.fs import LocalFileSystem
+
+    rows = [{"it": 1, "loss": 2.0}, {"it": 2, "loss": 1.8}, {"it": 3, "loss": 1.2}, {"it": 2, "loss": 1.8},
+            {"it": 3, "loss": 1.1}, {"it": 4, "loss": 0.9}]  # rows 4-5: a retry from the checkpoint at it 1
+    (tmp_path / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"it": 5, "lo')  # cut
+    s = asha()
+    x = FakeTrial("x")
+    x.storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), trial_fs_path=str(tmp_path))
+    x.last_result = {"it": 4, "loss": 0.9}
+    s.on_trial_add(None, x)
+    assert s._scores[0]["x"] == -2.0 and s._scores[1]["x"] == -1.2  # the first result at each rung, as ranked then
+    assert s._promoted[0] == s._promoted[1] == {"x"}
+    y = restored(s, "y", Trial.PAUSED, 4, 0.7)  # no storage to read: its last value stands in
+    (tmp_path / "result.json").write_text("not json\n")
+    z = FakeTrial("z")
+    z.storage, z.last_result = x.storage, {"it": 4, "loss": 0.8}  # unreadable rows: the same
+    s.on_trial_add(None, z)
+    assert s._scores[0]["y"] == s._scores[1]["y"] == -0.7 and s._scores[0]["z"] == s._scores[1]["z"] == -0.8
+    assert y.status == Trial.PENDING
+
+
 def test_a_restored_trial_in_its_rungs_top_third_goes_on_at_its_first_result_and_is_ranked_at_the_next():
     s = asha()
     for i in range(5):

@@ -25,8 +25,9 @@ of the rung, and goes on from its checkpoint once enough trials have reached the
   else to run (a one-trial search, the last trial of a search) a pause would only cost a restart.
 - A resumed search: Tune does not keep a scheduler's state, and restores paused trials as pending, which it
   starts whatever the scheduler says. The rungs are rebuilt from the trials Tune restores (`on_trial_add`,
-  from each one's last result): a trial past a rung counts as gone on from it (its value there is not kept:
-  its last one stands in), one whose last result is a rung's is ranked there. Such a trial, started again
+  from each one's last result): a trial past a rung counts as gone on from it, ranked there by its value at
+  the rung, read from its ``result.json`` in storage (where that cannot be read, its last value stands in);
+  one whose last result is a rung's is ranked there. Such a trial, started again
   by Tune, is decided at its first result: it goes on if the rung (as far as it is known again) has it in
   its top 1/reduction_factor, else it waits there again, one evaluation later.
 
@@ -36,6 +37,7 @@ when a search runs (it imports Ray Tune).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -179,15 +181,50 @@ class PromotingASHA(FIFOScheduler):
         if not isinstance(t, (int, float)) or self._metric not in last:
             return
         score = self._score(last)
+        passed = [rung for k, rung in enumerate(self.rungs) if t > rung and tid not in self._scores[k]]
+        at_rungs = self._values_at_rungs(trial, passed) if passed else {}
         for k, rung in enumerate(self.rungs):
             if t >= rung:
-                self._scores[k].setdefault(tid, score)  # past the rung: its value there stands in (not kept)
+                # what it knows stands (a retry); past the rung, its value there (its last if unreadable)
+                self._scores[k].setdefault(tid, at_rungs.get(rung, score) if t > rung else score)
             if t > rung:
                 self._promoted[k].add(tid)
             elif t == rung and trial.status not in (Trial.TERMINATED, Trial.ERROR) and tid not in self._promoted[k]:
                 # it waited here (or, restored, had just gone on; or failed as it paused): decided at its next
                 # result, on its value here
                 self._restored[tid] = k
+
+    def _values_at_rungs(self, trial: Trial, rungs: list[float]) -> dict[float, float]:
+        """`trial`'s score at each of `rungs`: that of its first result at or past the rung, as
+        `on_trial_result` ranked it there, read from the trial's ``result.json`` in storage up to the last of
+        them. Rungs it cannot tell (no storage, an unreadable file, a row missing) are left out."""
+        out: dict[float, float] = {}
+        try:
+            storage = trial.storage
+            fs, path = storage.storage_filesystem, f"{storage.trial_fs_path}/result.json"
+            with fs.open_input_stream(path) as f:
+                rest = b""
+                while len(out) < len(rungs):
+                    chunk = f.read(1 << 20)
+                    lines = (rest + chunk).split(b"\n")
+                    rest = lines.pop() if chunk else b""
+                    for line in lines:
+                        self._read_row(line, rungs, out)
+                    if not chunk:
+                        break
+        except Exception:  # noqa: BLE001 - no storage (a trial made elsewhere) or unreadable: the last value stands in
+            pass
+        return out
+
+    def _read_row(self, line: bytes, rungs: list[float], out: dict[float, float]) -> None:
+        try:
+            row = json.loads(line)
+            t, value = row[self._time_attr], self._score(row)
+        except (ValueError, TypeError, KeyError):
+            return  # a cut line, or a row without the metric
+        for rung in rungs:
+            if t >= rung and rung not in out:
+                out[rung] = value
 
     def _go_on(self, trial: Trial) -> Trial:
         k = self._waiting.pop(trial.trial_id, None)

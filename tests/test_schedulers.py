@@ -286,10 +286,11 @@ def test_a_restored_trial_past_a_rung_is_ranked_there_by_its_value_there_read_fr
 
     from pyarrow.fs import LocalFileSystem
 
-    rows = [{"it": 1, "loss": 2.0}, {"it": 2, "loss": 1.8}, {"it": 3, "loss": 1.2}, {"it": 2, "loss": 1.8},
-            {"it": 3, "loss": 1.1}, {"it": 4, "loss": 0.9}]  # rows 4-5: a retry from the checkpoint at it 1
+    rows = [{"it": "one", "loss": 9.0}, {"it": 1, "loss": 2.0}, {"it": 2, "loss": 1.8}, {"it": 3, "loss": 1.2},
+            {"it": 2, "loss": 1.8}, {"it": 3, "loss": 1.1}, {"it": 4, "loss": 0.9}]  # 5-6: a retry from it 1
     (tmp_path / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"it": 5, "lo')  # cut
     s = asha()
+    s._chunk = 7  # rows cut across reads
     x = FakeTrial("x")
     x.storage = SimpleNamespace(storage_filesystem=LocalFileSystem(), trial_fs_path=str(tmp_path))
     x.last_result = {"it": 4, "loss": 0.9}

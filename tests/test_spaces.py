@@ -621,6 +621,14 @@ def test_errors_name_file_and_key(tmp_path, text, fragments):
         assert fragment in msg, (fragment, msg)
 
 
+def test_the_read_as_wandb_hint_is_only_given_where_method_alone_made_it_wandb(tmp_path):
+    """With parameters: the file is a W&B sweep whatever its other keys: a misspelt native key is unknown there."""
+    with pytest.raises(SpaceError) as info:
+        load_space(write(tmp_path, P + "  lr: {value: 0.1}\nschedular: {type: asha}\n"))
+    msg = str(info.value)
+    assert "unknown top-level key 'schedular' in a W&B sweep file" in msg and "read as a W&B sweep" not in msg
+
+
 def test_python_tag_is_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = write(tmp_path, f"!!python/object/apply:os.system ['touch {marker}']\n")

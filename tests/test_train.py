@@ -475,6 +475,7 @@ def test_the_step_loop_runs_with_older_objects_frozen_and_gives_them_back(tiny_c
     beside torch, 420k objects) each took 0.1 s every few hundred steps. The loop freezes what existed before it
     and unfreezes it after; a caller who manages the collector itself keeps its own state."""
     import gc
+    import weakref
 
     class Frozen(Reporter):
         during = None
@@ -487,6 +488,22 @@ def test_the_step_loop_runs_with_older_objects_frozen_and_gives_them_back(tiny_c
     rec = Frozen()
     assert train(cfg, rec).status == "finished"
     assert rec.during > 1000 and gc.get_freeze_count() == 0
+    # garbage an earlier run left (old: only a full collection finds it) is collected, not frozen with the rest
+    class Cycle:
+        def __init__(self):
+            self.me = self
+
+    class Gone(Reporter):
+        def evaluate(self, step, metrics, checkpoint_dir):
+            self.alive = ref() is not None
+
+    holder = [Cycle()]
+    ref = weakref.ref(holder[0])
+    gc.collect()  # it survives (still held), so it is in the oldest generation
+    holder.clear()
+    rec = Gone()
+    train(cfg, rec)
+    assert rec.alive is False and ref() is None
     gc.freeze()  # the caller's own freeze: not added to, not undone
     try:
         mine = gc.get_freeze_count()

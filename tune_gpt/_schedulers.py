@@ -49,6 +49,7 @@ class PromotingASHA(FIFOScheduler):
     """ASHA that pauses trials at its rungs and promotes the best ones (see the module docstring)."""
 
     _supports_buffered_results = False  # a pause must come at the rung's result, not a later buffered one
+    _chunk = 1 << 20  # bytes of a result.json read at a time (`_values_at_rungs`)
 
     def __init__(self, *, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int,
                  reduction_factor: float, stop_last_trials: bool = True) -> None:
@@ -197,7 +198,11 @@ class PromotingASHA(FIFOScheduler):
     def _values_at_rungs(self, trial: Trial, rungs: list[float]) -> dict[float, float]:
         """`trial`'s score at each of `rungs`: that of its first result at or past the rung, as
         `on_trial_result` ranked it there, read from the trial's ``result.json`` in storage up to the last of
-        them. Rungs it cannot tell (no storage, an unreadable file, a row missing) are left out."""
+        them. Rungs it cannot tell (no storage, an unreadable file, a row missing) are left out.
+
+        Where Ray lost the row at a rung the first later row stands in: Ray's JSON logger copies the
+        trial's result.json back from storage each time a trial with a checkpoint starts, which drops rows
+        not yet synced (about a second's worth) when a trial goes on from a rung that soon after pausing."""
         out: dict[float, float] = {}
         try:
             storage = trial.storage
@@ -205,7 +210,7 @@ class PromotingASHA(FIFOScheduler):
             with fs.open_input_stream(path) as f:
                 rest = b""
                 while len(out) < len(rungs):
-                    chunk = f.read(1 << 20)
+                    chunk = f.read(self._chunk)
                     lines = (rest + chunk).split(b"\n")
                     rest = lines.pop() if chunk else b""
                     for line in lines:
@@ -222,6 +227,8 @@ class PromotingASHA(FIFOScheduler):
             t, value = row[self._time_attr], self._score(row)
         except (ValueError, TypeError, KeyError):
             return  # a cut line, or a row without the metric
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            return
         for rung in rungs:
             if t >= rung and rung not in out:
                 out[rung] = value

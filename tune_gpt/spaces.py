@@ -794,7 +794,7 @@ class _Parser:
                     hint = f" (a training setting: put it under {home})"
                 except ConfigError:
                     pass
-            if not hint and fmt_id == "wandb" and _suggest(key, _NATIVE_ONLY):
+            if not hint and fmt_id == "wandb" and "parameters" not in data and _suggest(key, _NATIVE_ONLY):
                 # e.g. a native file whose `space:` is misspelt: without it, `method: random` reads as W&B
                 hint = (f"{_suggest(key, _NATIVE_ONLY)[:-1]} A file with method: but neither space: nor "
                         "parameters: is read as a W&B sweep)")

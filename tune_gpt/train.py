@@ -652,6 +652,9 @@ def _malloc_for_training() -> bool:
         return False
 
 
+_loops_run = 0  # step loops this process has run (`_heap_frozen`)
+
+
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[bool]:
     """While the steps run, Python's cyclic garbage collector leaves alone the objects that existed before
@@ -660,12 +663,18 @@ def _heap_frozen() -> Iterator[bool]:
     The step loop allocates enough small objects to set off a full collection every few hundred steps, and
     a full collection walks every object in the process: 0.1 s each in a search's trial, whose worker
     holds Ray, Tune, pyarrow and pandas beside torch (420k objects), with one core's OpenMP partner idle
-    meanwhile. Objects made before the loop live until the run ends anyway. Left alone where the caller
+    meanwhile. A frozen object is never collected, garbage included, so where an earlier run in this
+    process may have left some (a Ray worker reused for the next trial, a notebook) it is collected first:
+    a cycle holding a model's tensors would otherwise stay for the whole run. Left alone where the caller
     manages the collector itself (it is disabled, or objects are already frozen).
     """
+    global _loops_run
     if not gc.isenabled() or gc.get_freeze_count():
         yield False
         return
+    if _loops_run:
+        gc.collect()
+    _loops_run += 1
     gc.freeze()
     try:
         yield True

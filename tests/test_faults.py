@@ -268,6 +268,15 @@ def test_a_failed_trial_uploads_its_history_before_tune_restores_it(tmp_path):
     KeepTrialResults().on_trial_recover(iteration=3, trials=[trial], trial=trial)
     assert (stored / "result.json").read_text() == rows_text
     assert (stored / "progress.csv").read_text() == "step\n5\n10\n"
+    # a trial that starts again from a checkpoint (ASHA sent it on from a rung): the same, before Tune's logger
+    # copies the stored files back; a trial starting afresh has nothing to keep
+    (staging / "result.json").write_text(rows_text + json.dumps({"step": 15}) + "\n")
+    trial.checkpoint = None
+    KeepTrialResults().on_trial_start(iteration=4, trials=[trial], trial=trial)
+    assert (stored / "result.json").read_text() == rows_text
+    trial.checkpoint = object()
+    KeepTrialResults().on_trial_start(iteration=4, trials=[trial], trial=trial)
+    assert (stored / "result.json").read_text() == (staging / "result.json").read_text()
 
 
 # ------------------------------------------------------------ 2. divergence

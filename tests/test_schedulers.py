@@ -245,6 +245,33 @@ def test_a_search_with_pause_trains_the_better_trial_on_from_its_checkpoint_and_
     assert "interrupted" not in said.err
 
 
+@pytest.mark.slow
+def test_a_trial_sent_on_from_a_rung_soon_after_it_paused_keeps_its_row_there(ray_session, tmp_path, corpus_file):
+    """Two trials at once reach the first rung together: the first waits, the second makes room for it, and it
+    goes on from its checkpoint at once. Tune's logger copies a restarted trial's result.json back from
+    storage, which is uploaded about once a second: the row at the rung was lost every time. The two trials
+    differ only in how often they log the training loss, so their values tie and the first to arrive (the
+    one waiting) is the one that goes on, whichever it is."""
+    import json
+
+    from conftest import TINY_MODEL, write_space
+
+    from tune_gpt.search import SearchOptions, run_search
+
+    space = write_space(tmp_path / "q.yaml", "name: q\nmethod: grid\n"
+                        "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\nfixed:\n" + TINY_MODEL
+                        + "  max_steps: 6\n  eval_interval: 2\n  eval_iters: 1\n  sample_tokens: 0\n  warmup_steps: 0\n"
+                        "space:\n  log_interval: {grid: [1, 2]}\n")
+    out = run_search(SearchOptions(space=str(space), storage_path=str(tmp_path / "r"), wandb=False, cpus_per_trial=1,
+                                   overrides={"data": str(corpus_file)}, verbose=0))
+    rows = [[json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in out.experiment_dir.glob("trial_*")]
+    finisher = max(rows, key=len)
+    restarted = [r["step"] for r in finisher if r["iterations_since_restore"] == 1 and r["step"] > 2]
+    assert sorted([r["step"] for r in t] for t in rows) == [[2], [2, 4, 6]], rows
+    assert restarted == [4]  # it went on from the rung: the row there was written before the restart, and kept
+
+
 def restored(s: PromotingASHA, trial_id: str, status: str, it: int, loss: float) -> FakeTrial:
     """A trial as Tune restores it for a resumed search, and tells the (new) scheduler of it."""
     trial = FakeTrial(trial_id)

@@ -200,9 +200,9 @@ class PromotingASHA(FIFOScheduler):
         `on_trial_result` ranked it there, read from the trial's ``result.json`` in storage up to the last of
         them. Rungs it cannot tell (no storage, an unreadable file, a row missing) are left out.
 
-        Where Ray lost the row at a rung the first later row stands in: Ray's JSON logger copies the
-        trial's result.json back from storage each time a trial with a checkpoint starts, which drops rows
-        not yet synced (about a second's worth) when a trial goes on from a rung that soon after pausing."""
+        Where the row at a rung is missing the first later row stands in (Ray's JSON logger copies a
+        restarted trial's result.json back from storage, dropping rows not yet uploaded; `KeepTrialResults`
+        uploads them first, but a crash in that second can still lose one)."""
         out: dict[float, float] = {}
         try:
             storage = trial.storage

@@ -268,15 +268,32 @@ def test_a_failed_trial_uploads_its_history_before_tune_restores_it(tmp_path):
     KeepTrialResults().on_trial_recover(iteration=3, trials=[trial], trial=trial)
     assert (stored / "result.json").read_text() == rows_text
     assert (stored / "progress.csv").read_text() == "step\n5\n10\n"
-    # a trial that starts again from a checkpoint (ASHA sent it on from a rung): the same, before Tune's logger
-    # copies the stored files back; a trial starting afresh has nothing to keep
-    (staging / "result.json").write_text(rows_text + json.dumps({"step": 15}) + "\n")
-    trial.checkpoint = None
-    KeepTrialResults().on_trial_start(iteration=4, trials=[trial], trial=trial)
-    assert (stored / "result.json").read_text() == rows_text
-    trial.checkpoint = object()
-    KeepTrialResults().on_trial_start(iteration=4, trials=[trial], trial=trial)
-    assert (stored / "result.json").read_text() == (staging / "result.json").read_text()
+
+
+def test_a_trial_that_starts_again_keeps_the_drivers_result_rows(tmp_path):
+    """Tune's result.json writer copies the stored file back over the driver's each time a trial with a
+    checkpoint starts (ASHA sending it on from a rung); storage gets the driver's copy about once a second,
+    so the row at the rung was lost. TrialResultsJson keeps the driver's copy, and copies from storage only
+    where the driver has none (a search resumed in a new Ray session)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+
+    from tune_gpt._tune_callbacks import TrialResultsJson
+
+    staging, stored = tmp_path / "staging" / "trial_1", tmp_path / "storage" / "exp" / "trial_1"
+    staging.mkdir(parents=True)
+    stored.mkdir(parents=True)
+    newest = "".join(json.dumps({"step": s}) + "\n" for s in (10, 20))
+    (staging / "result.json").write_text(newest)
+    (stored / "result.json").write_text(json.dumps({"step": 10}) + "\n")  # the last periodic upload
+    trial = SimpleNamespace(local_path=str(staging), checkpoint=object(), storage=SimpleNamespace(
+        storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored)))
+    TrialResultsJson()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == newest
+    (staging / "result.json").unlink()  # a new session's staging folder: the stored rows come back
+    TrialResultsJson()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == json.dumps({"step": 10}) + "\n"
 
 
 # ------------------------------------------------------------ 2. divergence

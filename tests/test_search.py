@@ -942,7 +942,9 @@ def test_a_resume_replaces_the_restored_w_and_b_callback_and_keeps_the_others(tm
     one (Ray restores the search's own budget), told of the new W&B callback instead of the old."""
     from types import SimpleNamespace
 
-    from tune_gpt._tune_callbacks import MarkTimeBudgetStops
+    from ray.tune.logger import JsonLoggerCallback
+
+    from tune_gpt._tune_callbacks import MarkTimeBudgetStops, TrialResultsJson
     from tune_gpt.search import _renew_callbacks
 
     class TrialStatusWandb:  # the restored one (matched by its class name)
@@ -951,18 +953,34 @@ def test_a_resume_replaces_the_restored_w_and_b_callback_and_keeps_the_others(tm
     monkeypatch.setenv("WANDB_MODE", "offline")
     for wandb_on in (False, True):
         old = TrialStatusWandb()
-        budget = MarkTimeBudgetStops(600, loggers=["tensorboard", old])
-        run_config = SimpleNamespace(callbacks=["keep", budget, old, "csv"])
+        mine = TrialResultsJson()
+        budget = MarkTimeBudgetStops(600, loggers=["tensorboard", old, mine])
+        run_config = SimpleNamespace(callbacks=["keep", budget, old, "csv", mine])
         tuner = SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
         plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), storage_path=str(tmp_path / "r"),
                                          wandb=wandb_on))
         _renew_callbacks(tuner, plan)
         if not wandb_on:  # --resume --no-wandb: no W&B callback at all
-            assert run_config.callbacks == ["keep", budget, "csv"] and budget._loggers == ["tensorboard"]
+            assert run_config.callbacks == ["keep", budget, "csv", mine] and budget._loggers == ["tensorboard", mine]
         else:
             new = run_config.callbacks[2]
             assert type(new).__module__ == "tune_gpt._wandb_callback" and new.kwargs["mode"] == "offline"
-            assert run_config.callbacks == ["keep", budget, new, "csv"] and budget._loggers == ["tensorboard", new]
+            assert run_config.callbacks == ["keep", budget, new, "csv", mine]
+            assert budget._loggers == ["tensorboard", mine, new]
+    # a search begun before TrialResultsJson: Tune's own writer (restored, or the one Tune would add) is replaced
+    tunes = JsonLoggerCallback()
+    budget = MarkTimeBudgetStops(600, loggers=["tensorboard", tunes])
+    plan = plan_search(SearchOptions(space=str(tiny_space(tmp_path)), wandb=False, storage_path=str(tmp_path / "r")))
+    # with a time budget (Tune's writer made by tune_gpt, in the budget callback's list too); without (Tune adds it)
+    for restored in (["keep", budget, "csv", tunes], ["keep"]):
+        run_config = SimpleNamespace(callbacks=list(restored))
+        tuner = SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
+        _renew_callbacks(tuner, plan)
+        mine = run_config.callbacks[-1]
+        assert type(mine) is TrialResultsJson
+        assert run_config.callbacks == [c for c in restored if c is not tunes] + [mine]  # in its place, or last
+        if budget in restored:
+            assert budget._loggers == ["tensorboard", mine]
 
 
 def test_a_gpu_only_metric_this_gpu_cannot_report_is_refused_before_any_trial(tmp_path, monkeypatch):

@@ -12,11 +12,14 @@ staging folder and uploads that folder to the storage path about once a second. 
 fails and is retried (``--max-failures``), Tune first copies the storage copy back over the
 staging one. A trial that fails within a second of an evaluation would lose that evaluation's
 row (seen with Ray 2.60: a history of ``[15, 20]`` instead of ``[5, 10, 15, 20]``). This callback
-uploads the two files the moment a trial fails, before Tune restarts it. Tune does the same copy each
-time a trial with a checkpoint starts again: a trial ASHA paused at a rung and sent on soon after (two
+uploads the two files the moment a trial fails, before Tune restarts it.
+
+`TrialResultsJson`: Tune's ``result.json`` writer, which copies the file back from storage each time a
+trial with a checkpoint starts again. A trial ASHA paused at a rung and sent on within that second (two
 trials reaching the rung together) lost its row at the rung, every time, in a two-trial search
-(``[20, 30, ...]`` instead of ``[10, 20, 30, ...]``). So the files are also uploaded as such a trial
-starts, before Tune's logger (added after this callback) copies them back.
+(``[20, 30, ...]`` instead of ``[10, 20, 30, ...]``). This one keeps the driver's copy where it has one
+(it is the newest: storage only ever gets copies of it) and copies from storage only where it has none
+(a search resumed in a new Ray session).
 
 `MarkTimeBudgetStops`: when ``--time-budget`` runs out, Tune stops every trial still running
 without telling the callbacks, the scheduler or the searcher that it ended (Ray 2.60's
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback, CLIReporter
-from ray.tune.logger import TBXLoggerCallback
+from ray.tune.logger import JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from tune_gpt.report import STOPPED_FILE
@@ -74,18 +77,23 @@ def push_trial_results(trial: Any) -> None:
 
 
 class KeepTrialResults(Callback):
-    """Upload a trial's result files before Tune restores them from storage: when it fails, and when it
-    starts again from a checkpoint (see module doc)."""
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if getattr(trial, "checkpoint", None) is not None:  # as Tune's logger decides to copy them back
-            push_trial_results(trial)
+    """Upload a failed trial's result files before Tune restores them from storage (see module doc)."""
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         push_trial_results(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         push_trial_results(trial)
+
+
+class TrialResultsJson(JsonLoggerCallback):
+    """Tune's result.json writer, keeping the driver's copy of a trial that starts again (module doc)."""
+
+    def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+        local = Path(trial.local_path, file_name)
+        if local.is_file() and local.stat().st_size > 0:
+            return
+        super()._restore_from_remote(file_name, trial)
 
 
 class MarkTimeBudgetStops(Callback):

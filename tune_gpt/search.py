@@ -1033,7 +1033,26 @@ def _renew_callbacks(tuner: Any, plan: Plan) -> None:
             c._loggers = [x for x in loggers if x not in old] + ([new] if new is not None else [])
     callbacks = [new if c in old else c for c in run_config.callbacks or []]  # in its place, or added last
     callbacks += [new] if not old and new is not None else []
-    run_config.callbacks = [c for c in callbacks if c is not None]
+    run_config.callbacks = _keeping_results_json([c for c in callbacks if c is not None])
+
+
+def _keeping_results_json(callbacks: list[Any]) -> list[Any]:
+    """A search begun before `TrialResultsJson` existed: Tune's own result.json writer (restored, or the one
+    Tune would add) replaced by it, in its place (and in the time-budget callback's list)."""
+    from ray.tune.logger import JsonLoggerCallback
+
+    from tune_gpt._tune_callbacks import TrialResultsJson
+
+    if any(isinstance(c, TrialResultsJson) for c in callbacks):
+        return callbacks
+    mine = TrialResultsJson()
+    if not any(type(c) is JsonLoggerCallback for c in callbacks):
+        return callbacks + [mine]
+    for c in callbacks:
+        loggers = getattr(c, "_loggers", None)
+        if isinstance(loggers, list):
+            c._loggers = [mine if type(x) is JsonLoggerCallback else x for x in loggers]
+    return [mine if type(c) is JsonLoggerCallback else c for c in callbacks]
 
 
 def _close_study_trials(plan: Plan) -> None:
@@ -1509,7 +1528,7 @@ def _scheduler(plan: Plan):
 def _run_config(plan: Plan):
     from ray import tune
 
-    from tune_gpt._tune_callbacks import KeepTrialResults, MarkTimeBudgetStops, TrialTensorBoard
+    from tune_gpt._tune_callbacks import KeepTrialResults, MarkTimeBudgetStops, TrialResultsJson, TrialTensorBoard
 
     opts = plan.opts
     callbacks: list[Any] = [KeepTrialResults()]  # a retried trial keeps every row of its history
@@ -1518,18 +1537,18 @@ def _run_config(plan: Plan):
     except ImportError:
         warnings.warn("tensorboard is not installed: no TensorBoard events for the trials (pip install tensorboard)")
     wandb = wandb_callback(plan) if opts.wandb else None
-    budget_loggers: list[Any] = []
+    result_loggers: list[Any] = [TrialResultsJson()]  # instead of Tune's: keeps a restarted trial's rows
     if opts.time_budget:  # trials still running when it runs out: out-of-time, not early-stopped
-        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+        from ray.tune.logger import CSVLoggerCallback
 
-        # Tune's own result.json / progress.csv writers, made here (Tune then adds none) so that they too
-        # close the files of the trials the budget stops (else: ResourceWarnings at exit)
-        budget_loggers = [CSVLoggerCallback(), JsonLoggerCallback()]
-        loggers = callbacks[1:] + ([wandb] if wandb is not None else []) + budget_loggers
+        # the progress.csv writer made here too (Tune then adds none), so that both close the files of the
+        # trials the budget stops (else: ResourceWarnings at exit)
+        result_loggers.insert(0, CSVLoggerCallback())
+        loggers = callbacks[1:] + ([wandb] if wandb is not None else []) + result_loggers
         callbacks.append(MarkTimeBudgetStops(opts.time_budget, loggers=loggers))
     if wandb is not None:
         callbacks.append(wandb)
-    callbacks += budget_loggers  # where Tune would have put them: after the others
+    callbacks += result_loggers  # where Tune would have put them: after the others
     return tune.RunConfig(
         name=plan.name,
         storage_path=_storage_uri(opts.storage_path),

@@ -170,3 +170,25 @@ def test_a_trial_that_ran_out_of_memory_is_replayed_at_the_micro_batch_it_went_o
     rep = TuneReporter(None, {"device": "auto"})
     rep.start(object(), {"total_steps": 10, "device": "cuda:0"})
     assert rep.where["device"] == "cuda:0"
+
+
+def test_a_replay_logs_to_the_searchs_w_and_b_group_from_any_path_to_it(tmp_path, monkeypatch):
+    """The group was the folder's name as typed: `replay .` ran in group '' and a renamed copy in the copy's
+    name, not in the group the trials logged to (the search's name)."""
+    import shutil
+
+    from fake_experiment import standard_experiment
+
+    from tune_gpt.replay import _pick, trial_config
+
+    exp = standard_experiment(tmp_path, name="lr-sweep")  # the search's --name; its folder is called otherwise
+    copy = tmp_path / "copied"
+    shutil.copytree(exp, copy)
+    common = dict(check=False, output_dir=str(tmp_path / "final"), max_steps=None, epochs=None, wandb=True)
+    monkeypatch.chdir(exp)
+    for path in (".", str(copy)):
+        exp_dir, row, params, where = _pick(path, None)
+        assert where["experiment_name"] == "lr-sweep"
+        cfg = trial_config(params, exp_dir, row["trial_id"], **common, experiment_name=where["experiment_name"])
+        assert cfg.wandb.group == "lr-sweep"
+    assert trial_config({"learning_rate": 1e-3}, ".", "t1", **common).wandb.group == exp.name  # no name known

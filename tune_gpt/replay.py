@@ -61,12 +61,14 @@ def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, An
     t = next(t for t in read.trials if t.trial_id == row["trial_id"])
     if not t.params:
         raise ConfigError(f"{row['trial_dir']}/params.json: cannot read the trial's config (missing or not JSON)")
-    return exp, row.to_dict(), dict(t.params), _trial_where(t.status_file)
+    # the search's name (its W&B group): the folder's may be "." or a renamed copy's
+    return exp, row.to_dict(), dict(t.params), {**_trial_where(t.status_file), "experiment_name": read.info["name"]}
 
 
 def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
                  max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu",
-                 trial_bf16_products: bool = False, data: str | None = None) -> TrainConfig:
+                 trial_bf16_products: bool = False, data: str | None = None,
+                 experiment_name: str | None = None) -> TrainConfig:
     """The trial's hyperparameters, with where-it-runs settings for a final run.
 
     A check runs on the trial's device and, on a CPU, with the trial's matmul arithmetic (`auto`
@@ -92,7 +94,8 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
     flat.update({
         "output_dir": output_dir or str(exp / f"replay-{trial_id}{'-check' if check else ''}"),
         "progress": True, "tensorboard": True, "checkpoint": True, "resume": False,
-        "wandb.enabled": wandb, "wandb.group": params.get("wandb.group") or exp.name,
+        "wandb.enabled": wandb,
+        "wandb.group": params.get("wandb.group") or experiment_name or Path(exp).expanduser().resolve().name,
     })
     if check:
         flat["device"] = trial_device
@@ -117,7 +120,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     trial_id = str(row["trial_id"])
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
-                       trial_bf16_products=where["bf16_products"], data=data)
+                       trial_bf16_products=where["bf16_products"], data=data,
+                       experiment_name=where["experiment_name"])
     if where["micro_batch"]:
         cfg = TrainConfig.from_flat(where["micro_batch"], base=cfg)
         print(f"replay: trial {trial_id} ran out of memory and went on at --batch_size {cfg.batch_size} "
@@ -138,7 +142,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     trial_steps = _int(row.get("steps"))
     stop_after = trial_steps if check and trial_steps else None
     reporters = default_reporters(cfg, job_type="final", tags=["final"],
-                                  extra_config={"replay_of": trial_id, "experiment": exp.name})
+                                  extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
     out.mkdir(parents=True, exist_ok=True)  # marked as this replay's until its summary replaces the mark
     (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
     result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)

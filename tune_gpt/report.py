@@ -174,7 +174,7 @@ def experiment_info(path: str | Path) -> dict[str, Any]:
     mode = str(info.get("mode") or "min").lower()
     return {
         **info,
-        "name": str(info.get("name") or exp.name),
+        "name": str(info.get("name") or exp.expanduser().resolve().name),  # "." is a folder with a name
         "metric": str(info.get("metric") or "val/loss"),
         "mode": mode if mode in ("min", "max") else "min",
         "space": _normalise_space(info.get("space")),

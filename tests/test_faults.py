@@ -14,6 +14,7 @@ standard library, torch and tune_gpt.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import psutil
 import pytest
 
 from conftest import REPO, TINY_MODEL, closed_port, tiny_space, write_space
+from tune_gpt.report import _FAILURE_AT
 from tune_gpt.search import STATUS_FILE, SearchOptions, plan_search, run_search
 from wandb_offline import offline_runs
 
@@ -213,6 +215,11 @@ def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure
         st = status(d)
         assert st["status"] == "finished", st
         assert st["start_step"] == 5 * (f2 // 5)  # the last retry started at the last checkpoint, not at 0
+        # the report tells a retry from the attempt that failed by when it began (Ray's error.txt, to the second)
+        began = datetime.datetime.strptime(st["attempt_started"], "%Y-%m-%d_%H-%M-%S.%f")
+        failed = datetime.datetime.strptime(_FAILURE_AT.findall((d / "error.txt").read_text())[-1],
+                                            "%Y-%m-%d_%H-%M-%S")
+        assert began >= failed + datetime.timedelta(seconds=1), (st["attempt_started"], failed)
         steps = [r["step"] for r in rows(d)]
         assert steps == [5, 10, 15, 20], (faults[seed], steps)  # no step reported twice, none from 0 again
         its = [r["training_iteration"] for r in rows(d)]

@@ -165,6 +165,27 @@ def test_retried_trial_whose_last_attempt_wrote_only_running(tmp_path, losses, r
         assert row["error"] == "RuntimeError: node died"
 
 
+@pytest.mark.parametrize("started,expected", [
+    ("2026-01-02_03-05-03.250000", "running"),  # began after the failure (03:05:00): a retry, still running
+    ("2026-01-02_03-04-40.000000", "errored"),  # the attempt that failed
+    ("2026-01-02_03-05-00.700000", "errored"),  # the failure's own second: cannot tell, so as Ray saved it
+])
+def test_a_retry_of_a_running_search_is_told_by_its_start_not_by_file_times(tmp_path, started, expected):
+    """Ray copies error.txt to storage again at every sync, so it always looked newer than the retry's status
+    file: a retried trial of a running or interrupted search read as errored, unranked, and replay skipped it."""
+    exp = make_experiment(tmp_path, [FakeTrial(2e-3, 16, "running", [2.0, 1.5]),
+                                     FakeTrial(1e-3, 8, "finished", [2.1, 1.9, 1.8], status_file=True)])
+    d = next(exp.glob(f"trainable_*_{0:05d}_*"))
+    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
+    (d / "tune_gpt_status.json").write_text(json.dumps({"status": "running", "attempt_started": started}))
+    os.utime(d / "tune_gpt_status.json", (1, 1))  # error.txt, copied again, is newer
+    df = report.load_results(exp)
+    first = df[df["trial_id"].str.endswith("_00000")].iloc[0]
+    assert first["status"] == expected
+    # its best (1.5) leads when it is not errored; an errored trial is not ranked
+    assert first["rank"] == 1 if expected == "running" else pd.isna(first["rank"])
+
+
 def test_errored_status_file_message_is_used(tmp_path):
     # search.py writes {"status": "errored", "message": ...} and Ray writes error.txt.
     exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "errored", [], error="KeyError: 'x'", status_file=True)])

@@ -36,6 +36,7 @@ pandas, matplotlib and optuna are imported inside the functions that use them.
 from __future__ import annotations
 
 import base64
+import datetime
 import html
 import io
 import json
@@ -409,7 +410,7 @@ def _status(t: _Trial) -> tuple[str, str]:
         # first by every attempt).
         ended_well = ("finished", "early-stopped", "stopped", "terminated")
         retried_ok = (said in ended_well or (said == "running" and t.ray_status != "ERROR")) and (
-            t.ray_status == "TERMINATED" or _newer(t.dir / STATUS_FILE, t.dir / "error.txt"))
+            t.ray_status == "TERMINATED" or _attempt_after_failure(t))
         if not retried_ok:
             if _looks_oom(t.error_text):
                 return "oom", err
@@ -451,6 +452,28 @@ def _short_of_plan(t: _Trial) -> bool:
     step = max((_num(r.get("step")) or 0 for r in t.records), default=None)
     total = _planned_steps(t)
     return step is not None and total is not None and step < total
+
+
+_FAILURE_AT = re.compile(r"^Failure # \d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", re.M)
+
+
+def _attempt_after_failure(t: _Trial) -> bool:
+    """Whether the attempt that wrote the trial's status file began after its last failure in error.txt: a
+    retry. Both times are local wall-clock times as Ray writes them (the failure's to the second): a retry
+    starts a second or more after the failure (a new worker), the attempt that failed before it. Status
+    files without the attempt's start (tune_gpt before it kept one) fall back to the files' times, which
+    hold only where error.txt was not copied again since (Ray copies it to storage at every sync)."""
+    started = (t.status_file or {}).get("attempt_started")
+    failures = _FAILURE_AT.findall(t.error_text or "")
+    if isinstance(started, str) and failures:
+        try:
+            began = datetime.datetime.strptime(started, "%Y-%m-%d_%H-%M-%S.%f")
+            failed = datetime.datetime.strptime(failures[-1], "%Y-%m-%d_%H-%M-%S")
+        except ValueError:
+            pass
+        else:
+            return began >= failed + datetime.timedelta(seconds=1)
+    return _newer(t.dir / STATUS_FILE, t.dir / "error.txt")
 
 
 def _newer(a: Path, b: Path) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import gc
 import json
 import logging
@@ -538,13 +539,18 @@ class TuneReporter:
         self.oom_retries: list[dict[str, Any]] = []  # filled by train_with_oom_retry
         self.last_report: dict[str, Any] | None = None  # the metrics of the latest evaluation reported
         self._restore_dirs: list[str] = []
+        # when this attempt began, in the local time and form of Ray's "Failure # N (occurred at ...)" lines in
+        # error.txt: the report tells a retry that runs from the attempt that failed by it (file times cannot:
+        # Ray copies error.txt to storage again at every sync)
+        self.attempt_started = datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
 
     def save_status(self, status: str, **fields: Any) -> None:
         """Write the status file: `status`, `fields`, where the trial runs and what OOM retries changed."""
         if self.trial_dir is None:
             return
         record = {"status": status, **fields, "steps": fields.get("steps", self.last_step),
-                  "total_steps": self.total_steps, "start_step": self.start_step}
+                  "total_steps": self.total_steps, "start_step": self.start_step,
+                  "attempt_started": self.attempt_started}
         if (self.oom_retries or status == "oom") and self.cfg is not None:
             record.update(_oom_info(self.oom_retries, self.cfg))
         _save_trial_file(self.trial_dir, STATUS_FILE, json.dumps({**record, **self.where}), self.storage)

@@ -215,11 +215,12 @@ def test_trials_that_raise_resume_from_their_checkpoint_and_a_persistent_failure
         st = status(d)
         assert st["status"] == "finished", st
         assert st["start_step"] == 5 * (f2 // 5)  # the last retry started at the last checkpoint, not at 0
-        # the report tells a retry from the attempt that failed by when it began (Ray's error.txt, to the second)
-        began = datetime.datetime.strptime(st["attempt_started"], "%Y-%m-%d_%H-%M-%S.%f")
-        failed = datetime.datetime.strptime(_FAILURE_AT.findall((d / "error.txt").read_text())[-1],
-                                            "%Y-%m-%d_%H-%M-%S")
-        assert began >= failed + datetime.timedelta(seconds=1), (st["attempt_started"], failed)
+        # the report tells a retry from the attempt that failed by when it began: Ray's error.txt has the failure
+        # in the driver's local time, to the second, and the experiment file the driver's offset from UTC
+        offset = json.loads((exp / "tune_gpt_experiment.json").read_text())["utc_offset_s"]
+        failed = datetime.datetime.strptime(_FAILURE_AT.findall((d / "error.txt").read_text())[-1], "%Y-%m-%d_%H-%M-%S")
+        failed_s = failed.replace(tzinfo=datetime.timezone(datetime.timedelta(seconds=offset))).timestamp()
+        assert failed_s < st["attempt_started_s"] < failed_s + 600, (st, failed)
         steps = [r["step"] for r in rows(d)]
         assert steps == [5, 10, 15, 20], (faults[seed], steps)  # no step reported twice, none from 0 again
         its = [r["training_iteration"] for r in rows(d)]
@@ -280,8 +281,9 @@ def test_a_failed_trial_uploads_its_history_before_tune_restores_it(tmp_path):
 def test_a_trial_that_starts_again_keeps_the_drivers_result_rows(tmp_path):
     """Tune's result.json writer copies the stored file back over the driver's each time a trial with a
     checkpoint starts (ASHA sending it on from a rung); storage gets the driver's copy about once a second,
-    so the row at the rung was lost. TrialResultsJson keeps the driver's copy, and copies from storage only
-    where the driver has none (a search resumed in a new Ray session)."""
+    so the row at the rung was lost. TrialResultsJson keeps the driver's copy of a trial it has written in
+    this process, and copies from storage as Tune does at a trial's first start in the process (a resumed
+    search: the staging folder may hold an older run's copy, on a long-lived cluster)."""
     from types import SimpleNamespace
 
     import pyarrow.fs
@@ -291,16 +293,23 @@ def test_a_trial_that_starts_again_keeps_the_drivers_result_rows(tmp_path):
     staging, stored = tmp_path / "staging" / "trial_1", tmp_path / "storage" / "exp" / "trial_1"
     staging.mkdir(parents=True)
     stored.mkdir(parents=True)
-    newest = "".join(json.dumps({"step": s}) + "\n" for s in (10, 20))
-    (staging / "result.json").write_text(newest)
-    (stored / "result.json").write_text(json.dumps({"step": 10}) + "\n")  # the last periodic upload
-    trial = SimpleNamespace(local_path=str(staging), checkpoint=object(), storage=SimpleNamespace(
+
+    def rows(*steps):
+        return "".join(json.dumps({"step": s}) + "\n" for s in steps)
+
+    (staging / "result.json").write_text(rows(10))  # an earlier run's, left in the same Ray session
+    (stored / "result.json").write_text(rows(10, 20))  # storage went on since (a resume elsewhere)
+    trial = SimpleNamespace(trial_id="t1", local_path=str(staging), checkpoint=object(), storage=SimpleNamespace(
         storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored)))
-    TrialResultsJson()._restore_from_remote("result.json", trial)
-    assert (staging / "result.json").read_text() == newest
+    writer = TrialResultsJson()
+    writer._restore_from_remote("result.json", trial)  # its first start here: storage's, as Tune does
+    assert (staging / "result.json").read_text() == rows(10, 20)
+    (staging / "result.json").write_text(rows(10, 20, 30))  # it reports, pauses at a rung, goes on at once
+    writer._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == rows(10, 20, 30)  # the row at 30 is kept
     (staging / "result.json").unlink()  # a new session's staging folder: the stored rows come back
     TrialResultsJson()._restore_from_remote("result.json", trial)
-    assert (staging / "result.json").read_text() == json.dumps({"step": 10}) + "\n"
+    assert (staging / "result.json").read_text() == rows(10, 20)
 
 
 # ------------------------------------------------------------ 2. divergence
@@ -381,7 +390,9 @@ def test_a_resumed_trial_that_had_ended_trains_nothing_and_repeats_a_failure(tmp
     else:
         (last,) = reported
         assert last["val/loss"] == math.inf and last[ended] == 1 and last["step"] == 15 and last["total_steps"] == 20
-    assert json.loads((trial / STATUS_FILE).read_text())["status"] == ended  # left as it was
+    after = json.loads((trial / STATUS_FILE).read_text())
+    assert after["status"] == ended and after["steps"] == 15  # left as it was, but for when this attempt began:
+    assert time.time() - 60 < after["attempt_started_s"] <= time.time()  # a failure recorded before is not this one
 
 
 def test_the_rows_at_the_end_of_a_long_result_file_are_read_whole(tmp_path):

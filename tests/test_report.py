@@ -165,19 +165,28 @@ def test_retried_trial_whose_last_attempt_wrote_only_running(tmp_path, losses, r
         assert row["error"] == "RuntimeError: node died"
 
 
-@pytest.mark.parametrize("started,expected", [
-    ("2026-01-02_03-05-03.250000", "running"),  # began after the failure (03:05:00): a retry, still running
-    ("2026-01-02_03-04-40.000000", "errored"),  # the attempt that failed
-    ("2026-01-02_03-05-00.700000", "errored"),  # the failure's own second: cannot tell, so as Ray saved it
+@pytest.mark.parametrize("after_failure_s,offset_s,expected", [
+    (3.25, 3600, "running"),  # began after the failure: a retry, still running
+    (-20.0, 3600, "errored"),  # the attempt that failed
+    (0.7, 3600, "errored"),  # the failure's own second: cannot tell, so as Ray saved it
+    (3.25, None, "errored"),  # an experiment file without the driver's offset: the files' times decide
 ])
-def test_a_retry_of_a_running_search_is_told_by_its_start_not_by_file_times(tmp_path, started, expected):
+def test_a_retry_of_a_running_search_is_told_by_its_start_not_by_file_times(tmp_path, after_failure_s, offset_s,
+                                                                             expected):
     """Ray copies error.txt to storage again at every sync, so it always looked newer than the retry's status
-    file: a retried trial of a running or interrupted search read as errored, unranked, and replay skipped it."""
+    file: a retried trial of a running or interrupted search read as errored, unranked, and replay skipped it.
+    Ray writes the failure (03:05:00 here) in the driver's local time: the experiment file has its offset."""
+    import datetime
+
     exp = make_experiment(tmp_path, [FakeTrial(2e-3, 16, "running", [2.0, 1.5]),
                                      FakeTrial(1e-3, 8, "finished", [2.1, 1.9, 1.8], status_file=True)])
+    info = json.loads((exp / "tune_gpt_experiment.json").read_text())
+    if offset_s is not None:
+        (exp / "tune_gpt_experiment.json").write_text(json.dumps({**info, "utc_offset_s": offset_s}))
+    failed = datetime.datetime(2026, 1, 2, 3, 5, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1))).timestamp()
     d = next(exp.glob(f"trainable_*_{0:05d}_*"))
-    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
-    (d / "tune_gpt_status.json").write_text(json.dumps({"status": "running", "attempt_started": started}))
+    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))  # "occurred at 03-05-00"
+    (d / "tune_gpt_status.json").write_text(json.dumps({"status": "running", "attempt_started_s": failed + after_failure_s}))
     os.utime(d / "tune_gpt_status.json", (1, 1))  # error.txt, copied again, is newer
     df = report.load_results(exp)
     first = df[df["trial_id"].str.endswith("_00000")].iloc[0]

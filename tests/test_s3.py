@@ -97,6 +97,13 @@ def test_report_reads_an_experiment_in_s3_like_a_local_one(s3, tmp_path, monkeyp
 
     with pytest.raises(DataError, match="nothing-here"):
         load_results(f"s3://{BUCKET}/nothing-here")
+    # an experiment without tune_gpt's experiment file is named as its folder in storage (replay's W&B group),
+    # not as the temporary local copy the report reads
+    from tune_gpt.report import _read_experiment
+
+    bare = standard_experiment(tmp_path / "bare", info=False)
+    _upload(bare, f"s3://{BUCKET}/fake-runs/renamed")
+    assert _read_experiment(f"s3://{BUCKET}/fake-runs/renamed").info["name"] == "renamed"
 
 
 def test_experiment_uri_keeps_a_query_string_at_the_end():

@@ -18,8 +18,8 @@ uploads the two files the moment a trial fails, before Tune restarts it.
 trial with a checkpoint starts again. A trial ASHA paused at a rung and sent on within that second (two
 trials reaching the rung together) lost its row at the rung, every time, in a two-trial search
 (``[20, 30, ...]`` instead of ``[10, 20, 30, ...]``). This one keeps the driver's copy where it has one
-(it is the newest: storage only ever gets copies of it) and copies from storage only where it has none
-(a search resumed in a new Ray session).
+(it is the newest: storage only ever gets copies of it) for a trial it has written in this process, and
+copies from storage as Tune does at a trial's first start in the process (a resumed search).
 
 `MarkTimeBudgetStops`: when ``--time-budget`` runs out, Tune stops every trial still running
 without telling the callbacks, the scheduler or the searcher that it ended (Ray 2.60's
@@ -90,10 +90,14 @@ class TrialResultsJson(JsonLoggerCallback):
     """Tune's result.json writer, keeping the driver's copy of a trial that starts again (module doc)."""
 
     def _restore_from_remote(self, file_name: str, trial: Any) -> None:
+        # only a file this writer has written in this process is known to be the newest: a staging folder left
+        # by an earlier run in the same Ray session (a --resume on a long-lived cluster) may be older than storage
+        opened = self.__dict__.setdefault("_opened", set())  # (not in one pickled before it existed)
         local = Path(trial.local_path, file_name)
-        if local.is_file() and local.stat().st_size > 0:
+        if trial.trial_id in opened and local.is_file() and local.stat().st_size > 0:
             return
         super()._restore_from_remote(file_name, trial)
+        opened.add(trial.trial_id)
 
 
 class MarkTimeBudgetStops(Callback):

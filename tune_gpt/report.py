@@ -324,6 +324,8 @@ def _read_remote_experiment(uri: str) -> _Experiment:
             raise DataError(str(exc).replace(tmp, base)) from None
         rel_exp = exp.dir.relative_to(tmp).as_posix()
     exp.uri = base if rel_exp == "." else f"{base}/{rel_exp}"
+    if not exp.info.get("found"):  # no experiment file: named as its folder in storage, not the temporary copy
+        exp.info["name"] = exp.uri.rstrip("/").rsplit("/", 1)[-1]
     return exp
 
 
@@ -356,7 +358,7 @@ def _read_experiment(path: str | Path) -> _Experiment:
         m = _TRIAL_ID.search(d.name)
         t.trial_id = rid or (st or {}).get("trial_id") or (m.group(1) if m else d.name)
         t.ray_status = str((st or {}).get("status") or "").upper() or None
-        t.status, t.error = _status(t)
+        t.status, t.error = _status(t, info.get("utc_offset_s"))
         seen_ids.add(t.trial_id)
         trials.append(t)
     pending = sum(1 for k, v in state.items() if k.startswith("id:") and v["trial_id"] not in seen_ids
@@ -397,7 +399,7 @@ def _looks_oom(text: str) -> bool:
     return "outofmemoryerror" in t or "out of memory" in t
 
 
-def _status(t: _Trial) -> tuple[str, str]:
+def _status(t: _Trial, utc_offset_s: Any = None) -> tuple[str, str]:
     sf = t.status_file or {}
     said = str(sf.get("status") or "").lower().replace("_", "-")
     message = _one_line(sf.get("message") or "")
@@ -410,7 +412,7 @@ def _status(t: _Trial) -> tuple[str, str]:
         # first by every attempt).
         ended_well = ("finished", "early-stopped", "stopped", "terminated")
         retried_ok = (said in ended_well or (said == "running" and t.ray_status != "ERROR")) and (
-            t.ray_status == "TERMINATED" or _attempt_after_failure(t))
+            t.ray_status == "TERMINATED" or _attempt_after_failure(t, utc_offset_s))
         if not retried_ok:
             if _looks_oom(t.error_text):
                 return "oom", err
@@ -457,22 +459,24 @@ def _short_of_plan(t: _Trial) -> bool:
 _FAILURE_AT = re.compile(r"^Failure # \d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", re.M)
 
 
-def _attempt_after_failure(t: _Trial) -> bool:
+def _attempt_after_failure(t: _Trial, utc_offset_s: Any = None) -> bool:
     """Whether the attempt that wrote the trial's status file began after its last failure in error.txt: a
-    retry. Both times are local wall-clock times as Ray writes them (the failure's to the second): a retry
-    starts a second or more after the failure (a new worker), the attempt that failed before it. Status
-    files without the attempt's start (tune_gpt before it kept one) fall back to the files' times, which
-    hold only where error.txt was not copied again since (Ray copies it to storage at every sync)."""
-    started = (t.status_file or {}).get("attempt_started")
+    retry. The attempt's start is a Unix time (``attempt_started_s``); Ray writes the failure in the driver's
+    local time, to the second, which the experiment file's ``utc_offset_s`` (the driver's) turns into one.
+    A retry starts a second or more after the failure (a new worker; in the failure's own second it cannot
+    be told, and stays as Ray saved it), the attempt that failed before it. Without either time (tune_gpt
+    before it kept them) the files' times decide, which hold only where error.txt was not copied again
+    since: Ray copies it to storage at every sync."""
+    started = (t.status_file or {}).get("attempt_started_s")
     failures = _FAILURE_AT.findall(t.error_text or "")
-    if isinstance(started, str) and failures:
+    if _num(started) is not None and failures and _num(utc_offset_s) is not None:
         try:
-            began = datetime.datetime.strptime(started, "%Y-%m-%d_%H-%M-%S.%f")
-            failed = datetime.datetime.strptime(failures[-1], "%Y-%m-%d_%H-%M-%S")
-        except ValueError:
+            zone = datetime.timezone(datetime.timedelta(seconds=float(utc_offset_s)))
+            failed = datetime.datetime.strptime(failures[-1], "%Y-%m-%d_%H-%M-%S").replace(tzinfo=zone).timestamp()
+        except (ValueError, OverflowError):
             pass
         else:
-            return began >= failed + datetime.timedelta(seconds=1)
+            return float(started) >= failed + 1
     return _newer(t.dir / STATUS_FILE, t.dir / "error.txt")
 
 

@@ -539,10 +539,9 @@ class TuneReporter:
         self.oom_retries: list[dict[str, Any]] = []  # filled by train_with_oom_retry
         self.last_report: dict[str, Any] | None = None  # the metrics of the latest evaluation reported
         self._restore_dirs: list[str] = []
-        # when this attempt began, in the local time and form of Ray's "Failure # N (occurred at ...)" lines in
-        # error.txt: the report tells a retry that runs from the attempt that failed by it (file times cannot:
-        # Ray copies error.txt to storage again at every sync)
-        self.attempt_started = datetime.datetime.today().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        # when this attempt began: the report tells a retry from the attempt that failed by it, against the
+        # failure's time in Ray's error.txt (file times cannot: Ray copies error.txt to storage at every sync)
+        self.attempt_started_s = time.time()
 
     def save_status(self, status: str, **fields: Any) -> None:
         """Write the status file: `status`, `fields`, where the trial runs and what OOM retries changed."""
@@ -550,7 +549,7 @@ class TuneReporter:
             return
         record = {"status": status, **fields, "steps": fields.get("steps", self.last_step),
                   "total_steps": self.total_steps, "start_step": self.start_step,
-                  "attempt_started": self.attempt_started}
+                  "attempt_started_s": self.attempt_started_s}
         if (self.oom_retries or status == "oom") and self.cfg is not None:
             record.update(_oom_info(self.oom_retries, self.cfg))
         _save_trial_file(self.trial_dir, STATUS_FILE, json.dumps({**record, **self.where}), self.storage)
@@ -643,6 +642,8 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
     trial_dir, storage = Path(context.get_trial_dir()), context.get_storage()
     previous = _read_trial_status(trial_dir, storage)
     if previous.get("status") in DONE_STATUSES:  # its last report may not have been recorded: again
+        # this attempt began after any failure Ray recorded since: the report must not take it for that one
+        _save_trial_file(trial_dir, STATUS_FILE, json.dumps({**previous, "attempt_started_s": time.time()}), storage)
         if previous["status"] in ("diverged", "oom"):
             _report_failed(previous["status"], objective, int(previous.get("steps") or 0), previous.get("total_steps"))
         elif isinstance(previous.get("last_report"), dict) and not _recorded(previous["last_report"], storage):
@@ -694,6 +695,12 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
         reporter.save_status(**status)
         shutil.rmtree(scratch, ignore_errors=True)
         reporter.cleanup()
+
+
+def _utc_offset_s() -> float:
+    """This process's offset from UTC now, in seconds: Ray writes a trial's failures in its local time."""
+    offset = datetime.datetime.now().astimezone().utcoffset()
+    return offset.total_seconds() if offset is not None else 0.0
 
 
 def _recorded(report: dict[str, Any], storage: Any) -> bool:
@@ -1634,6 +1641,8 @@ def _search_info(plan: Plan) -> dict[str, Any]:
     space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
+        # the driver's: Ray writes a trial's failures in its local time (error.txt), which the report compares
+        "utc_offset_s": _utc_offset_s(),
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "grid_cap": plan.grid_cap,
         "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept

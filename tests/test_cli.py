@@ -48,6 +48,8 @@ def bad_corpora(tmp_path_factory):
         (["--data", "{bad}/short.txt"], ["short.txt", "too short"]),
         (["--model_size", "huge"], ["model_size", "huge"]),
         (["--learning_rate", "-0.1"], ["learning_rate", "-0.1"]),
+        (["--learning_rate", "-1e-3"], ["learning_rate", "must be positive", "-0.001"]),  # not "expected one argument"
+        (["--sample_prompt", "x\udcff"], ["sample_prompt", "not UTF-8"]),  # found after the whole run, before
         (["--batch_size", "0"], ["batch_size", "0"]),
         (["--batch_size", "many"], ["batch_size", "many"]),
         (["--bf16", "--device", "cpu"], ["bf16"]),
@@ -97,7 +99,9 @@ def test_train_cli_with_the_guide_flags_then_generate(tmp_path, corpus_file):
     for args, needles in ((["--top_k", "-3"], ["--top_k", "got -3"]), (["--device", "cuda:7"], ["device", "'cuda:7'"]),
                           (["--device", "tpu"], ["device", "'tpu'"]), (["--temperature", "nan"], ["--temperature", "nan"]),
                           (["--temperature", "0"], ["--temperature", "--top_k 1"]),
-                          (["--max_new_tokens", "-5"], ["--max_new_tokens", "-5"])):
+                          (["--max_new_tokens", "-5"], ["--max_new_tokens", "-5"]),
+                          (["--prompt", "ab\udcffc"], ["--prompt", "not UTF-8"]),  # crashed at print, after sampling
+                          (["--seed", str(10**20)], ["--seed", str(10**20)])):
         assert_one_line_error(run("-m", "tune_gpt.generate", "--checkpoint", str(out), *args), *needles)
 
 

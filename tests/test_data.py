@@ -54,6 +54,27 @@ def test_split_is_last_tenth_and_cache_is_reused(tmp_path, corpus_file):
     assert np.array_equal(c1.train, c2.train) and c2.tokenizer.chars == c1.tokenizer.chars
 
 
+def test_a_token_cache_changed_in_place_is_rebuilt_not_trusted(tmp_path, corpus_file):
+    """Ids overwritten with the file's length kept trained on other text, or indexed past the vocabulary."""
+    c1 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    (entry,) = (tmp_path / "tokens").iterdir()
+    ids = np.fromfile(entry / "train.bin", dtype=c1.train.dtype)
+    ids[0] = (int(ids[0]) + 1) % c1.vocab_size  # one id changed, still in the vocabulary
+    ids.tofile(entry / "train.bin")
+    c2 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    assert np.array_equal(c2.train, c1.train)  # rebuilt from the text
+    assert np.array_equal(np.fromfile(entry / "train.bin", dtype=c1.train.dtype), c1.train)  # and the cache with it
+
+
+def test_a_url_whose_cache_cannot_be_written_is_one_line(tmp_path):
+    from tune_gpt.errors import DataError
+
+    (tmp_path / "afile").write_text("not a folder")
+    with serving({"body": b"to be or not to be\n" * 200}, []) as base:
+        with pytest.raises(DataError, match=r"afile/downloads: cannot write the download cache .*--cache_dir"):
+            load_corpus(f"{base}/c.txt", cache_dir=tmp_path / "afile")
+
+
 def test_directory_and_glob_corpora(tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)

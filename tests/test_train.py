@@ -322,6 +322,9 @@ def test_cuda_allocation_failures_count_as_out_of_memory():
     assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not is_oom(RuntimeError("CUDA error: device-side assert triggered"))
+    # the CPU's allocator (a model too big for the machine's memory): out of memory too, not a bug to retry
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 70368744177664 bytes. Error code 12 (Cannot allocate memory)"))
 
 
 def test_a_checkpoint_from_before_keeps_resuming_and_rng_states_stay_on_the_cpu(tiny_cfg, tmp_path):
@@ -406,12 +409,31 @@ def test_compile_on_a_gpu_without_a_c_compiler_is_one_line(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)  # Triton never asks cc
     with pytest.raises(ConfigError, match=r"^--compile: no C compiler found \(gcc or clang.*apt-get install gcc"):
         _check_compiler(torch.device("cuda"))
-    _check_compiler(torch.device("cpu"))  # the CPU backend is not asked here
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
     _check_compiler(torch.device("cuda"))
     monkeypatch.setenv("CC", "/opt/nowhere/cc")  # Triton takes $CC as it is, gcc or not
     with pytest.raises(ConfigError, match=r"^--compile: CC='/opt/nowhere/cc' is no compiler found on PATH"):
         _check_compiler(torch.device("cuda"))
+
+
+def test_compile_on_a_cpu_without_a_cpp_compiler_is_one_line(monkeypatch):
+    """Inductor builds its CPU kernels with a C++ compiler ($CXX, else g++): a slim image has none, and the first
+    step ended in a 100-line traceback after the run's logs were opened. Asked as Inductor asks, before."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from tune_gpt.train import _check_compiler
+
+    def none():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none)
+    monkeypatch.setenv("CXX", "/opt/nowhere/g++")
+    with pytest.raises(ConfigError, match=r"^--compile: no C\+\+ compiler found \(CXX='/opt/nowhere/g\+\+' is none; .*"
+                                          r"apt-get install g\+\+\), or train without --compile$"):
+        _check_compiler(torch.device("cpu"))
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    _check_compiler(torch.device("cpu"))
 
 
 

@@ -16,7 +16,13 @@ from tune_gpt.errors import ConfigError, TuneGPTError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, and ``-1e-3`` is a value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse (3.11) takes '-1e-3' for an option ("--learning_rate: expected one argument"); a negative
+        # number in any float form is a value, so `--learning_rate -1e-3` gets the range check's message
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # Named as run_main names the entry point (``tune_gpt.search: error: ...``), not as the usage line does

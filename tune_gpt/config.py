@@ -190,6 +190,7 @@ class TrainConfig:
                                                       else ""))
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed: {self.seed} is outside [0, 2**63)")
+        check_text("sample_prompt", self.sample_prompt)
         for name in ("project", "entity"):
             if getattr(self.wandb, name) is not None:  # None: W&B's default
                 _check_wandb_name(f"wandb.{name}", getattr(self.wandb, name))
@@ -407,6 +408,15 @@ def coerce_bool(key: str, value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
         return value.strip().lower() in ("true", "yes", "1", "on")
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def check_text(name: str, text: str) -> None:
+    """One line where `text` cannot be written out as UTF-8: bytes the command line could not decode (Python
+    keeps them as lone surrogates), which failed only when the sample was written, after the whole run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{name}: not UTF-8 text (a byte that does not decode, at character {exc.start + 1})") from None
 
 
 def _check_wandb_name(name: str, value: str) -> None:

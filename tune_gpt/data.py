@@ -278,8 +278,13 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         if _matches_record(dest, meta):
             return dest
         _forget_download(dest)  # changed or cut short since it was fetched: fetched again
-    dest_dir.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(f".part{os.getpid()}")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        open(tmp, "wb").close()
+    except OSError as exc:
+        raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc}); "
+                        "give a writable --cache_dir or TUNE_GPT_CACHE") from None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
             h = hashlib.sha256()
@@ -289,8 +294,12 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     except Exception as exc:  # network errors come in many classes
         tmp.unlink(missing_ok=True)
         raise DataError(f"{redact(url)}: download failed ({redact(str(exc))})") from None
-    os.replace(tmp, dest)
-    meta.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
+    try:
+        os.replace(tmp, dest)
+        meta.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc})") from None
     return dest
 
 
@@ -323,6 +332,12 @@ def train_size(n_tokens: int) -> int:
     return int(n_tokens * 0.9)
 
 
+def _ids_digest(train: np.ndarray, val: np.ndarray) -> str:
+    h = hashlib.sha256(memoryview(np.ascontiguousarray(train)).cast("B"))
+    h.update(memoryview(np.ascontiguousarray(val)).cast("B"))
+    return h.hexdigest()
+
+
 def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpus:
     """Tokenize `text` (or load it from the cache) and split it 90/10."""
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -336,7 +351,9 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
             dtype = np.dtype(meta["dtype"])
             train = np.fromfile(d / "train.bin", dtype=dtype)
             val = np.fromfile(d / "val.bin", dtype=dtype)
-            if len(train) == meta["n_train"] and len(val) == meta["n_val"]:
+            # ids changed in place (the length kept) would train on other text, or index past the vocabulary
+            if (len(train) == meta["n_train"] and len(val) == meta["n_val"]
+                    and _ids_digest(train, val) == meta["ids_sha256"]):
                 return Corpus(name, sha, tok, train, val, meta["n_chars"], sources)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
@@ -352,6 +369,7 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
         (tmp / "meta.json").write_text(json.dumps({
             "name": name, "sha256": sha, "tokenizer": tok.to_dict(), "dtype": tok.dtype.name,
             "n_train": len(train), "n_val": len(val), "n_chars": len(text), "sources": sources,
+            "ids_sha256": _ids_digest(train, val),
         }))
         if d.exists():
             import shutil

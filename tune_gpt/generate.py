@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from tune_gpt.cli import OneLineParser, run_main
+from tune_gpt.config import check_text
 from tune_gpt.errors import ConfigError
 
 
@@ -48,6 +49,9 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """Return `num_samples` continuations of `prompt` (prompt included); sample i uses seed `seed` + 1000 i."""
     check_sampling(max_new_tokens, temperature, top_k, num_samples)
+    check_text("--prompt", prompt)
+    if not 0 <= seed < 2**63 - 1000 * num_samples:  # sample i uses seed + 1000 i
+        raise ConfigError(f"--seed: {seed} is outside [0, 2**63 - 1000 * num_samples)")
     path = find_model(checkpoint)  # before torch loads: a wrong path is answered at once
     from tune_gpt.train import auto_device, available_device, load_checkpoint, model_from_checkpoint, sample_text
 

@@ -741,8 +741,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
 
 def _check_compiler(device: torch.device) -> None:
-    """torch.compile on a GPU builds Triton kernels with the system's C compiler; without one (a CUDA
-    *runtime* image, say) the first step fails deep in Inductor, and a search retries the trial to no end."""
+    """torch.compile on a GPU builds Triton kernels with the system's C compiler, and on a CPU its C++ kernels
+    with a C++ compiler; without one (a CUDA *runtime* image, a slim Python image) the first step failed deep
+    in Inductor with a long traceback, and a search retried the trial to no end."""
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler  # (torch.compile imports it anyway)
+
+        try:
+            get_cpp_compiler()  # Inductor's own search: $CXX, else g++ (clang++ on macOS)
+        except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever a torch version raises instead
+            cxx = os.environ.get("CXX")
+            raise ConfigError(f"--compile: no C++ compiler found ({f'CXX={cxx!r} is none; ' if cxx else ''}Inductor "
+                              "builds its CPU kernels with g++ or clang++): install one (apt-get install g++), "
+                              "or train without --compile") from None
+        return
     if device.type != "cuda":
         return
     cc = os.environ.get("CC")  # Triton's own order: $CC when set (used as it is), else gcc, else clang
@@ -804,14 +816,15 @@ def _already_done(cfg: TrainConfig, step: int, end: int, tokens: int, best_val: 
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True for CUDA (or other accelerator) out-of-memory errors."""
+    """True for out-of-memory errors: CUDA's (or another accelerator's), and the CPU allocator's."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "outofmemory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed"))
+        s in text for s in ("out of memory", "outofmemory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                            "can't allocate memory"))  # torch's DefaultCPUAllocator
 
 
 def smaller_micro_batch(cfg: TrainConfig) -> TrainConfig | None:

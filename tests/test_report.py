@@ -165,27 +165,25 @@ def test_retried_trial_whose_last_attempt_wrote_only_running(tmp_path, losses, r
         assert row["error"] == "RuntimeError: node died"
 
 
-@pytest.mark.parametrize("after_failure_s,offset_s,expected", [
-    (3.25, 3600, "running"),  # began after the failure: a retry, still running
-    (-20.0, 3600, "errored"),  # the attempt that failed
-    (0.7, 3600, "errored"),  # the failure's own second: cannot tell, so as Ray saved it
-    (3.25, None, "errored"),  # an experiment file without the driver's offset: the files' times decide
+@pytest.mark.parametrize("after_failure_s,recorded,expected", [
+    (3.25, True, "running"),  # began after the failure: a retry, still running
+    (-20.0, True, "errored"),  # the attempt that failed
+    (3.25, False, "errored"),  # no failure time recorded (a search before tune_gpt kept it): the files' times decide
 ])
-def test_a_retry_of_a_running_search_is_told_by_its_start_not_by_file_times(tmp_path, after_failure_s, offset_s,
+def test_a_retry_of_a_running_search_is_told_by_its_start_not_by_file_times(tmp_path, after_failure_s, recorded,
                                                                              expected):
     """Ray copies error.txt to storage again at every sync, so it always looked newer than the retry's status
     file: a retried trial of a running or interrupted search read as errored, unranked, and replay skipped it.
-    Ray writes the failure (03:05:00 here) in the driver's local time: the experiment file has its offset."""
-    import datetime
+    The search's driver records each failure's Unix time; each attempt, when it began."""
+    from tune_gpt.report import FAILURES_FILE
 
     exp = make_experiment(tmp_path, [FakeTrial(2e-3, 16, "running", [2.0, 1.5]),
                                      FakeTrial(1e-3, 8, "finished", [2.1, 1.9, 1.8], status_file=True)])
-    info = json.loads((exp / "tune_gpt_experiment.json").read_text())
-    if offset_s is not None:
-        (exp / "tune_gpt_experiment.json").write_text(json.dumps({**info, "utc_offset_s": offset_s}))
-    failed = datetime.datetime(2026, 1, 2, 3, 5, 0, tzinfo=datetime.timezone(datetime.timedelta(hours=1))).timestamp()
     d = next(exp.glob(f"trainable_*_{0:05d}_*"))
-    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))  # "occurred at 03-05-00"
+    failed = 1_767_322_000.0
+    (d / "error.txt").write_text(RAY_TRACEBACK.format(error="RuntimeError: node died"))
+    if recorded:
+        (d / FAILURES_FILE).write_text(json.dumps([failed - 100, failed]))
     (d / "tune_gpt_status.json").write_text(json.dumps({"status": "running", "attempt_started_s": failed + after_failure_s}))
     os.utime(d / "tune_gpt_status.json", (1, 1))  # error.txt, copied again, is newer
     df = report.load_results(exp)

@@ -35,6 +35,7 @@ say the search ended (Ray saved it finished).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,9 @@ from ray.tune import Callback, CLIReporter
 from ray.tune.logger import JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from tune_gpt.report import STOPPED_FILE
+from tune_gpt.report import FAILURES_FILE, STOPPED_FILE
 
-RESULT_FILES = ("result.json", "progress.csv")
+RESULT_FILES = ("result.json", "progress.csv", FAILURES_FILE)
 
 
 def push_trial_results(trial: Any) -> None:
@@ -77,13 +78,32 @@ def push_trial_results(trial: Any) -> None:
 
 
 class KeepTrialResults(Callback):
-    """Upload a failed trial's result files before Tune restores them from storage (see module doc)."""
+    """Upload a failed trial's result files before Tune restores them from storage (see module doc), with the
+    time of the failure, which the report compares with when the trial's latest attempt began."""
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record_failure(trial)
         push_trial_results(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record_failure(trial)
         push_trial_results(trial)
+
+
+def record_failure(trial: Any) -> None:
+    """Add now (Unix time) to the trial's `FAILURES_FILE` in the driver's staging folder (Ray's error.txt has
+    the time in the driver's local time, to the second). One that cannot be written is left out: the report
+    then falls back to the files' times."""
+    local_dir = getattr(trial, "local_path", None)
+    if not local_dir:
+        return
+    path = Path(local_dir, FAILURES_FILE)
+    try:
+        times = json.loads(path.read_text()) if path.is_file() else []
+        times = (times if isinstance(times, list) else []) + [time.time()]
+        path.write_text(json.dumps(times))
+    except (OSError, ValueError):
+        pass
 
 
 class TrialResultsJson(JsonLoggerCallback):

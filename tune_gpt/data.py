@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +295,9 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     except Exception as exc:  # network errors come in many classes
         tmp.unlink(missing_ok=True)
         raise DataError(f"{redact(url)}: download failed ({redact(str(exc))})") from None
+    except BaseException:  # Ctrl+C during a slow download: no part file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         os.replace(tmp, dest)
         meta.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
@@ -372,11 +376,10 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
             "ids_sha256": _ids_digest(train, val),
         }))
         if d.exists():
-            import shutil
             shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
-    except OSError:
-        pass  # the cache is an optimisation; an unwritable cache dir must not stop training
+    except OSError:  # the cache is an optimisation; an unwritable cache dir must not stop training
+        shutil.rmtree(tmp, ignore_errors=True)  # nor leave a copy of the ids (a concurrent first run won the race)
     return Corpus(name, sha, tok, train, val, len(text), sources)
 
 

@@ -36,7 +36,6 @@ pandas, matplotlib and optuna are imported inside the functions that use them.
 from __future__ import annotations
 
 import base64
-import datetime
 import html
 import io
 import json
@@ -68,6 +67,7 @@ __all__ = [
 STATUS_FILE = "tune_gpt_status.json"  # written by search.py's trainable in each trial folder
 EXPERIMENT_FILE = "tune_gpt_experiment.json"  # written by search.py in the experiment folder
 STOPPED_FILE = "tune_gpt_stopped.json"  # written by the search in a trial folder when --time-budget stopped it
+FAILURES_FILE = "tune_gpt_failures.json"  # the search's driver: the Unix time of each failure of a trial (Ray's)
 STATUSES = ("finished", "early-stopped", "out-of-time", "running", "diverged", "oom", "errored")
 FAILED = ("errored", "diverged", "oom")
 COMPLETED = ("finished", "early-stopped", "out-of-time")
@@ -81,7 +81,7 @@ RANGE_TYPES = ("uniform", "loguniform", "quniform", "qloguniform", "randint", "l
 DISCRETE_LIMIT = 6  # more distinct learning rates than this: treat them as continuous
 REMOTE_REPORTS = "tune_reports"  # where write_report puts the report of an experiment read from a URI
 # The files of an experiment that the report reads; a URI's checkpoints and W&B runs are not downloaded.
-_REPORT_FILES = ("params.json", "result.json", "error.txt", STATUS_FILE, EXPERIMENT_FILE, STOPPED_FILE)
+_REPORT_FILES = ("params.json", "result.json", "error.txt", STATUS_FILE, EXPERIMENT_FILE, STOPPED_FILE, FAILURES_FILE)
 
 # Ray's bookkeeping in result.json: not metrics.
 _RAY_FIELDS = {
@@ -358,7 +358,7 @@ def _read_experiment(path: str | Path) -> _Experiment:
         m = _TRIAL_ID.search(d.name)
         t.trial_id = rid or (st or {}).get("trial_id") or (m.group(1) if m else d.name)
         t.ray_status = str((st or {}).get("status") or "").upper() or None
-        t.status, t.error = _status(t, info.get("utc_offset_s"))
+        t.status, t.error = _status(t)
         seen_ids.add(t.trial_id)
         trials.append(t)
     pending = sum(1 for k, v in state.items() if k.startswith("id:") and v["trial_id"] not in seen_ids
@@ -399,7 +399,7 @@ def _looks_oom(text: str) -> bool:
     return "outofmemoryerror" in t or "out of memory" in t
 
 
-def _status(t: _Trial, utc_offset_s: Any = None) -> tuple[str, str]:
+def _status(t: _Trial) -> tuple[str, str]:
     sf = t.status_file or {}
     said = str(sf.get("status") or "").lower().replace("_", "-")
     message = _one_line(sf.get("message") or "")
@@ -412,7 +412,7 @@ def _status(t: _Trial, utc_offset_s: Any = None) -> tuple[str, str]:
         # first by every attempt).
         ended_well = ("finished", "early-stopped", "stopped", "terminated")
         retried_ok = (said in ended_well or (said == "running" and t.ray_status != "ERROR")) and (
-            t.ray_status == "TERMINATED" or _attempt_after_failure(t, utc_offset_s))
+            t.ray_status == "TERMINATED" or _attempt_after_failure(t))
         if not retried_ok:
             if _looks_oom(t.error_text):
                 return "oom", err
@@ -456,27 +456,18 @@ def _short_of_plan(t: _Trial) -> bool:
     return step is not None and total is not None and step < total
 
 
-_FAILURE_AT = re.compile(r"^Failure # \d+ \(occurred at (\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d)\)", re.M)
-
-
-def _attempt_after_failure(t: _Trial, utc_offset_s: Any = None) -> bool:
-    """Whether the attempt that wrote the trial's status file began after its last failure in error.txt: a
-    retry. The attempt's start is a Unix time (``attempt_started_s``); Ray writes the failure in the driver's
-    local time, to the second, which the experiment file's ``utc_offset_s`` (the driver's) turns into one.
-    A retry starts a second or more after the failure (a new worker; in the failure's own second it cannot
-    be told, and stays as Ray saved it), the attempt that failed before it. Without either time (tune_gpt
-    before it kept them) the files' times decide, which hold only where error.txt was not copied again
-    since: Ray copies it to storage at every sync."""
-    started = (t.status_file or {}).get("attempt_started_s")
-    failures = _FAILURE_AT.findall(t.error_text or "")
-    if _num(started) is not None and failures and _num(utc_offset_s) is not None:
-        try:
-            zone = datetime.timezone(datetime.timedelta(seconds=float(utc_offset_s)))
-            failed = datetime.datetime.strptime(failures[-1], "%Y-%m-%d_%H-%M-%S").replace(tzinfo=zone).timestamp()
-        except (ValueError, OverflowError):
-            pass
-        else:
-            return float(started) >= failed + 1
+def _attempt_after_failure(t: _Trial) -> bool:
+    """Whether the attempt that wrote the trial's status file began after the trial's last failure: a retry.
+    Both are Unix times: the attempt's start (``attempt_started_s``, the trial's) and the failure's, which the
+    search's driver writes into the trial's `FAILURES_FILE` as Ray records it. A retry starts after the
+    failure (a new attempt), the attempt that failed before it. Without either (tune_gpt before it kept
+    them) the files' times decide, which hold only where error.txt was not copied again since: Ray copies it
+    to storage at every sync."""
+    started = _num((t.status_file or {}).get("attempt_started_s"))
+    failures = _read_json(t.dir / FAILURES_FILE)
+    last = _num(failures[-1]) if isinstance(failures, list) and failures else None
+    if started is not None and last is not None:
+        return started > last
     return _newer(t.dir / STATUS_FILE, t.dir / "error.txt")
 
 

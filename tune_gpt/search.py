@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import logging
@@ -540,7 +539,7 @@ class TuneReporter:
         self.last_report: dict[str, Any] | None = None  # the metrics of the latest evaluation reported
         self._restore_dirs: list[str] = []
         # when this attempt began: the report tells a retry from the attempt that failed by it, against the
-        # failure's time in Ray's error.txt (file times cannot: Ray copies error.txt to storage at every sync)
+        # failure's time the driver records (file times cannot: Ray copies error.txt to storage at every sync)
         self.attempt_started_s = time.time()
 
     def save_status(self, status: str, **fields: Any) -> None:
@@ -695,12 +694,6 @@ def trainable(config: dict[str, Any], corpus: Any = None, oom_retry: bool = Fals
         reporter.save_status(**status)
         shutil.rmtree(scratch, ignore_errors=True)
         reporter.cleanup()
-
-
-def _utc_offset_s() -> float:
-    """This process's offset from UTC now, in seconds: Ray writes a trial's failures in its local time."""
-    offset = datetime.datetime.now().astimezone().utcoffset()
-    return offset.total_seconds() if offset is not None else 0.0
 
 
 def _recorded(report: dict[str, Any], storage: Any) -> bool:
@@ -1641,8 +1634,6 @@ def _search_info(plan: Plan) -> dict[str, Any]:
     space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
     info = {
         "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
-        # the driver's: Ray writes a trial's failures in its local time (error.txt), which the report compares
-        "utc_offset_s": _utc_offset_s(),
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "grid_cap": plan.grid_cap,
         "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept

@@ -745,8 +745,15 @@ def _check_compiler(device: torch.device) -> None:
     with a C++ compiler; without one (a CUDA *runtime* image, a slim Python image) the first step failed deep
     in Inductor with a long traceback, and a search retried the trial to no end."""
     if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler  # (torch.compile imports it anyway)
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler  # (torch.compile imports it anyway)
+        except Exception:  # noqa: BLE001 - a torch without it: the compiler Inductor would take by default
+            found = shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
+            def get_cpp_compiler() -> str:
+                if not found:
+                    raise RuntimeError("no C++ compiler")
+                return found
         try:
             get_cpp_compiler()  # Inductor's own search: $CXX, else g++ (clang++ on macOS)
         except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever a torch version raises instead

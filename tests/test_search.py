@@ -257,6 +257,39 @@ def test_dry_run_checks_what_it_can_without_ray(tmp_path, corpus_file):
     assert any("already exists; pass --resume" in n for n in dry().notes)
 
 
+def test_scheduler_settings_nothing_would_use_are_refused(tmp_path):
+    """--grace-period / --reduction-factor where the scheduler is none (a W&B sweep without early_terminate
+    defaults to none) or median: the plan printed them and nothing stopped early."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("method: random\nrun_cap: 2\nparameters:\n  lr: {values: [0.001, 0.002]}\n")
+
+    def plan(**kw):
+        return plan_search(SearchOptions(space=str(sweep), storage_path=str(tmp_path / "r"), **kw))
+
+    with pytest.raises(ConfigError, match=r"^--grace-period: the scheduler is none \(a W&B sweep without "
+                                          r"early_terminate runs every trial to its end\); add --scheduler asha"):
+        plan(grace_period=3)
+    with pytest.raises(ConfigError, match=r"^--reduction-factor: an ASHA setting, and the scheduler is median; "):
+        plan(scheduler="median", reduction_factor=4)
+    assert plan(scheduler="median", grace_period=2).scheduler["grace_period"] == 2  # the median rule uses it
+    assert plan(scheduler="asha", grace_period=2, reduction_factor=3).scheduler["reduction_factor"] == 3
+
+
+def test_search_flag_over_a_w_and_b_sweep_reads_its_values_as_that_method_would():
+    """A W&B sweep's `values` are grid axes under method: grid and choices otherwise. --search random over the
+    guide's grid sweep walked the whole grid once per sample (72 trials: 9 points, each 8 times, one seed);
+    --search grid over a random sweep refused its `values` as "not grid axes"."""
+    from tune_gpt.spaces import Choice, Grid
+
+    rnd = plan_search(SearchOptions(space="seed_sweep", search="random"))
+    assert rnd.searcher == "random" and rnd.num_samples == 8
+    assert all(isinstance(d, Choice) for d in rnd.space.domains.values())
+    assert plan_search(SearchOptions(space="seed_sweep", search="optuna")).searcher == "optuna"
+    grid = plan_search(SearchOptions(space="seed_sweep"))
+    assert grid.searcher == "grid" and all(isinstance(d, Grid) for d in grid.space.domains.values())
+    assert grid.num_samples == 1 and grid.space.grid_size() == 9  # every point once
+
+
 def test_dry_run_plans_the_evaluations_a_run_would_and_says_when_asha_can_stop_nothing(tmp_path, corpus_file):
     def dry(**overrides):
         return run_search(SearchOptions(space=str(tiny_space(tmp_path, steps=40, every=10)), dry_run=True,
@@ -307,7 +340,6 @@ def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
     [
         (dict(scheduler="pbt"), "pbt"),
         (dict(scheduler="bohb"), "bohb"),
-        (dict(space=str(REPO / "search_spaces" / "seed_sweep.yaml"), search="optuna"), "grid"),
         (dict(search="grid"), "grid"),
         (dict(cpus_per_trial=0), "--cpus-per-trial"),
         (dict(gpus_per_trial=-1), "--gpus-per-trial"),
@@ -320,6 +352,15 @@ def test_a_wheel_ships_the_bundled_spaces_and_its_search_finds_them(tmp_path):
 def test_impossible_requests_are_refused_before_ray_starts(opts, needle):
     with pytest.raises(TuneGPTError, match=needle):
         plan_search(SearchOptions(**opts))
+
+
+def test_a_native_grid_with_a_model_based_sampler_is_refused(tmp_path):
+    """A native file's `grid:` axes cannot be sampled by TPE. (A W&B sweep's `values` under --search optuna are
+    read as W&B's bayes method reads them: choices.)"""
+    grid = write_space(tmp_path / "g.yaml", "space:\n  learning_rate: {grid: [0.001, 0.01]}\n")
+    with pytest.raises(TuneGPTError, match=r"^--search optuna: .*g.yaml has grid axes; a grid cannot be sampled by "
+                                          r"a model-based sampler"):
+        plan_search(SearchOptions(space=str(grid), search="optuna"))
 
 
 def test_maximizing_a_loss_is_refused_where_the_space_asks_for_it_too(tmp_path):
@@ -336,11 +377,12 @@ def test_cli_dry_run_and_gpu_refusal_exit_cleanly(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "learning_rate" in p.stdout and "asha" in p.stdout
     assert not any(tmp_path.iterdir())
-    p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--gpus-per-trial", "0.25", "--storage-path",
-                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stderr
-    assert p.stderr.strip().count("\n") == 0 and "--gpus-per-trial" in p.stderr and "Traceback" not in p.stderr
-    assert not any(tmp_path.iterdir())
+    for extra in ([], ["--address", "local"]):  # local: a new cluster of this machine's CPUs and GPUs only
+        p = subprocess.run([sys.executable, "-m", "tune_gpt.search", "--gpus-per-trial", "0.25", "--storage-path",
+                            str(tmp_path), *extra], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().count("\n") == 0 and "no CUDA GPU is visible" in p.stderr, p.stderr
+        assert not any(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------- end to end

@@ -200,6 +200,21 @@ def test_a_normal_range_is_checked_two_sigmas_either_side(tmp_path):
     assert wandb_space(tmp_path, "n_layer: {distribution: q_normal, mu: 4, sigma: 1, q: 1}\n").domains["model.n_layer"]
 
 
+def test_weighted_choices_and_log_normals_follow_the_searchs_seed(tmp_path):
+    """--seed repeats a random search: these two drew from numpy's global generator, which Ray does not seed."""
+    space = wandb_space(tmp_path, "  batch_size: {values: [8, 16, 32], probabilities: [0.2, 0.3, 0.5]}\n"
+                                  "  weight_decay: {distribution: log_normal, mu: -3, sigma: 1}\n"
+                                  "  n_layer: {distribution: q_log_normal, mu: 1, sigma: 0.5, q: 1}\n")
+
+    def draw(global_seed):
+        np.random.seed(global_seed)  # not what the search seeds
+        return [list(d.to_tune().sample(None, size=50, random_state=np.random.default_rng(7)))
+                for d in space.domains.values()]
+
+    first = draw(1)
+    assert first == draw(2) and len(set(first[0])) > 1 and all(isinstance(v, int) for v in first[2])
+
+
 def test_constant_distribution_is_fixed(tmp_path):
     space = wandb_space(tmp_path, "seed: {distribution: constant, value: 7}\n")
     assert space.fixed == {"seed": 7} and space.domains == {}
@@ -365,6 +380,19 @@ def test_hyperband_min_iter_maps_to_asha(tmp_path):
     assert _asha_rungs(space.scheduler, max_t=81) == [3, 9, 27, 81]
 
 
+def test_hyperband_as_w_and_b_reads_it_s_with_min_iter_and_both_iters(tmp_path):
+    """W&B's schema accepts s beside min_iter (its code then ignores s), and max_iter wins when both are given:
+    such files were refused, so a sweep file that runs on W&B did not run unchanged."""
+    head = "method: random\nparameters: {lr: {min: 0.0001, max: 0.01}}\n"
+    space = load_space(write(tmp_path, head + "early_terminate: {type: hyperband, min_iter: 1, eta: 2, s: 3}\n"))
+    assert space.scheduler == {"type": "asha", "grace_period": 1, "reduction_factor": 2, "brackets": 1}
+    assert any("early_terminate.s ignored" in n for n in space.notes)
+    both = load_space(write(tmp_path, head + "early_terminate: {type: hyperband, min_iter: 1, max_iter: 27, s: 2, "
+                                             "eta: 3}\n", "both.yaml"))
+    assert both.scheduler["grace_period"] == 3 and both.scheduler["max_t"] == 10  # max_iter's brackets: 3, 9
+    assert any("early_terminate.min_iter ignored" in n for n in both.notes)
+
+
 @pytest.mark.parametrize("max_iter, s, eta, bands", [(27, 2, 3, [3, 9]), (81, 3, 3, [3, 9, 27]), (16, 2, 2, [4, 8])])
 def test_hyperband_max_iter_maps_to_asha(tmp_path, max_iter, s, eta, bands):
     space = load_space(write(tmp_path, f"""
@@ -412,12 +440,12 @@ def _many_domains(tmp_path) -> SearchSpace:
 
 
 def test_to_tune_returns_ray_domains(tmp_path):
-    from ray.tune.search.sample import Categorical, Float, Function, Integer
+    from ray.tune.search.sample import Categorical, Float, Integer
 
     tune_space = _many_domains(tmp_path).to_tune()
-    expected = {
+    expected = {  # a weighted choice and a log-normal too, so that they draw from the search's seeded generator
         "learning_rate": Float, "min_lr": Float, "batch_size": Categorical, "model.n_layer": Integer,
-        "model.n_embd": Integer, "model.dropout": Float, "weight_decay": Function, "beta2": Function,
+        "model.n_embd": Integer, "model.dropout": Float, "weight_decay": Categorical, "beta2": Float,
         "grad_clip": Float, "warmup_steps": Integer,
     }
     for key, cls in expected.items():
@@ -588,6 +616,9 @@ ERRORS = [
     ("invalid-train-config", P + "  n_head: {value: 3}\n  lr: {values: [0.1, 0.2]}\n",
      ["model.n_embd: 128 is not divisible by model.n_head=3", "baseline"]),
     ("invalid-fixed-value", "fixed: {batch_size: 0}\n", ["batch_size: must be positive"]),
+    # W&B samples exp(-x): these bounds give 0.905..0.990, and the values 0.01..0.1 need exponents 2.3..4.6
+    ("inv-log-uniform-values-as-exponents", P + "  weight_decay: {distribution: inv_log_uniform, min: 0.01, max: 0.1}\n",
+     ["between 0.904837 and 0.99005", "exponents (min 2.30259, max 4.60517)"]),
     ("et-unknown-type", P + "  lr: {value: 0.1}\nearly_terminate: {type: envelope}\n",
      ["early_terminate.type:", "only hyperband"]),
     ("et-max-iter-without-s", P + "  lr: {value: 0.1}\nearly_terminate: {type: hyperband, max_iter: 27}\n",
@@ -676,11 +707,13 @@ def test_exponent_distributions_given_values_are_refused_with_what_was_meant(tmp
         load_space(path)
     msg = str(err.value)
     assert "parameters.learning_rate.distribution" in msg and f"write {dist}_values" in msg and "\n" not in msg
-    assert "min -11.5129, max -4.60517" in msg  # the exponents that mean those values
+    inv = dist.startswith("inv_")  # W&B samples exp(-x) for it: the exponents change sign and order
+    assert ("min 4.60517, max 11.5129" if inv else "min -11.5129, max -4.60517") in msg  # those that mean the values
+    lo, hi = (4.6, 11.5) if inv else (-11.5, -4.6)
     ok = load_space(write(tmp_path, f"""
         method: random
         metric: {{name: val/loss, goal: minimize}}
-        parameters: {{learning_rate: {{distribution: {dist}, min: -11.5, max: -4.6{", q: 0.00001" if dist.startswith("q_") else ""}}}}}
+        parameters: {{learning_rate: {{distribution: {dist}, min: {lo}, max: {hi}{", q: 0.00001" if dist.startswith("q_") else ""}}}}}
     """))
     assert any("natural-log exponents" in n for n in ok.notes)
 

@@ -249,7 +249,9 @@ def _space_file(space: str | None) -> str | Path:
 
 def plan_search(opts: SearchOptions) -> Plan:
     """Load and check everything; raise a one-line TuneGPTError for what cannot work."""
-    space = load_space(_space_file(opts.space))
+    # a W&B sweep's values are grid axes or choices by its method: read as --search asks (else random search
+    # walked the whole grid once per sample, 72 trials of 9 points; and --search grid refused its values)
+    space = load_space(_space_file(opts.space), wandb_method={"optuna": "bayes"}.get(opts.search or "", opts.search))
     notes = list(space.notes)
     for key in CORPUS_KEYS:
         if key in space.domains:
@@ -330,6 +332,15 @@ def plan_search(opts: SearchOptions) -> Plan:
             "--scheduler bohb: HyperBandForBOHB works only with the TuneBOHB searcher, not with "
             f"{searcher}; use asha (Hyperband's successive halving) instead"
         )
+    # asked for where nothing would use them: one line, not a search that stops nothing early
+    none_why = (" (a W&B sweep without early_terminate runs every trial to its end)"
+                if space.format == "wandb" and space.scheduler is None and not opts.scheduler else "")
+    if opts.grace_period is not None and sched["type"] == "none":
+        raise ConfigError(f"--grace-period: the scheduler is none{none_why}; add --scheduler asha (or median) to "
+                          "stop trials early")
+    if opts.reduction_factor is not None and sched["type"] != "asha":
+        raise ConfigError(f"--reduction-factor: an ASHA setting, and the scheduler is {sched['type']}{none_why}; "
+                          "add --scheduler asha")
     if opts.grace_period is not None:
         _check_number("--grace-period", opts.grace_period, low=1)
         sched["grace_period"] = opts.grace_period
@@ -902,7 +913,7 @@ def _dry_run_checks(plan: Plan) -> None:
         plan.max_evals = max_evaluations(plan, train_size(len(text)))  # the char tokenizer: a token a character
     if plan.opts.address:
         _check_address_answers(plan.opts.address)
-    elif plan.opts.gpus_per_trial > 0:
+    if plan.opts.gpus_per_trial > 0 and _local_gpus(plan.opts):
         _check_local_gpu(plan.opts)
 
 
@@ -955,7 +966,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     if opts.optuna_storage and plan.searcher == "optuna":
         _check_optuna_storage(opts.optuna_storage, plan.name, opts.resume)
 
-    if opts.gpus_per_trial > 0 and not opts.address:
+    if opts.gpus_per_trial > 0 and _local_gpus(opts):
         _check_local_gpu(opts)
         _check_objective_here(plan)
     import ray
@@ -1292,6 +1303,11 @@ def _init_ray(opts: SearchOptions) -> None:
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
             ray.init(**kwargs)
+
+
+def _local_gpus(opts: SearchOptions) -> bool:
+    """Whether the trials' GPUs are this machine's: no --address, or --address local (a new local cluster)."""
+    return not opts.address or opts.address == "local"
 
 
 def _check_address_answers(address: str, timeout_s: float = 10.0) -> None:
@@ -2046,7 +2062,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results root: a directory or a URI (s3://, gs://) shared by the cluster's nodes")
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, help="trials to run")
     p.add_argument("--search", choices=SEARCHERS, help="search algorithm (default: the space's method, else optuna)")
-    p.add_argument("--scheduler", metavar="{asha,median,none}", help="early stopping (default: asha)")
+    p.add_argument("--scheduler", metavar="{asha,median,none}", help="early stopping (default: the space file's; else asha, or for a W&B sweep its "
+                   "early_terminate, else none)")
     p.add_argument("--metric", help="objective (default: val/loss)")
     p.add_argument("--mode", choices=("min", "max"), help="default: min")
     p.add_argument("--grace-period", dest="grace_period", type=int, help="evaluations before ASHA may stop a trial")

@@ -122,7 +122,11 @@ class Choice:
 
         if self.probabilities is None:
             return tune.choice(list(self.values))
-        return tune.sample_from(WeightedChoiceSampler(self.values, self.probabilities))
+        from ray.tune.search.sample import Categorical
+
+        domain = Categorical(list(self.values))  # drawn from the search's seeded generator (--seed repeats it)
+        domain.set_sampler(WeightedChoiceSampler(self.values, self.probabilities))
+        return domain
 
     def contains(self, value: Any) -> bool:
         return any(type(value) is type(v) and value == v for v in self.values)
@@ -236,7 +240,11 @@ class Normal:
         from ray import tune
 
         if self.log:
-            return tune.sample_from(LogNormalSampler(self.mu, self.sigma, self.q, self.integer))
+            from ray.tune.search.sample import Float
+
+            domain = Float(None, None)  # drawn from the search's seeded generator (--seed repeats it)
+            domain.set_sampler(LogNormalSampler(self.mu, self.sigma, self.q, self.integer))
+            return domain
         if self.q is None:
             return tune.randn(self.mu, self.sigma)
         return tune.qrandn(self.mu, self.sigma, self.q)
@@ -269,35 +277,51 @@ Domain = Union[Choice, Grid, Uniform, Normal]
 
 
 class WeightedChoiceSampler:
-    """`tune.sample_from` callable: one of `values` with `probabilities` (picklable)."""
+    """Ray sampler (and, for searches pickled before, `tune.sample_from` callable): one of `values` with
+    `probabilities` (picklable)."""
 
     def __init__(self, values: tuple, probabilities: tuple[float, ...]) -> None:
         self.values = tuple(values)
         self.probabilities = tuple(probabilities)
 
-    def __call__(self, config: Any = None) -> Any:
+    def __call__(self, config: Any = None) -> Any:  # as `tune.sample_from` calls it (a search pickled before)
+        return self.sample(None)
+
+    def sample(self, domain: Any, config: Any = None, size: int = 1, random_state: Any = None) -> Any:
+        """Ray's sampler interface: drawn from `random_state`, the search's seeded generator."""
         import numpy as np
 
+        rng = random_state if random_state is not None else np.random
         p = np.asarray(self.probabilities, dtype=float)
-        return self.values[int(np.random.choice(len(self.values), p=p / p.sum()))]
+        picks = [self.values[int(i)] for i in np.atleast_1d(rng.choice(len(self.values), size=size, p=p / p.sum()))]
+        return picks if size > 1 else picks[0]
 
     def __repr__(self) -> str:
         return f"WeightedChoiceSampler({list(self.values)}, p={list(self.probabilities)})"
 
 
 class LogNormalSampler:
-    """`tune.sample_from` callable: exp(Normal(mu, sigma)), rounded to `q` (picklable)."""
+    """Ray sampler (and, for searches pickled before, `tune.sample_from` callable): exp(Normal(mu, sigma)),
+    rounded to `q` (picklable)."""
 
     def __init__(self, mu: float, sigma: float, q: float | None = None, integer: bool = False) -> None:
         self.mu, self.sigma, self.q, self.integer = mu, sigma, q, integer
 
-    def __call__(self, config: Any = None) -> float | int:
+    def __call__(self, config: Any = None) -> float | int:  # as `tune.sample_from` calls it (a search pickled before)
+        return self.sample(None)
+
+    def sample(self, domain: Any, config: Any = None, size: int = 1, random_state: Any = None) -> Any:
+        """Ray's sampler interface: drawn from `random_state`, the search's seeded generator."""
         import numpy as np
 
-        value = float(np.exp(np.random.normal(self.mu, self.sigma)))
-        if self.q is not None:
-            value = round(value / self.q) * self.q
-        return int(round(value)) if self.integer else value
+        rng = random_state if random_state is not None else np.random
+        values = []
+        for x in np.atleast_1d(rng.normal(self.mu, self.sigma, size=size)):
+            value = float(np.exp(x))
+            if self.q is not None:
+                value = round(value / self.q) * self.q
+            values.append(int(round(value)) if self.integer else value)
+        return values if size > 1 else values[0]
 
     def __repr__(self) -> str:
         return f"LogNormalSampler(mu={self.mu}, sigma={self.sigma}, q={self.q})"
@@ -425,8 +449,10 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read a search-space YAML file (W&B sweep or native format) and validate it."""
+def load_space(path: str | Path, wandb_method: str | None = None) -> SearchSpace:
+    """Read a search-space YAML file (W&B sweep or native format) and validate it. `wandb_method` (grid,
+    random, bayes): a W&B sweep is read as if its file said that method, which decides what its `values`
+    are (grid axes, or choices to sample) and how many runs it makes; a native file is read as it is."""
     source = str(path)
     p = Path(path)
     if not p.exists():
@@ -447,7 +473,12 @@ def load_space(path: str | Path) -> SearchSpace:
         raise SpaceError(_yaml_message(source, exc)) from None
     except yaml.YAMLError as exc:
         raise SpaceError(_one_line(f"{source}: YAML error: {exc}")) from None
-    return parse_space(data, source)
+    space = parse_space(data, source)
+    if wandb_method and space.format == "wandb" and space.method != wandb_method and isinstance(data, Mapping):
+        space = parse_space({**data, "method": wandb_method}, source)
+        space.notes.insert(0, f"method: {wandb_method} instead of the file's {data.get('method')!r} (--search): its "
+                              f"`values` are {'grid axes' if wandb_method == 'grid' else 'choices to sample'}")
+    return space
 
 
 def _yaml_message(source: str, exc: Any) -> str:
@@ -752,13 +783,17 @@ class _Parser:
         them for that, pointing to the *_values forms). Bounds that are small positive numbers are values
         written for the other form: a learning rate range 1e-5..1e-2 read as exponents samples ~1.0 (W&B
         does the same, with a "Malformed sweep config" warning). Refused, with what was meant."""
+        inv = dist.startswith("inv_")  # W&B: exp(-x), x uniform in [min, max]
         if 0 < lo < hi <= 1:
+            low, high = (math.exp(-hi), math.exp(-lo)) if inv else (math.exp(lo), math.exp(hi))
+            e_lo, e_hi = (-math.log(hi), -math.log(lo)) if inv else (math.log(lo), math.log(hi))
             self.fail(f"{where}.distribution", f"{dist} takes natural-log exponents: min {_fmt(lo)}, max {_fmt(hi)} "
-                      f"sample values between {_fmt(math.exp(lo))} and {_fmt(math.exp(hi))} (exp of the bounds); "
-                      f"for values between {_fmt(lo)} and {_fmt(hi)} write {dist}_values, or give the exponents "
-                      f"(min {_fmt(math.log(lo))}, max {_fmt(math.log(hi))})")
+                      f"sample values between {_fmt(low)} and {_fmt(high)} ({'exp of minus' if inv else 'exp of'} the "
+                      f"bounds); for values between {_fmt(lo)} and {_fmt(hi)} write {dist}_values, or give the "
+                      f"exponents (min {_fmt(e_lo)}, max {_fmt(e_hi)})")
         self.notes.append(f"{where}: {dist} takes natural-log exponents (W&B deprecates it for {dist}_values): "
-                          f"min {_fmt(lo)} and max {_fmt(hi)} mean values exp(min)..exp(max)")
+                          f"min {_fmt(lo)} and max {_fmt(hi)} mean values "
+                          + ("exp(-max)..exp(-min)" if inv else "exp(min)..exp(max)"))
 
     def integer_only(self, key: str, kind: str, dist: str, where: str, instead: str) -> None:
         if kind == "int":
@@ -1014,11 +1049,11 @@ class _Parser:
             self.fail(f"{where}.eta", f"eta must be > 1, got {_fmt(eta)}")
         if "strict" in et:
             self.notes.append(f"{where}.strict ignored (ASHA has no strict mode)")
-        if "min_iter" in et:
-            if "max_iter" in et:
-                self.fail(f"{where}.max_iter", "give min_iter or max_iter (with s), not both")
+        if "min_iter" in et and "max_iter" in et:  # as W&B reads it: max_iter (with s) wins
+            self.notes.append(f"{where}.min_iter ignored: with max_iter given, W&B's brackets come from max_iter and s")
+        elif "min_iter" in et:
             if "s" in et:
-                self.fail(f"{where}.s", "s goes with max_iter, not with min_iter")
+                self.notes.append(f"{where}.s ignored: it goes with max_iter (W&B ignores it with min_iter too)")
             min_iter = self.positive_int(et["min_iter"], f"{where}.min_iter")
             return _hyperband_to_asha(eta, min_iter=min_iter, notes=self.notes)
         if "max_iter" in et:
@@ -1286,6 +1321,10 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
     ``training_iteration`` does (tune_gpt reports once per evaluation). At each
     bracket W&B keeps the runs in the best 1/eta, as ASHA keeps the best
     1/reduction_factor at each rung, so ``reduction_factor = eta``, ``brackets = 1``.
+    The brackets are where W&B's documentation puts them (``min_iter: 3, eta: 3``:
+    3, 9, 27): ASHA judges a trial at its 3rd report. W&B's own code
+    (``hyperband_stop_runs``) reads ``history[band]``, the report after it: it
+    judges one evaluation later than its documentation says.
 
     * ``min_iter``: W&B brackets at min_iter * eta^k, k = 0, 1, ... without end;
       ASHA rungs at grace_period * rf^k up to max_t, so ``grace_period =

@@ -273,9 +273,12 @@ def test_scheduler_settings_nothing_would_use_are_refused(tmp_path):
         plan(scheduler="median", reduction_factor=4)
     assert plan(scheduler="median", grace_period=2).scheduler["grace_period"] == 2  # the median rule uses it
     assert plan(scheduler="asha", grace_period=2, reduction_factor=3).scheduler["reduction_factor"] == 3
+    # a search started before this was refused saved it so, and --resume gives its flags again: a note
+    resumed = plan(grace_period=3, resume=True)
+    assert resumed.scheduler == {"type": "none", "grace_period": 3} and any("not used" in n for n in resumed.notes)
 
 
-def test_search_flag_over_a_w_and_b_sweep_reads_its_values_as_that_method_would():
+def test_search_flag_over_a_w_and_b_sweep_reads_its_values_as_that_method_would(tmp_path):
     """A W&B sweep's `values` are grid axes under method: grid and choices otherwise. --search random over the
     guide's grid sweep walked the whole grid once per sample (72 trials: 9 points, each 8 times, one seed);
     --search grid over a random sweep refused its `values` as "not grid axes"."""
@@ -288,6 +291,20 @@ def test_search_flag_over_a_w_and_b_sweep_reads_its_values_as_that_method_would(
     grid = plan_search(SearchOptions(space="seed_sweep"))
     assert grid.searcher == "grid" and all(isinstance(d, Grid) for d in grid.space.domains.values())
     assert grid.num_samples == 1 and grid.space.grid_size() == 9  # every point once
+    # a search begun before (--search random then walked the grid 8 times, as Ray restores it) still resumes
+    from tune_gpt.search import _check_same_search, _search_info
+
+    began = plan_search(SearchOptions(space="seed_sweep", search="random"))
+    began.space = grid.space
+    saved = _search_info(began)
+    resumed = plan_search(SearchOptions(space="seed_sweep", search="random", resume=True))
+    _check_same_search(resumed, saved)
+    assert all(isinstance(d, Grid) for d in resumed.space.domains.values()) and resumed.n_trials == 72
+    assert any("read as its own method (grid), as when this search began" in n for n in resumed.notes)
+    ranged = tmp_path / "ranged.yaml"  # a range cannot be walked: the error names the flag that asked for a grid
+    ranged.write_text("method: random\nparameters:\n  lr: {min: 0.0001, max: 0.01}\n")
+    with pytest.raises(TuneGPTError, match=r"^--search grid: .*ranged.yaml.*; use --search optuna or random$"):
+        plan_search(SearchOptions(space=str(ranged), search="grid"))
 
 
 def test_dry_run_plans_the_evaluations_a_run_would_and_says_when_asha_can_stop_nothing(tmp_path, corpus_file):

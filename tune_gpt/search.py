@@ -335,12 +335,16 @@ def plan_search(opts: SearchOptions) -> Plan:
     # asked for where nothing would use them: one line, not a search that stops nothing early
     none_why = (" (a W&B sweep without early_terminate runs every trial to its end)"
                 if space.format == "wandb" and space.scheduler is None and not opts.scheduler else "")
+    unused = []
     if opts.grace_period is not None and sched["type"] == "none":
-        raise ConfigError(f"--grace-period: the scheduler is none{none_why}; add --scheduler asha (or median) to "
-                          "stop trials early")
+        unused.append(f"--grace-period: the scheduler is none{none_why}; add --scheduler asha (or median) to "
+                      "stop trials early")
     if opts.reduction_factor is not None and sched["type"] != "asha":
-        raise ConfigError(f"--reduction-factor: an ASHA setting, and the scheduler is {sched['type']}{none_why}; "
-                          "add --scheduler asha")
+        unused.append(f"--reduction-factor: an ASHA setting, and the scheduler is {sched['type']}{none_why}; "
+                      "add --scheduler asha")
+    if unused and not opts.resume:
+        raise ConfigError(unused[0])
+    notes += [f"{u.split(';')[0]}: not used" for u in unused]  # a search started with it (saved so) resumes
     if opts.grace_period is not None:
         _check_number("--grace-period", opts.grace_period, low=1)
         sched["grace_period"] = opts.grace_period
@@ -1758,6 +1762,31 @@ def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def _as_started_by_its_own_method(plan: Plan, saved: dict[str, Any]) -> None:
+    """A W&B sweep that --search read as the file's own method when the search began (before --search read
+    it as its own method, 9c3d743): its `values` were saved as they were read then, which Ray restores. The
+    plan takes that reading, with a note, rather than refusing the same flags as another search."""
+    if plan.space.format != "wandb" or not plan.opts.search or "space" not in saved:
+        return
+    if _search_info(plan).get("space") == saved["space"]:
+        return
+    try:
+        own = load_space(plan.space.source)
+    except TuneGPTError:
+        return
+    for key in plan.opts.overrides:  # as plan_search does
+        own.domains.pop(key, None)
+    before = plan.space
+    plan.space = own
+    if _search_info(plan).get("space") != saved["space"]:
+        plan.space = before
+        return
+    if plan.searcher != "grid" and own.grid_size() > 1:
+        plan.n_trials = (plan.num_samples or 1) * own.grid_size()
+    plan.notes.append(f"{own.source}: read as its own method ({own.method}), as when this search began: Ray "
+                      "resumes it so")
+
+
 def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     """--resume continues the search as it was started: Ray restores its trials, searcher and space, while
     the corpus and the plan come from this run's flags. A flag that changes what the search trains (a
@@ -1778,6 +1807,7 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
         plan.notes.append(f"run_cap {plan.grid_cap}: not applied; the search was started before run_cap capped a "
                           "grid, and every grid point runs")
         plan.grid_cap, plan.n_trials = None, plan.space.grid_size()
+    _as_started_by_its_own_method(plan, saved)
     now = _search_info(plan)
     diffs = [f"{key} {now.get(key)!r} (started with {saved.get(key)!r})"
              for key in ("space", "searcher", "scheduler", "num_samples", "grid_cap", "metric", "mode")

@@ -474,10 +474,16 @@ def load_space(path: str | Path, wandb_method: str | None = None) -> SearchSpace
     except yaml.YAMLError as exc:
         raise SpaceError(_one_line(f"{source}: YAML error: {exc}")) from None
     space = parse_space(data, source)
-    if wandb_method and space.format == "wandb" and space.method != wandb_method and isinstance(data, Mapping):
-        space = parse_space({**data, "method": wandb_method}, source)
-        space.notes.insert(0, f"method: {wandb_method} instead of the file's {data.get('method')!r} (--search): its "
-                              f"`values` are {'grid axes' if wandb_method == 'grid' else 'choices to sample'}")
+    if (wandb_method and space.format == "wandb" and isinstance(data, Mapping)
+            and (space.method == "grid") != (wandb_method == "grid")):  # what the values are changes
+        flag = f"--search {'grid' if wandb_method == 'grid' else 'optuna' if wandb_method == 'bayes' else 'random'}"
+        try:
+            space = parse_space({**data, "method": wandb_method}, source)
+        except SpaceError as exc:
+            raise SpaceError(f"{flag}: {exc}" + ("; use --search optuna or random" if wandb_method == "grid"
+                                                  else "")) from None
+        space.notes.insert(0, f"method: {wandb_method} instead of the file's {data.get('method') or '(not set)'} "
+                              f"({flag}): its `values` are {'grid axes' if wandb_method == 'grid' else 'choices'}")
     return space
 
 

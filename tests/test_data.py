@@ -88,6 +88,16 @@ def test_directory_and_glob_corpora(tmp_path):
     assert "alpha" in text and "beta" in text and len(sources) == 2, sources  # nothing from hidden folders
     _, text2, sources2 = read_text(str(d / "**" / "*.txt"))
     assert sources2 == sources and text2 == text
+    # a file reached twice (a symlink, a '**/**' glob) is read once; an empty one among several is left out
+    (d / "sub" / "again.txt").symlink_to(d / "a.txt")
+    (d / "sub" / "empty.txt").write_text("  \n")
+    for spec in (str(d), str(d / "**" / "**" / "*.txt")):
+        _, text3, sources3 = read_text(spec)
+        assert text3.count("alpha") == 50 and len(sources3) == 2, (spec, sources3)
+    (d / "a.txt").write_text("")
+    (d / "sub" / "b.txt").write_text("")
+    with pytest.raises(DataError, match="corpus is empty"):
+        read_text(str(d))
 
 
 def test_a_byte_order_mark_and_old_line_ends_are_not_text(tmp_path):

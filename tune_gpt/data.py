@@ -172,11 +172,13 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
             _forget_download(path)  # not kept: once the server has a good file, the next run fetches it
             raise
     files = resolve_files(spec)
-    parts = [_read_file(f) for f in files]
-    text = "\n".join(parts)
+    # in a folder or a glob, an empty file is left out (a placeholder, a README stub) rather than refusing all
+    read = [(f, _read_file(f, allow_empty=len(files) > 1)) for f in files]
+    read = [(f, part) for f, part in read if part]
+    text = "\n".join(part for _, part in read)
     if not text.strip():
         raise DataError(f"{spec}: corpus is empty")
-    return spec, text, [str(f) for f in files]
+    return spec, text, [str(f) for f, _ in read]
 
 
 def resolve_files(spec: str) -> list[Path]:
@@ -190,12 +192,12 @@ def resolve_files(spec: str) -> list[Path]:
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
             raise DataError(f"{spec}: directory holds no files")
-        return [f.resolve() for f in files]
+        return list(dict.fromkeys(f.resolve() for f in files))  # a file reached twice (a symlink) is read once
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(f) for f in globmod.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
         if not files:
             raise DataError(f"{spec}: glob matches no files")
-        return [f.resolve() for f in files]
+        return list(dict.fromkeys(f.resolve() for f in files))  # '**/**' or a symlink: each file read once
     if p.is_symlink() and not p.exists():
         raise DataError(f"{spec}: broken symbolic link (its target {os.readlink(p)} does not exist)")
     if p.exists():
@@ -203,7 +205,9 @@ def resolve_files(spec: str) -> list[Path]:
     raise DataError(f"{spec}: no such file or directory")
 
 
-def _read_file(path: Path, label: str | None = None) -> str:
+def _read_file(path: Path, label: str | None = None, allow_empty: bool = False) -> str:
+    """The file's text (UTF-8, newlines normalised); one line naming it where it cannot be a corpus. An empty
+    file is refused, or, with `allow_empty` (one of several), read as nothing."""
     label = label or str(path)
     try:
         raw = Path(path).read_bytes()
@@ -212,6 +216,8 @@ def _read_file(path: Path, label: str | None = None) -> str:
     except OSError as exc:
         raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
     if not raw.strip():
+        if allow_empty:
+            return ""
         raise DataError(f"{label}: file is empty")
     if b"\x00" in raw[:65536]:
         raise DataError(f"{label}: looks like a binary file (NUL bytes), not UTF-8 text")

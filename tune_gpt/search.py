@@ -251,14 +251,13 @@ def plan_search(opts: SearchOptions) -> Plan:
     """Load and check everything; raise a one-line TuneGPTError for what cannot work."""
     # a W&B sweep's values are grid axes or choices by its method: read as --search asks (else random search
     # walked the whole grid once per sample, 72 trials of 9 points; and --search grid refused its values)
-    space = load_space(_space_file(opts.space), wandb_method={"optuna": "bayes"}.get(opts.search or "", opts.search))
+    space = load_space(_space_file(opts.space), search=opts.search)
     notes = list(space.notes)
     for key in CORPUS_KEYS:
         if key in space.domains:
             raise ConfigError(f"{space.source}: {key}: the corpus cannot be searched (it is tokenized once); fix it")
-    unsearched = [key for key in opts.overrides if key in space.domains]
+    unsearched = _unsearch_overridden(space, opts.overrides)
     for key in unsearched:
-        space.domains.pop(key)
         notes.append(f"{key}: fixed to {opts.overrides[key]!r} from the command line instead of searched")
 
     if opts.retry_errored and not opts.resume:
@@ -423,6 +422,15 @@ def plan_search(opts: SearchOptions) -> Plan:
                 scheduler=sched, metric=metric, mode=mode, num_samples=num_samples, fixed=fixed,
                 base_cfg=base_cfg, max_evals=0, notes=notes, n_trials=n_trials, pause_given=pause_given,
                 grid_cap=grid_cap)
+
+
+def _unsearch_overridden(space: SearchSpace, overrides: dict[str, Any]) -> list[str]:
+    """Drop from `space` the domains the command line fixes (``--max-steps`` over a searched max_steps...);
+    returns their keys."""
+    keys = [key for key in overrides if key in space.domains]
+    for key in keys:
+        space.domains.pop(key)
+    return keys
 
 
 def _blame(exc: Exception, overrides: dict[str, Any], space: SearchSpace) -> str:
@@ -1649,11 +1657,15 @@ def _wandb_mode(plan: Plan) -> str:
     return mode
 
 
+def _space_json(space: SearchSpace) -> dict[str, Any]:
+    """The space's domains as the experiment file keeps them (as JSON gives them back)."""
+    return json.loads(json.dumps({k: _domain_json(d) for k, d in space.domains.items()}, default=str))
+
+
 def _search_info(plan: Plan) -> dict[str, Any]:
     """What the experiment file says the search is (as JSON gives it back)."""
-    space = {k: _domain_json(d) for k, d in plan.space.domains.items()}
     info = {
-        "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": space,
+        "name": plan.name, "metric": plan.metric, "mode": plan.mode, "space": _space_json(plan.space),
         "space_file": plan.space.source, "searcher": plan.searcher, "scheduler": plan.scheduler,
         "num_samples": plan.num_samples, "grid_cap": plan.grid_cap,
         "fixed": redact_flat(plan.fixed),  # a corpus URL's token: not kept
@@ -1768,21 +1780,18 @@ def _as_started_by_its_own_method(plan: Plan, saved: dict[str, Any]) -> None:
     plan takes that reading, with a note, rather than refusing the same flags as another search."""
     if plan.space.format != "wandb" or not plan.opts.search or "space" not in saved:
         return
-    if _search_info(plan).get("space") == saved["space"]:
+    if _space_json(plan.space) == saved["space"]:
         return
     try:
         own = load_space(plan.space.source)
     except TuneGPTError:
         return
-    for key in plan.opts.overrides:  # as plan_search does
-        own.domains.pop(key, None)
-    before = plan.space
-    plan.space = own
-    if _search_info(plan).get("space") != saved["space"]:
-        plan.space = before
+    _unsearch_overridden(own, plan.opts.overrides)
+    if _space_json(own) != saved["space"]:
         return
-    if plan.searcher != "grid" and own.grid_size() > 1:
-        plan.n_trials = (plan.num_samples or 1) * own.grid_size()
+    plan.space = own
+    if plan.searcher != "grid":
+        plan.n_trials = plan.num_samples * own.grid_size()  # as plan_search counts them
     plan.notes.append(f"{own.source}: read as its own method ({own.method}), as when this search began: Ray "
                       "resumes it so")
 

@@ -449,10 +449,14 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_space(path: str | Path, wandb_method: str | None = None) -> SearchSpace:
-    """Read a search-space YAML file (W&B sweep or native format) and validate it. `wandb_method` (grid,
-    random, bayes): a W&B sweep is read as if its file said that method, which decides what its `values`
-    are (grid axes, or choices to sample) and how many runs it makes; a native file is read as it is."""
+_WANDB_METHOD = {"grid": "grid", "random": "random", "optuna": "bayes"}  # --search -> the W&B method it means
+
+
+def load_space(path: str | Path, search: str | None = None) -> SearchSpace:
+    """Read a search-space YAML file (W&B sweep or native format) and validate it. `search` (``--search``:
+    grid, random, optuna): a W&B sweep is read as if its file said that method (optuna: bayes), which decides
+    what its `values` are (grid axes, or choices to sample) and how many runs it makes; a native file is read
+    as it is."""
     source = str(path)
     p = Path(path)
     if not p.exists():
@@ -474,9 +478,10 @@ def load_space(path: str | Path, wandb_method: str | None = None) -> SearchSpace
     except yaml.YAMLError as exc:
         raise SpaceError(_one_line(f"{source}: YAML error: {exc}")) from None
     space = parse_space(data, source)
+    wandb_method = _WANDB_METHOD.get(search or "")
     if (wandb_method and space.format == "wandb" and isinstance(data, Mapping)
             and (space.method == "grid") != (wandb_method == "grid")):  # what the values are changes
-        flag = f"--search {'grid' if wandb_method == 'grid' else 'optuna' if wandb_method == 'bayes' else 'random'}"
+        flag = f"--search {search}"
         try:
             space = parse_space({**data, "method": wandb_method}, source)
         except SpaceError as exc:

@@ -740,27 +740,30 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(state)  # (groups that do not match: its own error, which resume reports)
 
 
+def _cpp_compiler_found() -> bool:
+    """Whether Inductor finds a C++ compiler for its CPU kernels, asked as it asks ($CXX, else g++; clang++ on
+    macOS); on a torch without that module, the same names looked up on PATH."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # (torch.compile imports it anyway)
+    except Exception:  # noqa: BLE001 - a torch without it
+        return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")) is not None
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever a torch version raises instead
+        return False
+    return True
+
+
 def _check_compiler(device: torch.device) -> None:
     """torch.compile on a GPU builds Triton kernels with the system's C compiler, and on a CPU its C++ kernels
     with a C++ compiler; without one (a CUDA *runtime* image, a slim Python image) the first step failed deep
     in Inductor with a long traceback, and a search retried the trial to no end."""
     if device.type == "cpu":
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler  # (torch.compile imports it anyway)
-        except Exception:  # noqa: BLE001 - a torch without it: the compiler Inductor would take by default
-            found = shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
-
-            def get_cpp_compiler() -> str:
-                if not found:
-                    raise RuntimeError("no C++ compiler")
-                return found
-        try:
-            get_cpp_compiler()  # Inductor's own search: $CXX, else g++ (clang++ on macOS)
-        except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever a torch version raises instead
+        if not _cpp_compiler_found():
             cxx = os.environ.get("CXX")
             raise ConfigError(f"--compile: no C++ compiler found ({f'CXX={cxx!r} is none; ' if cxx else ''}Inductor "
                               "builds its CPU kernels with g++ or clang++): install one (apt-get install g++), "
-                              "or train without --compile") from None
+                              "or train without --compile")
         return
     if device.type != "cuda":
         return

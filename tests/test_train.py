@@ -346,6 +346,33 @@ def test_a_checkpoint_from_before_keeps_resuming_and_rng_states_stay_on_the_cpu(
     assert resumed.steps == 20 and resumed.status == "finished"
 
 
+def test_rng_states_restore_exactly_mid_block():
+    """numpy's generator is restored where it stood in its key block, with its cached normal, and Python's
+    likewise: the draws after a restore are the draws the saved run would have made."""
+    import random
+
+    import numpy as np
+
+    from tune_gpt.train import _rng_state, _set_rng_state
+
+    np.random.seed(3)
+    random.seed(3)
+    np.random.rand(10)  # mid-block
+    np.random.standard_normal()  # leaves a cached normal
+    random.random()
+    state = _rng_state(torch.device("cpu"))
+    expected = (np.random.rand(5).tolist(), np.random.standard_normal(), random.random(), torch.rand(3).tolist())
+    np.random.seed(99)
+    random.seed(99)
+    torch.manual_seed(99)
+    _set_rng_state(state, torch.device("cpu"))
+    assert (np.random.rand(5).tolist(), np.random.standard_normal(), random.random(), torch.rand(3).tolist()) == expected
+    # a checkpoint written before its position was kept: restored at a fresh block, as it was
+    del state["numpy_pos"], state["numpy_gauss"]
+    _set_rng_state(state, torch.device("cpu"))
+    assert np.random.get_state()[2] == 624
+
+
 def test_resume_refuses_another_corpus_and_warns_of_changed_settings(tiny_cfg, tmp_path):
     """--resume on a corpus with another vocabulary would feed the embeddings the wrong characters: refused,
     naming both. Changed settings go on, with a warning naming each (the run is not the one it continued)."""

@@ -242,9 +242,14 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu", source: st
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     st = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "numpy": torch.from_numpy(np.frombuffer(keys.tobytes(), dtype=np.uint8).copy()),
+        # where in its key block numpy's generator stands, and its cached normal (without them a resume
+        # restarted numpy at a fresh block: other draws than the run it continues)
+        "numpy_pos": torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([float(gauss)], dtype=torch.float64),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
     if device.type == "cuda":  # the training GPU's generator only: a resume may see other GPUs, or fewer
@@ -256,7 +261,9 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
     """Restore `st` (loaded to the CPU: RNG states are CPU byte tensors) for a run on `device`."""
     torch.set_rng_state(st["torch"])
     keys = np.frombuffer(st["numpy"].numpy().tobytes(), dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, 624, 0, 0.0))
+    pos, has_gauss = st["numpy_pos"].tolist() if "numpy_pos" in st else (624, 0)  # 624: before 2026-12-01
+    gauss = float(st["numpy_gauss"][0]) if "numpy_gauss" in st else 0.0
+    np.random.set_state(("MT19937", keys, pos, has_gauss, gauss))
     random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None))
     cuda = st.get("cuda")
     if isinstance(cuda, (list, tuple)):  # written before 2026-11-30: every visible GPU's, the first the run's

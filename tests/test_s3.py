@@ -106,6 +106,19 @@ def test_report_reads_an_experiment_in_s3_like_a_local_one(s3, tmp_path, monkeyp
     assert _read_experiment(f"s3://{BUCKET}/fake-runs/renamed").info["name"] == "renamed"
 
 
+def test_the_resume_hint_of_a_remote_search_interrupted_before_it_saved_anything():
+    """A signal before the experiment file is written (the corpus, Ray's start-up) has nothing to resume, in
+    S3 as on disk; once written, the hint names the experiment. Storage is not looked up at the signal."""
+    from tune_gpt.search import _resume_hint
+
+    plan = plan_search(SearchOptions(storage_path="s3://bucket/runs"))
+    assert _resume_hint(plan) == "the search had not started; nothing was saved"
+    plan.written = True
+    assert _resume_hint(plan).startswith("the search state is saved in s3://bucket/runs/default; resume it with:")
+    resumed = plan_search(SearchOptions(storage_path="s3://bucket/runs", resume=True))
+    assert "resume it with" in _resume_hint(resumed)
+
+
 def test_experiment_uri_keeps_a_query_string_at_the_end():
     plan = plan_search(SearchOptions(storage_path="s3://b/p/?endpoint_override=localhost:9000&scheme=http",
                                      name="exp"))

@@ -121,6 +121,7 @@ class Plan:
     pause_given: bool = False  # ASHA's form was asked for (a flag or the space's `pause`), not the default
     saved: dict[str, Any] | None = None  # a resumed search's experiment file: the settings Ray restores
     grid_cap: int | None = None  # a grid search's run_cap / --num-samples below its size: its first points only
+    written: bool = False  # this process wrote the experiment file (a remote one is not looked up at a signal)
 
     def max_trials(self) -> int:
         """`n_trials`, or fewer where Optuna, which trains no configuration twice, searches a space holding fewer."""
@@ -1213,8 +1214,9 @@ def _stop_on_signals(stop: _StopRequest, plan: Plan):
 
 def _resume_hint(plan: Plan) -> str:
     """What to type to continue an interrupted search."""
-    where = experiment_uri(plan) if "://" in plan.opts.storage_path else str(plan.experiment_dir)
-    if "://" not in plan.opts.storage_path and not (plan.experiment_dir / EXPERIMENT_FILE).is_file():
+    remote = "://" in plan.opts.storage_path
+    where = experiment_uri(plan) if remote else str(plan.experiment_dir)
+    if not ((plan.opts.resume or plan.written) if remote else (plan.experiment_dir / EXPERIMENT_FILE).is_file()):
         return "the search had not started; nothing was saved"
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     if argv0 in ("search.py", "__main__.py") or argv0.startswith("tune_gpt"):
@@ -1694,9 +1696,10 @@ def _write_experiment_file(plan: Plan) -> None:
         import pyarrow.fs as pafs
 
         write_storage_file(*pafs.FileSystem.from_uri(experiment_uri(plan)), EXPERIMENT_FILE, text)
-        return
-    plan.experiment_dir.mkdir(parents=True, exist_ok=True)
-    (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)
+    else:
+        plan.experiment_dir.mkdir(parents=True, exist_ok=True)
+        (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)
+    plan.written = True
 
 
 def experiment_id(plan: Plan) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,39 @@ def test_search_writes_to_s3_and_the_report_reads_it_back(s3, tmp_path, corpus_f
                        timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     assert load_results(uri).equals(df)  # finished trials were not run again
+
+
+def _reported_in(uri: str) -> int:
+    """How many trials of the experiment at `uri` have a non-empty result.json in storage."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sum(1 for i in infos if i.base_name == "result.json" and i.size)
+
+
+@pytest.mark.slow
+def test_sigusr1_interrupts_a_search_in_s3(s3, tmp_path, corpus_file):
+    """Ray's graceful stop (SIGUSR1, which SLURM's --signal=USR1 sends before a job's time limit) is an
+    interruption in S3 as on disk: the exit status and the --resume line, not the search's end. It was
+    told from Tune's saved trial states, which were read only from a local folder: in S3 the stopped search
+    was summarised as finished (exit 0) and its Optuna trials closed."""
+    storage = f"s3://{BUCKET}/usr1"
+    space = tiny_space(tmp_path, n=2, steps=100000, every=10)
+    cmd = [sys.executable, "-m", "tune_gpt.search", "--space", str(space), "--storage-path", storage,
+           "--data", str(corpus_file), "--scheduler", "none", "--no-wandb", "--no-report"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **s3), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and _reported_in(f"{storage}/tiny") < 2:
+            time.sleep(0.5)
+        assert proc.poll() is None and _reported_in(f"{storage}/tiny") == 2, "no 2 trials reported in storage"
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = [ln for ln in err.strip().splitlines() if ln.strip()][-1]
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert "interrupted" in last and f"the search state is saved in {storage}/tiny" in last and "--resume" in last, last

@@ -47,7 +47,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from tune_gpt._redact import REDACTED, is_redacted
 from tune_gpt.config import RUNTIME_KEYS
@@ -247,10 +247,10 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def saved_trial_states(exp: Path) -> dict[str, dict[str, Any]]:
-    """Ray's last saved trial states, keyed by relative trial folder and by trial id."""
-    for f in sorted(exp.glob("experiment_state-*.json"), reverse=True):
-        data = _read_json(f)
+def saved_trial_states(exp: Path | str) -> dict[str, dict[str, Any]]:
+    """Ray's last saved trial states, keyed by relative trial folder and by trial id. `exp` is a folder or
+    an experiment in storage (s3://…; an unreadable one has none)."""
+    for data in _experiment_states(exp):
         if not isinstance(data, dict) or not isinstance(data.get("trial_data"), list):
             continue
         out: dict[str, dict[str, Any]] = {}
@@ -271,6 +271,28 @@ def saved_trial_states(exp: Path) -> dict[str, dict[str, Any]]:
                 out["id:" + str(info["trial_id"])] = info
         return out
     return {}
+
+
+def _experiment_states(exp: Path | str) -> Iterator[Any]:
+    """The experiment_state-*.json files' contents, newest name first (None for one that does not parse)."""
+    if not _is_uri(exp):
+        for f in sorted(Path(exp).glob("experiment_state-*.json"), reverse=True):
+            yield _read_json(f)
+        return
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(str(exp))
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError):
+        return
+    for info in sorted((i for i in infos if re.fullmatch(r"experiment_state-.*\.json", i.base_name)),
+                       key=lambda i: i.base_name, reverse=True):
+        try:
+            with fs.open_input_stream(info.path) as f:
+                yield json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            yield None
 
 
 def _unquote(v: Any) -> Any:

@@ -1115,7 +1115,7 @@ def _all_trials_ended(grid: Any, plan: Plan, searcher: Any = None, saved: dict[s
     TERMINATED, those it stopped running and those it never started alike, so a signal once every planned
     trial existed looked like the search's end. By Tune's last saved state (`saved`, `_saved_trial_states`:
     written before that stop, the stopped trials RUNNING or PENDING, which --resume continues): ended is
-    TERMINATED or ERROR there. Without it (storage elsewhere), a trial ended when it errored or its last
+    TERMINATED or ERROR there. Without it (none could be read), a trial ended when it errored or its last
     result is ``done`` (finished, or stopped by the scheduler; Tune does not always save that flag, so a
     trial that ended before a --resume may count as not ended: a second --resume ends at once).
     Optuna, which trains no configuration twice, plans fewer trials where the space holds fewer points,
@@ -1156,12 +1156,10 @@ def _was_interrupted(stop: _StopRequest, grid: Any, plan: Plan, searcher: Any) -
 
 
 def _saved_trial_states(plan: Plan) -> dict[str, Any] | None:
-    """Tune's last saved trial states of a local experiment (None for storage elsewhere)."""
-    if "://" in plan.opts.storage_path:
-        return None
+    """Tune's last saved trial states (None where none can be read)."""
     from tune_gpt.report import saved_trial_states
 
-    return saved_trial_states(plan.experiment_dir) or None
+    return saved_trial_states(experiment_uri(plan) if "://" in plan.opts.storage_path else plan.experiment_dir) or None
 
 
 # ------------------------------------------------------------ interruption

@@ -238,6 +238,12 @@ class TrainConfig:
                 out[f.name] = value
         return out
 
+    def to_record(self) -> dict[str, Any]:
+        """`to_flat` as every file and tracker keeps it: a password or token in a value (a corpus URL's) taken out."""
+        from tune_gpt._redact import redact_flat
+
+        return redact_flat(self.to_flat())
+
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], base: "TrainConfig | None" = None) -> "TrainConfig":
         """Build a config from flat keys (aliases accepted), on top of `base`'s values.

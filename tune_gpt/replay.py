@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tune_gpt._redact import is_redacted, redact_flat
+from tune_gpt._redact import is_redacted
 from tune_gpt.cli import OneLineParser, check_output_dir, earlier_run, run_main
 from tune_gpt.config import FIELD_TYPES, MODEL_NAME, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError
@@ -157,7 +157,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         "match": (diff is not None and abs(diff) <= tol) if check else None,
         "device": str(device), "output_dir": result.output_dir, "model_path": result.model_path,
         "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
-        "config": redact_flat(cfg.to_flat()),
+        "config": cfg.to_record(),
     }
     Path(result.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))

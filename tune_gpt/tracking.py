@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tune_gpt._redact import redact, redact_flat
+from tune_gpt._redact import redact
 from tune_gpt.errors import TuneGPTError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,7 +199,7 @@ class TensorBoardReporter(Reporter):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         start = int(info.get("start_step") or 0)  # a resumed run keeps the checkpoint's own step, which it logs no more
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start + 1 if start else 0)
-        self.writer.add_text("config", _markdown_table(redact_flat(cfg.to_flat())), 0)
+        self.writer.add_text("config", _markdown_table(cfg.to_record()), 0)
 
     def _scalars(self, step, metrics):
         if self.writer is None:
@@ -406,7 +406,7 @@ class WandbReporter(Reporter):
             return
         self.log_model = cfg.wandb.log_model
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in redact_flat(cfg.to_flat()).items() if not k.startswith("wandb.")}
+        config = {k: v for k, v in cfg.to_record().items() if not k.startswith("wandb.")}
         config.update({"n_params": info["n_params"], "vocab_size": info["vocab_size"], "corpus": info["corpus"],
                        "bf16_products": bool(info.get("bf16_products"))})
         config.update(self.extra_config)

@@ -31,7 +31,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tune_gpt._redact import redact_flat
 from tune_gpt.config import CKPT_NAME, MODEL_NAME, RUNTIME_KEYS, TrainConfig, check_precision
 from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
 from tune_gpt.errors import ConfigError, TuneGPTError
@@ -295,7 +294,7 @@ def _check_resume_matches(state: dict[str, Any], cfg: TrainConfig, corpus: Corpu
         return
     from tune_gpt.cli import flag_name
 
-    new = redact_flat(cfg.to_flat())  # as the checkpoint keeps it: a URL's token is not written down
+    new = cfg.to_record()  # as the checkpoint keeps it: a URL's token is not written down
     old = {**TrainConfig().to_flat(), **old}  # a checkpoint from before a field existed: its default then
     same_text = state.get("corpus_sha256") == corpus.sha256 if state.get("corpus_sha256") else None
 
@@ -572,7 +571,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
                         "scaler": scaler.state_dict(), "sampler": sampler.state(), "rng": _rng_state(device),
                         "step": step, "tokens": tokens, "best_val_loss": best_val, "history": history,
                         "train_s": train_s + train_s_before, "model_args": model_args,
-                        "tokenizer": corpus.tokenizer.to_dict(), "config": redact_flat(cfg.to_flat()),
+                        "tokenizer": corpus.tokenizer.to_dict(), "config": cfg.to_record(),
                         "corpus_sha256": corpus.sha256,
                         "reporters": getattr(reporter, "checkpoint_state", dict)(),  # optional, as every method
                     })
@@ -812,7 +811,7 @@ def _save_model(path: Path, model: torch.nn.Module, model_args: dict[str, Any], 
     """The run's model.pt: what `generate` and a replay load (weights, shape, tokenizer, config)."""
     save_checkpoint(path, {
         "model": model.state_dict(), "model_args": model_args, "tokenizer": corpus.tokenizer.to_dict(),
-        "config": redact_flat(cfg.to_flat()), "val_loss": val_loss, "step": step,
+        "config": cfg.to_record(), "val_loss": val_loss, "step": step,
     })
 
 

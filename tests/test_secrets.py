@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tm
     the URL again, in one line."""
     from test_data import serving
 
+    started = time.time()
     env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", PYTHONPATH=str(REPO),
                WANDB_BASE_URL="http://127.0.0.1:9",  # offline anyway; never the real host
                TUNE_GPT_CACHE=str(tmp_path / "cache"))
@@ -116,6 +118,20 @@ def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tm
     for root in (results, out, tmp_path / "cache"):
         assert leaks(root, FAKE_KEY) == []
         assert leaks(root, URL_TOKEN) == []
+    # nor in the logs of the Ray the search started (Ray's W&B callback hands the key to its logging actors in
+    # a runtime_env, which Ray's runtime-env agent writes into runtime_env_agent.log)
+    sessions = [d for d in ray_temp_dir().glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 1]
+    assert sessions and all((d / "logs").is_dir() for d in sessions), ray_temp_dir()
+    for d in sessions:
+        assert leaks(d / "logs", FAKE_KEY) == []
+
+
+def ray_temp_dir() -> Path:
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:  # another Ray: its default
+        return Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    return Path(get_default_ray_temp_dir())
 
 
 def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for_them(tmp_path, monkeypatch):

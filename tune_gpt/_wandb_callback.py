@@ -21,6 +21,11 @@ and the actor puts them back in order (`_OrderedInbox`): one actor a trial inste
 trial's run resumes its W&B run (``resume="allow"``) where Ray's would start it over: a retried trial, or
 one a ``--resume``d search continues, keeps the history it had logged (W&B drops the steps it has).
 
+The API key reaches a logging actor as an argument, and only for an online run. Ray's callback hands it
+over in the actor's ``runtime_env`` env vars, which Ray's runtime-env agent writes into its log
+(``runtime_env_agent.log`` in the Ray session's logs, "Creating runtime env: {...}") and its actor table
+shows on a shared cluster.
+
 Imported only when a search logs to W&B (``ray.air.integrations.wandb`` imports wandb).
 """
 
@@ -103,7 +108,9 @@ class _StatusLoggingActor(_WandbLoggingActor):
     7-byte run file. `run` therefore also waits for the service to finish (``wandb.teardown()``).
     """
 
-    def __init__(self, logdir: str, queue: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, logdir: str, queue: Any, *args: Any, api_key: str | None = None, **kwargs: Any) -> None:
+        if api_key:  # as an argument, not in a runtime_env: Ray's runtime-env agent logs those (module doc)
+            os.environ[WANDB_ENV_VAR] = api_key
         super().__init__(logdir, _OrderedInbox() if queue is None else queue, *args, **kwargs)
 
     def put(self, seq: int, item: Any) -> None:
@@ -156,15 +163,15 @@ class TrialStatusWandb(WandbLoggerCallback):
         if wandb_init_kwargs.get("resume") is False:  # Ray's: a new run under the same id, over the old
             wandb_init_kwargs["resume"] = "allow"
         if not self._remote_logger_class:
-            env_vars = {WANDB_ENV_VAR: os.environ[WANDB_ENV_VAR]} if WANDB_ENV_VAR in os.environ else {}
             # No restarts: a restarted actor would wait for the items its predecessor took. (Ray's
             # restarts also print a core_worker error line per actor: Ray issue 53727.)
             self._remote_logger_class = ray.remote(
-                num_cpus=0, max_concurrency=2, **_force_on_current_node(), runtime_env={"env_vars": env_vars},
+                num_cpus=0, max_concurrency=2, **_force_on_current_node(),
             )(self._logger_actor_cls)
+        online = wandb_init_kwargs.get("mode") not in ("offline", "disabled")
         actor = self._remote_logger_class.remote(
             logdir=trial.local_path, queue=None, exclude=exclude_results, to_config=self.AUTO_CONFIG_KEYS,
-            **wandb_init_kwargs,
+            api_key=os.environ.get(WANDB_ENV_VAR) if online else None, **wandb_init_kwargs,
         )
         self._trial_queues[trial] = _Inbox(actor)
         self._trial_logging_actors[trial] = actor

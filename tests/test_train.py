@@ -346,6 +346,17 @@ def test_a_checkpoint_from_before_keeps_resuming_and_rng_states_stay_on_the_cpu(
     assert resumed.steps == 20 and resumed.status == "finished"
 
 
+def test_the_memory_cap_to_restore_on_a_torch_without_its_getter(monkeypatch):
+    """torch 2.4/2.5 (the Docker image's base) have set_per_process_memory_fraction but not its getter: a run
+    with a GPU memory share (every fractional-GPU trial) raised AttributeError before its first step."""
+    from tune_gpt.train import _memory_fraction_now
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 0.25, raising=False)
+    assert _memory_fraction_now(torch.device("cuda", 0)) == 0.25
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    assert _memory_fraction_now(torch.device("cuda", 0)) == 1.0
+
+
 def test_rng_states_restore_exactly_mid_block():
     """numpy's generator is restored where it stood in its key block, with its cached normal, and Python's
     likewise: the draws after a restore are the draws the saved run would have made."""

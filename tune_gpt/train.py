@@ -378,6 +378,13 @@ def _matmul_precision() -> str | None:
         return None
 
 
+def _memory_fraction_now(device: torch.device) -> float:
+    """The process's CUDA memory cap on `device`, to put back after the run. torch < 2.6 has no getter: 1.0,
+    the allocator's default (a cap set before the run by the caller is then lifted, not restored)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(get(device)) if get is not None else 1.0
+
+
 def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None, resume_from: str | Path | None,
            stop_after: int | None, restore: contextlib.ExitStack) -> TrainResult:
     t_start = time.perf_counter()
@@ -392,8 +399,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
         torch.set_float32_matmul_precision("high" if cfg.matmul_precision == "auto" else cfg.matmul_precision)
         torch.backends.cudnn.allow_tf32 = cfg.matmul_precision != "highest"
         if cfg.gpu_memory_fraction:
-            restore.callback(torch.cuda.set_per_process_memory_fraction,
-                             torch.cuda.get_per_process_memory_fraction(device), device)
+            restore.callback(torch.cuda.set_per_process_memory_fraction, _memory_fraction_now(device), device)
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(memory_cap(cfg.gpu_memory_fraction, total), device)
     if corpus is None:

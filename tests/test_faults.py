@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import random
 import signal
 import subprocess
@@ -1055,3 +1056,36 @@ def test_the_driver_starts_ray_without_its_failure_signal_handler(tmp_path, monk
     monkeypatch.setattr(ray, "init", lambda **kw: seen.append(ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER))
     _init_ray(SearchOptions(space=str(tiny_space(tmp_path))))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("with_auth_error", [True, False])
+def test_joining_a_cluster_that_fails_is_one_line_on_any_ray(tmp_path, monkeypatch, with_auth_error):
+    """--address where ray.init fails: one line naming the address, a refused token told apart. Ray before
+    2.52 has no ray.exceptions.AuthenticationError (pyproject allows 2.44): naming it in the except clause
+    turned that line into an AttributeError traceback."""
+    import ray
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import _init_ray
+
+    class Refused(Exception):
+        pass
+
+    if with_auth_error:
+        monkeypatch.setattr(ray.exceptions, "AuthenticationError", Refused, raising=False)
+    else:
+        monkeypatch.delattr(ray.exceptions, "AuthenticationError", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr("tune_gpt.search._check_address_answers", lambda address: None)
+    opts = SearchOptions(space=str(tiny_space(tmp_path)), address="10.0.0.9:6379")
+    for raised, said in [(ConnectionError("no GCS at 10.0.0.9:6379"), "cannot join the Ray cluster (ConnectionError: no GCS"),
+                         (ConnectionError("RpcError: InvalidAuthToken"), "refused this driver's token")]:
+        def fail(*a, raised=raised, **kw):
+            raise raised
+        monkeypatch.setattr(ray, "init", fail)
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            _init_ray(opts)
+    if with_auth_error:
+        monkeypatch.setattr(ray, "init", lambda *a, **kw: (_ for _ in ()).throw(Refused("bad token")))
+        with pytest.raises(ConfigError, match="refused this driver's token"):
+            _init_ray(opts)

@@ -1300,14 +1300,14 @@ def _init_ray(opts: SearchOptions) -> None:
         _check_address_answers(opts.address)
     with _signals_held_during_ray_start(), _ray_daemons_in_their_own_session():  # (--address local starts one too)
         if opts.address:
+            auth_errors = tuple(filter(None, [getattr(ray.exceptions, "AuthenticationError", None)]))  # Ray >= 2.52
             try:
                 ray.init(address=opts.address, **kwargs)
-            except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            except (ConnectionError, *auth_errors) as exc:
                 token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
                          "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
                 chain = [exc, exc.__cause__, exc.__context__]
-                refused = any(isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e)
-                              for e in chain)
+                refused = any(isinstance(e, auth_errors) or "InvalidAuthToken" in str(e) for e in chain)
                 if refused:
                     raise ConfigError(f"--address {opts.address}: the cluster refused this driver's token; "
                                       f"{token}") from None

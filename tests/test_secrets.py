@@ -148,6 +148,9 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
     assert redact("postgresql://alice:s3cr3t@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
     assert redact("https://ghp_T0KEN@example.com/corpus.txt") == "https://***@example.com/corpus.txt"
     assert redact("https://h/c.txt?X-Amz-Signature=abc&x=1&access_key=k") == "https://h/c.txt?X-Amz-Signature=***&x=1&access_key=***"
+    # other names a secret goes by, and the ;matrix and #fragment forms
+    assert (redact("https://h/c.txt?auth=a&pwd=b&jwt=c&page=2;session_id=d#access_token=e&lang=en")
+            == "https://h/c.txt?auth=***&pwd=***&jwt=***&page=2;session_id=***#access_token=***&lang=en")
     assert redact("sqlite:///tmp/optuna.db") == "sqlite:///tmp/optuna.db" and redact("s3://bucket/runs") == "s3://bucket/runs"
 
     monkeypatch.chdir(tmp_path)
@@ -182,3 +185,31 @@ def test_a_search_started_before_urls_were_redacted_resumes_with_the_same_url(tm
     with pytest.raises(ConfigError) as err:
         _check_same_search(plan, saved)
     assert "data" in str(err.value) and "OLDSECRET" not in str(err.value)
+
+
+def test_what_the_tools_print_keeps_no_password(monkeypatch, capsys):
+    """Printed lines go to logs and saved notebook output: the Ctrl+C resume command (with a word to put the
+    secret back), the unreachable W&B host, a bad --optuna-storage."""
+    import pytest
+
+    from tune_gpt.cli import resume_command
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import _check_optuna_storage
+    from tune_gpt.tracking import resolve_wandb_mode
+
+    cmd = resume_command("tune_gpt.search", ["--data", "https://h/c.txt?token=S3CRET", "--optuna-storage",
+                                             "postgresql://alice:PW0rd@db/optuna"])
+    assert cmd == ("python -m tune_gpt.search --data 'https://h/c.txt?token=***' --optuna-storage "
+                   "'postgresql://alice:***@db/optuna' --resume  # with the password or token where *** stands")
+    assert resume_command("tune_gpt.train", ["--max_steps", "5", "--resume"]) == "python -m tune_gpt.train --max_steps 5 --resume"
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://proxyuser:S3CRET@127.0.0.1:9")
+    assert resolve_wandb_mode(None) == "offline"
+    said = capsys.readouterr().err
+    assert "cannot reach http://proxyuser:***@127.0.0.1:9" in said and "S3CRET" not in said
+
+    with pytest.raises(ConfigError) as err:
+        _check_optuna_storage("postgresql+nosuchdriver://alice:PW0rd@127.0.0.1:9/optuna", "x", resume=False)
+    assert "alice:***@127.0.0.1" in str(err.value) and "PW0rd" not in str(err.value)

@@ -14,13 +14,16 @@ import re
 from typing import Any
 
 REDACTED = "***"  # stands for a password or token left out of a file
-_SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:pass|secret|token|key|sig|credential)[^=&\s]*=)[^&\s]*", re.I)
+# a query (or ;matrix, or #fragment) parameter whose name says it holds a secret
+_SECRET_QUERY = re.compile(r"([?&;#][^=&;#\s]*(?:pass|pwd|secret|token|key|sig|credential|auth|jwt|session|bearer|ticket)"
+                           r"[^=&;#\s]*=)[^&;#\s]*", re.I)
 
 
 def redact(text: str) -> str:
     """`text` with the secrets a URL may carry left out: the password of ``scheme://user:password@``
     (``--optuna-storage postgresql://user:PASSWORD@db/optuna``), a lone userinfo (``https://TOKEN@host``),
-    and query values named like a secret (``?X-Amz-Signature=...``, ``&access_key=...``)."""
+    and query values named like a secret (``?X-Amz-Signature=...``, ``&access_key=...``, ``?auth=...``,
+    ``;jwt=...``, ``#access_token=...``)."""
     text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+):([^/@\s]+)@", rf"\1\2:{REDACTED}@", text)
     text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+)@", rf"\1{REDACTED}@", text)
     return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)

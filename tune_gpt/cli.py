@@ -249,9 +249,15 @@ def _resume_hint(cfg: TrainConfig, result: Any, argv: list[str] | None) -> str:
 
 
 def resume_command(module: str, args: list[str]) -> str:
-    """The command that continues an interrupted ``python -m <module>`` run: its arguments, with --resume."""
+    """The command that continues an interrupted ``python -m <module>`` run: its arguments, with --resume.
+    A password or token in them (a corpus or Optuna storage URL's) is printed as ``***``, with a word to
+    put it back: the hint goes to logs and saved notebook output."""
+    from tune_gpt._redact import redact
+
     kept = [a for a in args if a != "--resume"]
-    return " ".join(shlex.quote(a) for a in ["python", "-m", module, *kept, "--resume"])
+    shown = [redact(a) for a in kept]
+    cmd = " ".join(shlex.quote(a) for a in ["python", "-m", module, *shown, "--resume"])
+    return cmd + ("  # with the password or token where *** stands" if shown != kept else "")
 
 
 __all__ = ["OneLineParser", "run_main", "train_main", "check_output_dir", "add_config_flags", "overrides_from_args",

@@ -1263,7 +1263,7 @@ def _check_optuna_storage(url: str, name: str, resume: bool) -> None:
 
         storage = optuna.storages.get_storage(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds
-        raise ConfigError(f"--optuna-storage {url}: cannot open it ({_one_line(exc)})") from None
+        raise ConfigError(f"--optuna-storage {redact(url)}: cannot open it ({redact(_one_line(exc))})") from None
     if resume:
         return
     try:
@@ -1272,9 +1272,9 @@ def _check_optuna_storage(url: str, name: str, resume: bool) -> None:
         return
     if n:
         raise ConfigError(
-            f"--optuna-storage {url}: study {name!r} already holds {n} trial(s) of an earlier search named"
+            f"--optuna-storage {redact(url)}: study {name!r} already holds {n} trial(s) of an earlier search named"
             f" {name!r}; give another --name, --resume that search, or delete the study"
-            f" (optuna delete-study --study-name {shlex.quote(name)} --storage {shlex.quote(url)})")
+            f" (optuna delete-study --study-name {shlex.quote(name)} --storage {shlex.quote(redact(url))})")
 
 
 def _init_ray(opts: SearchOptions) -> None:

@@ -327,7 +327,7 @@ def resolve_wandb_mode(requested: str | None = None, *, probe: bool = True) -> s
     if mode == "online" and probe:
         ok, why = wandb_host_reachable()
         if not ok:
-            print(f"W&B: cannot reach {wandb_base_url()} ({why}): logging offline instead; "
+            print(f"W&B: cannot reach {redact(wandb_base_url())} ({redact(why)}): logging offline instead; "
                   "the runs can be uploaded later with `wandb sync`", file=sys.stderr, flush=True)
             return "offline"
     return mode

@@ -213,3 +213,29 @@ def test_what_the_tools_print_keeps_no_password(monkeypatch, capsys):
     with pytest.raises(ConfigError) as err:
         _check_optuna_storage("postgresql+nosuchdriver://alice:PW0rd@127.0.0.1:9/optuna", "x", resume=False)
     assert "alice:***@127.0.0.1" in str(err.value) and "PW0rd" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_the_optuna_storage_password_stays_out_of_rays_pickles_and_a_resume_puts_it_back(tmp_path):
+    """Ray pickles the searcher, and with it Optuna's RDB storage, whose URL held the password as typed
+    (tuner.pkl, searcher-state-*.pkl). A sqlite URI carries a stand-in secret here (no database server)."""
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///file:{db}?mode=rwc&token=S3CRETdbPassw0rd&uri=true"
+    space = write_space(tmp_path / "secret.yaml", SPACE)
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "tune_gpt.search", "--space", str(space), "--storage-path", str(tmp_path / "r"),
+           "--no-wandb", "--no-report", "--optuna-storage", url]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    exp = tmp_path / "r" / "secret"
+    assert list(exp.glob("searcher-state-*.pkl")) and (exp / "tuner.pkl").is_file() and db.is_file()
+    assert leaks(exp, "S3CRETdbPassw0rd") == []
+    # --resume unpickles the storage with the URL given again (without it: asked for, in one line)
+    p = subprocess.run([*cmd[:-2], "--resume"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 2 and "--optuna-storage held a password or token" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "S3CRETdbPassw0rd" not in p.stdout + p.stderr and leaks(exp, "S3CRETdbPassw0rd") == []
+    import optuna
+
+    assert len(optuna.load_study(study_name="secret", storage=url).trials) >= 2  # the study the search used

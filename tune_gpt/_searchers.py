@@ -26,19 +26,73 @@ loss, among TPE's best while few trials have run to their end). For dashboards i
 attribute ``stopped_at_step`` (the step of its last report) when its last result's ``step`` is below
 its ``total_steps``.
 
+The study's storage is pickled with the searcher (Ray's ``tuner.pkl`` and ``searcher-state-*.pkl`` in the
+experiment folder), and Optuna's RDB storage pickles its URL: a password in ``--optuna-storage``
+(``postgresql://user:PASSWORD@db/optuna``) landed in those files. `storage_password_kept_out` pickles it
+redacted while a search runs, and puts it back from the URL given again when ``--resume`` unpickles it.
+
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import json
 import math
 import sys
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+
+_STORAGE_URLS: dict[str, str] = {}  # redacted URL -> the URL given (this process's search only)
+
+
+@contextlib.contextmanager
+def storage_password_kept_out(url: str) -> Iterator[None]:
+    """While the block runs, an Optuna RDB storage pickles its URL redacted, and one unpickled here whose
+    URL is `url` redacted gets `url` back. (Not for Ray Client: Tune unpickles the searcher on the cluster.)"""
+    from optuna.storages import RDBStorage
+
+    from tune_gpt._redact import redact
+
+    before = copyreg.dispatch_table.get(RDBStorage)
+    _STORAGE_URLS[redact(url)] = url
+    copyreg.pickle(RDBStorage, _reduce_rdb_storage)
+    try:
+        yield
+    finally:
+        _STORAGE_URLS.pop(redact(url), None)
+        if before is None:
+            copyreg.dispatch_table.pop(RDBStorage, None)
+        else:
+            copyreg.dispatch_table[RDBStorage] = before
+
+
+def _reduce_rdb_storage(storage: Any) -> tuple:
+    from tune_gpt._redact import redact
+
+    state = storage.__getstate__()
+    return _rdb_storage, ({**state, "url": redact(state["url"])},)
+
+
+def _rdb_storage(state: dict[str, Any]) -> Any:
+    """An RDB storage unpickled: its URL as given to this search where the pickle holds it redacted."""
+    from optuna.storages import RDBStorage
+
+    from tune_gpt._redact import is_redacted, redact
+    from tune_gpt.errors import ConfigError
+
+    url = _STORAGE_URLS.get(state["url"], state["url"])
+    if is_redacted(url):
+        raise ConfigError(f"--optuna-storage {redact(url)}: the search's study is in this database, whose password "
+                          "the experiment does not keep: give --optuna-storage with the full URL")
+    storage = RDBStorage.__new__(RDBStorage)
+    storage.__setstate__({**state, "url": url})
+    return storage
 
 
 def _canonical(value: Any) -> Any:

@@ -992,6 +992,11 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
     own_ray = not ray.is_initialized()
     wandb_mode_before = os.environ.get("WANDB_MODE")  # _wandb_mode may set it for the search's callback
+    kept_out = contextlib.ExitStack()
+    if opts.optuna_storage and plan.searcher == "optuna" and not (opts.address or "").startswith("ray://"):
+        from tune_gpt._searchers import storage_password_kept_out
+
+        kept_out.enter_context(storage_password_kept_out(opts.optuna_storage))  # from Ray's pickles
     try:
         _init_ray(opts)
         _check_gpus(opts)
@@ -1033,6 +1038,7 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
         del tuner
         gc.collect()  # W&B's callback must be collected while Ray is still up (it closes the runs)
     finally:
+        kept_out.close()
         if own_ray:
             ray.shutdown()  # also after a ray.init that failed part-way: its processes go too
         if wandb_mode_before is None:  # a notebook's later train() probes for a key and network again
@@ -2232,7 +2238,7 @@ def _absolute(flag: str, value: str) -> str:
     if flag == "--optuna-storage":
         head = "sqlite:///"
         rest = value[len(head):] if value.startswith(head) else None
-        return head + os.path.abspath(rest) if rest and not rest.startswith("/") else value
+        return head + os.path.abspath(rest) if rest and not rest.startswith(("/", "file:")) else value
     if "://" in value or (flag == "--data" and value in ("python-docs", "chinese")) or not value:
         return value
     return os.path.abspath(os.path.expanduser(value))

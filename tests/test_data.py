@@ -164,6 +164,7 @@ def serving(served: dict, hits: list):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            served.setdefault("authorization", []).append(self.headers.get("Authorization"))
             self.send_response(200)
             self.send_header("Content-Length", str(len(served["body"])))
             self.end_headers()
@@ -178,6 +179,27 @@ def serving(served: dict, hits: list):
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_path):
+    """``https://user:password@host/corpus.txt`` (the README's form for a private corpus) never downloaded:
+    urllib read the userinfo as part of the host ("nonnumeric port"), and its error printed the password."""
+    import base64
+
+    from tune_gpt.data import fetch_url
+    from tune_gpt.errors import DataError
+
+    served, hits = {"body": b"private corpus text\n" * 100}, []
+    with serving(served, hits) as base:
+        host = base.split("://", 1)[1]
+        got = fetch_url(f"http://alice:s3%40cret@{host}/c.txt", tmp_path)
+        fetch_url(f"http://ghp_T0KEN@{host}/d.txt", tmp_path)  # a token alone, as GitHub takes it
+    assert got.read_bytes() == served["body"] and hits == ["/c.txt", "/d.txt"]
+    assert served["authorization"] == ["Basic " + base64.b64encode(b"alice:s3@cret").decode(),
+                                       "Basic " + base64.b64encode(b"ghp_T0KEN:").decode()]
+    with pytest.raises(DataError) as err:  # an unreachable host: its error names the URL without the password
+        fetch_url("http://alice:PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
+    assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
 
 
 def test_url_is_fetched_once_with_its_sha256(tmp_path):

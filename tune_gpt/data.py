@@ -16,6 +16,7 @@ The last 10% of the tokens are the validation split, as in nanoGPT.
 
 from __future__ import annotations
 
+import base64
 import glob as globmod
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tune_gpt._redact import redact
+from tune_gpt._redact import REDACTED, redact
 from tune_gpt.errors import DataError
 
 UNK = "\ufffd"  # stands for characters never seen in training
@@ -292,15 +294,17 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     except OSError as exc:
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc}); "
                         "give a writable --cache_dir or TUNE_GPT_CACHE") from None
+    request, secret = _request_for(url)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
             h = hashlib.sha256()
             while chunk := resp.read(1 << 20):
                 h.update(chunk)
                 out.write(chunk)
     except Exception as exc:  # network errors come in many classes
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{redact(url)}: download failed ({redact(str(exc))})") from None
+        why = redact(str(exc).replace(secret, REDACTED) if secret else str(exc))
+        raise DataError(f"{redact(url)}: download failed ({why})") from None
     except BaseException:  # Ctrl+C during a slow download: no part file left behind
         tmp.unlink(missing_ok=True)
         raise
@@ -311,6 +315,21 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         tmp.unlink(missing_ok=True)
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc})") from None
     return dest
+
+
+def _request_for(url: str) -> tuple[urllib.request.Request, str]:
+    """The request for `url`, and the secret in its userinfo ('' if none). urllib takes
+    ``https://user:password@host/...`` (or ``https://TOKEN@host/...``) as a host name with a port: the userinfo
+    goes into an HTTP Basic ``Authorization`` header instead, the URL without it."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url), ""
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.request.Request(bare, headers={"Authorization": f"Basic {token}"}), password or user
 
 
 def _matches_record(path: Path, meta: Path) -> bool:

@@ -22,4 +22,5 @@ if [ -z "$py" ]; then
 fi
 : "${py:?no python3 or python that imports torch here; set PYTHON=/path/to/python}"
 # gpu_bench.py writes its tables after every row: a run the limit cuts short keeps what it measured
-timeout -k 10 480 "$py" "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"
+# (440 s + 5 s to die + nvidia-smi's and the probe's seconds: inside the 8 minutes)
+timeout -k 5 440 "$py" "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"

@@ -28,7 +28,7 @@ def test_gpu_sh_dry_run_writes_its_tables(tmp_path, corpus_file):
     assert "tokens/s" in (out / "gpu_speed.md").read_text() and "aggregate" in (out / "gpu_packing.md").read_text()
     [resume] = res["checks"]  # on the CPU a resumed run is exact
     assert resume["steps"] == 60 and resume["same_count"] and len(resume["val_losses_whole"]) == 3, resume
-    assert resume["max_abs_diff"] == 0.0, resume
+    assert resume["max_abs_diff"] == 0.0 and resume["noise_floor"] == 0.0, resume
 
 
 def _fake_search(folder, trials):

@@ -834,7 +834,8 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
     trial = Trial()
     cb._start_logging_actor(trial, ["x"], id="t1", resume=False, project="p")
     assert made == [{"logdir": "/tmp/trial", "queue": None, "exclude": ["x"], "to_config": cb.AUTO_CONFIG_KEYS,
-                     "id": "t1", "resume": "allow", "project": "p"}]
+                     "credentials": {}, "id": "t1", "resume": "allow", "project": "p"}]
+    assert "runtime_env" not in options  # Ray's callback put the API key there, and Ray's runtime-env agent logs it
     assert options["max_concurrency"] == 2 and options.get("max_restarts", 0) == 0
     assert options["cls"] is wb._StatusLoggingActor
     cb.log_trial_result(1, trial, {"val/loss": 3.0, "training_iteration": 1})
@@ -859,6 +860,52 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
     assert got == [item for _, item in puts]
     with pytest.raises(TimeoutError, match="no queue item 4"):
         inbox.get(timeout=0.01)
+
+
+def test_wandb_credentials_reach_an_online_logging_actor_as_arguments(monkeypatch, tmp_path):
+    """Online, the API key (or W&B's identity token file) goes to the logging actor as an argument (set in its
+    environment before wandb starts); offline, nothing. With only an identity token file Ray's setup raised
+    "No WandB API key found", which ended the search."""
+    import os
+
+    from tune_gpt import _wandb_callback as wb
+
+    made = []
+
+    class RemoteClass:
+        def remote(self, **kwargs):
+            made.append(kwargs)
+            return type("Actor", (), {"run": type("M", (), {"remote": lambda self: "ref"})()})()
+
+    monkeypatch.setattr(wb.ray, "remote", lambda **kw: (lambda cls: RemoteClass()))
+    monkeypatch.setattr(wb, "_force_on_current_node", lambda: {})
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no netrc, no W&B settings
+    token = tmp_path / "identity.jwt"
+    token.write_text("header.payload.signature")
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(token))
+
+    class Trial:
+        local_path = "/tmp/trial"
+
+    online = wb.TrialStatusWandb(project="p", mode="online")
+    online.setup()  # raised ValueError (Ray's _set_api_key)
+    online._start_logging_actor(Trial(), [], id="t1", mode="online")
+    assert made[-1]["credentials"] == {"WANDB_IDENTITY_TOKEN_FILE": str(token)}
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    wb.TrialStatusWandb(project="p", mode="online")._start_logging_actor(Trial(), [], id="t2", mode="online")
+    assert made[-1]["credentials"] == {"WANDB_API_KEY": "k" * 40, "WANDB_IDENTITY_TOKEN_FILE": str(token)}
+    wb.TrialStatusWandb(project="p", mode="offline")._start_logging_actor(Trial(), [], id="t3", mode="offline")
+    assert made[-1]["credentials"] == {}
+
+    def base_init(self, logdir, queue, *args, **kwargs):  # Ray's actor: what the constructor hands on
+        self.seen = (os.environ.get("WANDB_API_KEY"), kwargs)
+
+    monkeypatch.setattr(wb._WandbLoggingActor, "__init__", base_init)
+    monkeypatch.delenv("WANDB_API_KEY")
+    actor = wb._StatusLoggingActor("/tmp/trial", None, credentials={"WANDB_API_KEY": "z" * 40}, project="p")
+    assert actor.seen == ("z" * 40, {"project": "p"})
 
 
 def test_the_trial_table_lists_finished_trials_best_first_and_survives_one_without_a_value(ray_session, tmp_path,

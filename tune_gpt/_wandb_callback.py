@@ -21,7 +21,7 @@ and the actor puts them back in order (`_OrderedInbox`): one actor a trial inste
 trial's run resumes its W&B run (``resume="allow"``) where Ray's would start it over: a retried trial, or
 one a ``--resume``d search continues, keeps the history it had logged (W&B drops the steps it has).
 
-The API key reaches a logging actor as an argument, and only for an online run. Ray's callback hands it
+The API key (or W&B's identity token file) reaches a logging actor as an argument, and only for an online run. Ray's callback hands it
 over in the actor's ``runtime_env`` env vars, which Ray's runtime-env agent writes into its log
 (``runtime_env_agent.log`` in the Ray session's logs, "Creating runtime env: {...}") and its actor table
 shows on a shared cluster.
@@ -39,6 +39,7 @@ import ray
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 from ray.air.util.node import _force_on_current_node
 
+IDENTITY_TOKEN_ENV_VAR = "WANDB_IDENTITY_TOKEN_FILE"
 STATUS_KEY = "_tune_gpt_trial_status"  # the queue item that carries a trial's end (never logged)
 SUMMARY_KEY = "trial_status"
 
@@ -108,9 +109,9 @@ class _StatusLoggingActor(_WandbLoggingActor):
     7-byte run file. `run` therefore also waits for the service to finish (``wandb.teardown()``).
     """
 
-    def __init__(self, logdir: str, queue: Any, *args: Any, api_key: str | None = None, **kwargs: Any) -> None:
-        if api_key:  # as an argument, not in a runtime_env: Ray's runtime-env agent logs those (module doc)
-            os.environ[WANDB_ENV_VAR] = api_key
+    def __init__(self, logdir: str, queue: Any, *args: Any, credentials: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        os.environ.update(credentials or {})  # as an argument, not a runtime_env: Ray's agent logs those (module doc)
         super().__init__(logdir, _OrderedInbox() if queue is None else queue, *args, **kwargs)
 
     def put(self, seq: int, item: Any) -> None:
@@ -152,6 +153,21 @@ class TrialStatusWandb(WandbLoggerCallback):
         super().__init__(*args, **kwargs)
         self._ended: set[Any] = set()
 
+    def setup(self, *args: Any, **kwargs: Any) -> None:
+        """Ray's, except where W&B's credential is an identity token file (``WANDB_IDENTITY_TOKEN_FILE``,
+        which tune_gpt counts as a credential): Ray's setup insists on an API key and raised, ending the
+        search with a traceback. W&B reads the token file itself."""
+        import ray.air.integrations.wandb as ray_wandb
+
+        if os.environ.get(WANDB_ENV_VAR) or not os.environ.get(IDENTITY_TOKEN_ENV_VAR):
+            return super().setup(*args, **kwargs)
+        insist = ray_wandb._set_api_key
+        ray_wandb._set_api_key = lambda *a, **kw: None
+        try:
+            super().setup(*args, **kwargs)
+        finally:
+            ray_wandb._set_api_key = insist
+
     def log_trial_start(self, trial: Any) -> None:
         self._ended.discard(trial)  # a trial restarted after an error, or by a resumed search
         super().log_trial_start(trial)
@@ -169,9 +185,10 @@ class TrialStatusWandb(WandbLoggerCallback):
                 num_cpus=0, max_concurrency=2, **_force_on_current_node(),
             )(self._logger_actor_cls)
         online = wandb_init_kwargs.get("mode") not in ("offline", "disabled")
+        credentials = {k: os.environ[k] for k in (WANDB_ENV_VAR, IDENTITY_TOKEN_ENV_VAR) if online and os.environ.get(k)}
         actor = self._remote_logger_class.remote(
             logdir=trial.local_path, queue=None, exclude=exclude_results, to_config=self.AUTO_CONFIG_KEYS,
-            api_key=os.environ.get(WANDB_ENV_VAR) if online else None, **wandb_init_kwargs,
+            credentials=credentials, **wandb_init_kwargs,
         )
         self._trial_queues[trial] = _Inbox(actor)
         self._trial_logging_actors[trial] = actor

@@ -65,7 +65,7 @@ def test_wandb_logs_the_sample_with_the_last_evaluation(tiny_cfg):
     assert run.summary["sample"] == res.sample and res.sample
 
 
-def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg):
+def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg, capsys):
     """--resume continues the W&B run that wrote the checkpoint (its id is kept in the checkpoint; W&B
     resume="allow" appends, and `wandb sync` uploads the offline pieces in order as one run), not a second
     run. A checkpoint written without W&B, or a resume logging to another project, starts a run of its own."""
@@ -78,9 +78,13 @@ def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg):
     train(cfg_for(), default_reporters(cfg_for()), stop_after=20)
     kept = load_checkpoint(out / "checkpoint")["reporters"]
     assert set(kept) == {"wandb"} and set(kept["wandb"]) == {"id", "project", "entity", "mode"}  # ids, no key
+    capsys.readouterr()
     res = train(cfg_for(resume=True), default_reporters(cfg_for(resume=True)))
     runs = offline_runs(out)
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id == kept["wandb"]["id"]
+    # the end's upload command names both pieces (the last alone would upload half the run)
+    (said,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("W&B: offline run in ")]
+    assert said.endswith(f"upload it with: wandb sync {out / 'wandb'}/offline-run-*-{kept['wandb']['id']}"), said
     steps = {tuple(r["_step"] for r in run.history if "val/loss" in r): run for run in runs}
     first, second = steps[(10, 20)], steps[(30, 40)]  # the history goes on where the first piece stopped
     assert second.summary["status"] == "finished" and second.summary["steps"] == res.steps == 40

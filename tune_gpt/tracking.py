@@ -500,10 +500,14 @@ class WandbReporter(Reporter):
             art.add_file(result.model_path)
             self.run.log_artifact(art)
         run_dir = self.run.dir.rsplit("/files", 1)[0]
+        run_id = self.run.id
         self.run.finish(exit_code=0 if result.status == "finished" else 1)
         self.run = None
         if self.mode == "offline":  # said again at the end, where a user reads (the start's line scrolled away)
-            print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {run_dir}", file=sys.stderr)
+            # a resumed run left a piece per start, under one id: wandb sync takes them together, in order
+            pieces = list(Path(run_dir).parent.glob(f"offline-run-*-{run_id}"))
+            sync = f"{Path(run_dir).parent}/offline-run-*-{run_id}" if len(pieces) > 1 else run_dir
+            print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {sync}", file=sys.stderr)
 
 
 @contextlib.contextmanager

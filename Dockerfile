@@ -1,7 +1,7 @@
 # tune_gpt in a container: the entry point is `python -m tune_gpt.search`.
 #
 #   CUDA (default base):  docker build -t gpt-train .
-#   ROCm (AMD GPUs):      docker build --build-arg BASE_IMAGE=rocm/pytorch:latest -t gpt-train-rocm .
+#   ROCm (AMD GPUs):      docker build --build-arg BASE_IMAGE=rocm/pytorch:latest --build-arg EXTRAS= -t gpt-train-rocm .
 #
 # The base image brings Python and a torch built for its CUDA or ROCm; the project is installed
 # on top of it without replacing that torch. No W&B credentials are baked in: pass
@@ -11,7 +11,8 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-# Optional dependency groups from pyproject.toml ("gpu": NVML utilisation metrics; empty: none).
+# Optional dependency groups from pyproject.toml ("gpu": NVML utilisation metrics, NVIDIA only;
+# empty: none, as for ROCm: --build-arg EXTRAS=).
 ARG EXTRAS=gpu
 
 ENV PYTHONUNBUFFERED=1 \

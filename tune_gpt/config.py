@@ -108,7 +108,8 @@ class TrainConfig:
     num_threads: int | None = _f(None, "torch CPU threads; default: torch's")
     gpu_memory_fraction: float | None = _f(None, "this process's share of the GPU: its CUDA memory is capped to it, less 1 GiB for the CUDA context")
     output_dir: str = _f("./output_single", "checkpoints, logs and the final model go here")
-    cache_dir: str | None = _f(None, "token cache; default: ~/.cache/tune_gpt")
+    cache_dir: str | None = _f(None, "cache of tokenized corpora and downloaded URLs; default: $TUNE_GPT_CACHE,"
+                               " else $XDG_CACHE_HOME/tune_gpt, else ~/.cache/tune_gpt")
     resume: bool = _f(False, "resume from output_dir's last checkpoint")
     checkpoint: bool = _f(True, "save a checkpoint at every evaluation")
     tensorboard: bool = _f(True, "write TensorBoard events to <output_dir>/logs")

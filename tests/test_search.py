@@ -834,7 +834,8 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
     trial = Trial()
     cb._start_logging_actor(trial, ["x"], id="t1", resume=False, project="p")
     assert made == [{"logdir": "/tmp/trial", "queue": None, "exclude": ["x"], "to_config": cb.AUTO_CONFIG_KEYS,
-                     "credentials": {}, "id": "t1", "resume": "allow", "project": "p"}]
+                     "credentials": {}, "id": "t1", "resume": "allow", "project": "p",
+                     "dir": "/tmp/trial"}]  # the trial's folder, where the search looks for its runs, over WANDB_DIR
     assert "runtime_env" not in options  # Ray's callback put the API key there, and Ray's runtime-env agent logs it
     assert options["max_concurrency"] == 2 and options.get("max_restarts", 0) == 0
     assert options["cls"] is wb._StatusLoggingActor

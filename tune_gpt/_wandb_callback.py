@@ -178,6 +178,9 @@ class TrialStatusWandb(WandbLoggerCallback):
             return
         if wandb_init_kwargs.get("resume") is False:  # Ray's: a new run under the same id, over the old
             wandb_init_kwargs["resume"] = "allow"
+        # runs in the trial's folder (the actor starts there) even where WANDB_DIR is set: the search
+        # uploads <trial>/wandb to remote storage (`_upload_runs`) and prints where the runs are
+        wandb_init_kwargs.setdefault("dir", trial.local_path)
         if not self._remote_logger_class:
             # No restarts: a restarted actor would wait for the items its predecessor took. (Ray's
             # restarts also print a core_worker error line per actor: Ray issue 53727.)

@@ -150,6 +150,8 @@ FLAG_CASES = [
     ("mode_unknown", ["--mode", "maximize"], ["--mode", "maximize"]),
     ("metric_unknown", ["--metric", "val/loos"], ["--metric", "val/loos"]),
     ("metric_gpu_only_on_cpu", ["--metric", "mfu", "--mode", "max"], ["--metric", "mfu", "GPU"]),
+    ("metric_gpu_util_on_a_shared_gpu", ["--metric", "gpu/util", "--mode", "max", "--gpus-per-trial", "0.5"],
+     ["--metric", "gpu/util", "--gpus-per-trial 0.5", "sharing"]),
     ("name_escapes", ["--name", "../elsewhere"], ["--name", "../elsewhere"]),
     ("optuna_storage_bad", ["--optuna-storage", "notaurl"], ["--optuna-storage", "notaurl"]),
     ("retry_errored_without_resume", ["--retry-errored"], ["--retry-errored", "--resume"]),

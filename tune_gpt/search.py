@@ -374,6 +374,10 @@ def plan_search(opts: SearchOptions) -> Plan:
     if metric in GPU_ONLY_METRICS and opts.gpus_per_trial <= 0:
         raise ConfigError(f"{'--metric' if opts.metric else space.source + ': metric'}: {metric} is only reported "
                           "by trials on a GPU, and these run on the CPU (--gpus-per-trial 0); use val/loss")
+    if metric == "gpu/util" and opts.gpus_per_trial < 1:
+        raise ConfigError(f"{'--metric' if opts.metric else space.source + ': metric'}: gpu/util is the whole GPU's "
+                          f"utilisation, and with --gpus-per-trial {opts.gpus_per_trial:g} the trials sharing it "
+                          "count in each one's figure; use tokens_per_s, or whole GPUs per trial")
 
     fixed = dict(space.fixed)
     for key in list(fixed):

@@ -239,3 +239,20 @@ def test_the_optuna_storage_password_stays_out_of_rays_pickles_and_a_resume_puts
     import optuna
 
     assert len(optuna.load_study(study_name="secret", storage=url).trials) >= 2  # the study the search used
+
+
+def test_credentials_in_the_storage_uri_are_refused(tmp_path):
+    """pyarrow takes s3://KEY:SECRET@bucket/...; Ray writes the storage URI into its experiment state and
+    each trial's files, so such a URI is refused, in one line without the secret, before anything is made."""
+    import pytest
+
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.search import SearchOptions, plan_search
+
+    for uri in ("s3://AKIAFAKE:s3cretKey@bucket/runs", "s3://bucket/runs?secret_key=s3cretKey&region=eu-west-1"):
+        with pytest.raises(ConfigError) as err:
+            plan_search(SearchOptions(storage_path=uri))
+        said = str(err.value)
+        assert said.startswith("--storage-path s3://") and "AWS_SECRET_ACCESS_KEY" in said, said
+        assert "s3cretKey" not in said and "\n" not in said
+    plan_search(SearchOptions(storage_path="s3://bucket/runs?region=eu-west-1&endpoint_override=localhost:9000"))

@@ -481,6 +481,10 @@ def _check_storage_path(storage: str) -> None:
     if not storage or not str(storage).strip():
         raise ConfigError("--storage-path: empty path")
     if "://" in storage:
+        if redact(storage) != storage:  # s3://KEY:SECRET@bucket/…, ?secret_key=…: Ray writes the URI down
+            raise ConfigError(f"--storage-path {redact(storage)}: credentials in the URI would be written into "
+                              "Ray's experiment state and every trial's files; give them in the environment "
+                              "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile) instead")
         return
     p = Path(storage).expanduser()
     for q in (p, *p.parents):

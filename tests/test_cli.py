@@ -274,3 +274,19 @@ def test_the_out_of_memory_hint_resumes_only_a_checkpoint_of_this_run(tmp_path, 
         err = capsys.readouterr().err
         assert "out of memory at batch_size 8" in err and "--batch_size 4 --gradient_accumulation_steps 2" in err
         assert err.rstrip().endswith("--resume") == resume, (earlier, writes, err)
+
+
+def test_a_flag_prefix_shared_only_by_spellings_of_one_flag_is_that_flag():
+    """`--batch 8`: argparse (3.11) counted --batch_size and --batch-size as two candidates and said
+    "ambiguous option"; a prefix of two different flags still is."""
+    import pytest
+
+    from tune_gpt.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m tune_gpt.train")
+    p.add_argument("--batch_size", "--batch-size", type=int)
+    p.add_argument("--beta1", type=float)
+    p.add_argument("--beta2", type=float)
+    assert p.parse_args(["--batch", "8"]).batch_size == 8
+    with pytest.raises(SystemExit):
+        p.parse_args(["--beta", "0.9"])

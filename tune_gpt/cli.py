@@ -24,6 +24,12 @@ class OneLineParser(argparse.ArgumentParser):
         # number in any float form is a value, so `--learning_rate -1e-3` gets the range check's message
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
+    def _get_option_tuples(self, option_string: str) -> list:  # type: ignore[override]
+        # A prefix of two spellings of one flag (--batch: --batch_size and --batch-size) is that flag, not
+        # "ambiguous option" (Python 3.11 counts each spelling as a candidate)
+        seen: set[int] = set()
+        return [t for t in super()._get_option_tuples(option_string) if not (id(t[0]) in seen or seen.add(id(t[0])))]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # Named as run_main names the entry point (``tune_gpt.search: error: ...``), not as the usage line does
         # (``python -m tune_gpt.search``): every error of a command starts the same way.

@@ -616,3 +616,15 @@ def test_training_keeps_its_step_tensors_in_glibcs_heap_unless_the_user_tuned_ma
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")  # glibc's newer way to say it
     assert real() is False
+
+
+def test_a_prompt_with_windows_line_ends_reads_as_the_corpus_does(tiny_cfg, tmp_path, recwarn):
+    """Corpora are read with one newline for \\r\\n; a prompt pasted from Windows fed the model a carriage
+    return it never saw (and warned of it as an unseen character)."""
+    from tune_gpt.generate import generate
+
+    cfg = tiny_cfg(max_steps=5, output_dir=str(tmp_path / "g"))
+    train(cfg)
+    crlf = generate(tmp_path / "g", prompt="the\r\nword", max_new_tokens=20, seed=3)
+    assert not [w for w in recwarn if "never seen" in str(w.message)]
+    assert crlf == generate(tmp_path / "g", prompt="the\nword", max_new_tokens=20, seed=3)

@@ -227,7 +227,13 @@ def _read_file(path: Path, label: str | None = None, allow_empty: bool = False) 
         text = raw.decode("utf-8-sig")  # a byte-order mark is no character of the text
     except UnicodeDecodeError as exc:
         raise DataError(f"{label}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac line ends: one newline
+    return one_newline(text)
+
+
+def one_newline(text: str) -> str:
+    """Windows and old Mac line ends as one newline, as every corpus is read (a prompt too: the model never
+    saw a carriage return)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def python_docs_text() -> str:

@@ -59,7 +59,9 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     top_k = top_k or None  # 0: no top-k filter
     state = load_checkpoint(path, map_location=device)
     model, tok = model_from_checkpoint(state, device, source=path)
-    unknown = tok.unknown_chars(prompt)
+    from tune_gpt.data import one_newline
+
+    unknown = tok.unknown_chars(one_newline(prompt))
     if unknown:
         warnings.warn(f"prompt characters never seen in training are replaced: {''.join(sorted(unknown))!r}")
     return [sample_text(model, tok, prompt, max_new_tokens, seed + 1000 * i, device, temperature, top_k)

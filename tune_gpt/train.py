@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from tune_gpt.config import CKPT_NAME, MODEL_NAME, RUNTIME_KEYS, TrainConfig, check_precision
-from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus
+from tune_gpt.data import BatchSampler, CharTokenizer, Corpus, load_corpus, one_newline
 from tune_gpt.errors import ConfigError, TuneGPTError
 from tune_gpt.model import GPT, GPTConfig
 from tune_gpt.tracking import Reporter, SystemMetrics
@@ -947,7 +947,7 @@ def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, 
                 temperature: float = 0.8, top_k: int | None = 200) -> str:
     """`prompt` as given, then `n` generated characters (the model reads unseen prompt characters as UNK;
     the text shows them as typed)."""
-    prompt = prompt or "\n"
+    prompt = one_newline(prompt or "\n")
     ids = tok.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training

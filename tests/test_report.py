@@ -532,6 +532,31 @@ def test_write_report_edge_cases(case, tmp_path):
     assert len(list(out.glob("*.png"))) == n_images
 
 
+def _failed_marks(fig):
+    [marks] = [c for c in fig.axes[0].collections if c.get_label() == "diverged / oom"]
+    return [float(y) for _, y in marks.get_offsets()]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_scatter_puts_failed_trials_beyond_the_worst_value(mode, tmp_path):
+    """Red crosses above the highest loss in mode min; below the lowest value in mode max (above the best before)."""
+    trials = [FakeTrial(1e-3, 8, "finished", [2.0, 1.8]), FakeTrial(2e-3, 16, "finished", [2.0, 1.5]),
+              FakeTrial(3e-3, 32, "finished", [2.0, 1.6]),
+              FakeTrial(8e-3, 8, "diverged", [2.7, math.inf], error="loss became nan"),
+              FakeTrial(5e-3, 32, "oom", [2.8], error="CUDA out of memory")]
+    metric = "val/loss" if mode == "min" else "tokens_per_s"  # tokens_per_s: 1000 x batch size
+    d = report.load_results(make_experiment(tmp_path, trials, metric=metric, mode=mode, space=LOG_SPACE))
+    col = d.attrs["rank_by"]
+    ok = d[d["status"] == "finished"][col]
+    ys = _failed_marks(report.lr_scatter_figure(d))
+    assert len(ys) == 2
+    if mode == "min":
+        assert all(y > ok.max() for y in ys)
+    else:
+        assert col == "best_tokens_per_s" and ok.max() == 32000.0
+        assert all(y < ok.min() for y in ys)
+
+
 def test_cli_missing_path_is_one_line(tmp_path):
     p = run_cli(str(tmp_path / "missing"))
     assert p.returncode == 2

@@ -1120,8 +1120,9 @@ def heatmap_figure(df: "pd.DataFrame", pivot: "pd.DataFrame | None" = None) -> "
 
 
 def lr_scatter_figure(df: "pd.DataFrame", metric: str | None = None) -> "Figure | None":
-    """Learning rate (log x) vs best value, one colour per batch size; failed trials as red x."""
-    col, _ = _objective(df, metric)
+    """Learning rate (log x) vs best value, one colour per batch size; failed trials as red x beyond the
+    worst value (above it in mode min, below it in mode max)."""
+    col, mode = _objective(df, metric)
     if not _searched(df, LR) or col not in df.columns:
         return None
     ok = _ranked(df, col)
@@ -1142,11 +1143,11 @@ def lr_scatter_figure(df: "pd.DataFrame", metric: str | None = None) -> "Figure 
     else:
         ax.scatter(ok[LR], ok[col], color="C0", s=36, label="trials")
         legend_title = None
-    if not failed.empty:
-        top = float(ok[col].max())
-        span = float(ok[col].max() - ok[col].min()) or abs(top) * 0.05 or 0.1
-        ax.scatter(failed[LR], [top + 0.08 * span] * len(failed), marker="x", color="red", s=50,
-                   label="diverged / oom")
+    if not failed.empty:  # beyond the worst value: above it for a loss (min), below it for a maximised metric
+        worst = float(ok[col].max() if mode == "min" else ok[col].min())
+        span = float(ok[col].max() - ok[col].min()) or abs(worst) * 0.05 or 0.1
+        beyond = worst + 0.08 * span if mode == "min" else worst - 0.08 * span
+        ax.scatter(failed[LR], [beyond] * len(failed), marker="x", color="red", s=50, label="diverged / oom")
     if (ok[LR] > 0).all():
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 

@@ -522,7 +522,8 @@ def test_write_report_edge_cases(case, tmp_path):
                   FakeTrial(2e-3, 16, "errored", [], error="RuntimeError: b")]
         exp = make_experiment(tmp_path, trials, space=LOG_SPACE)
         n_images = 0
-        notes = ["nothing to replay", "RuntimeError: a", "RuntimeError: b", "only 0 trial(s) finished",
+        notes = ["Every trial failed (see the warnings above): nothing to replay.", "RuntimeError: a",
+                 "RuntimeError: b", "only 0 trial(s) finished",
                  "no curves plot: no trial has a best_val_loss yet", "needs at least 4 finished trials"]
     out = report.write_report(exp)
     page = (out / "report.html").read_text()
@@ -530,6 +531,37 @@ def test_write_report_edge_cases(case, tmp_path):
     for note in notes:
         assert note in page, note
     assert len(list(out.glob("*.png"))) == n_images
+    if case == "none_finished":
+        assert "Every trial failed (see the warnings above): nothing to replay." in (out / "report.md").read_text()
+        assert "No trial has a result yet" not in page
+
+
+def test_no_replay_reason(tmp_path):
+    failed = [FakeTrial(1e-3, 8, "errored", [], error="RuntimeError: a"),
+              FakeTrial(2e-3, 8, "diverged", [2.5, math.inf], error="loss became nan"),
+              FakeTrial(3e-3, 8, "oom", [], error="CUDA out of memory")]
+    d = report.load_results(make_experiment(tmp_path, failed, name="failed"))
+    assert report.no_replay_reason(d) == "every trial failed (see the warnings above): nothing to replay"
+    # a trial not started yet may still give a result; so may one still running
+    waiting = report.load_results(make_experiment(tmp_path, [*failed, FakeTrial(1e-3, 8, "pending")], name="waiting"))
+    running = report.load_results(make_experiment(tmp_path, [*failed, FakeTrial(1e-3, 8, "running")], name="running"))
+    for d in (waiting, running):
+        assert report.no_replay_reason(d) == "no trial has a result yet: nothing to replay"
+
+
+def test_replay_command_names_the_trial_only_when_asked():
+    assert report.replay_command("/exp/a b") == "python -m tune_gpt.replay '/exp/a b'"
+    assert report.replay_command("/exp", trial="a1b2c_00003") == "python -m tune_gpt.replay /exp --trial a1b2c_00003"
+    assert report.replay_command("s3://b/exp", "https://***@host/c.txt", trial="a1b2c_00003") == (
+        "python -m tune_gpt.replay s3://b/exp --trial a1b2c_00003 --data 'https://***@host/c.txt'"
+        "  # the corpus URL with its secret in place of ***")
+
+
+def test_skip_reason_is_public_and_is_the_reports(tmp_path):
+    trials = [FakeTrial(lr, 16, "finished", [v + 0.5, v]) for lr, v in ((3e-4, 2.0), (1e-3, 1.7), (3e-3, 1.9))]
+    d = report.load_results(make_experiment(tmp_path, trials, space={"learning_rate": LOG_SPACE["learning_rate"]}))
+    assert report.heatmap_figure(d) is None
+    assert report.skip_reason("heatmap", d) == "no heatmap: batch_size not searched"
 
 
 def _failed_marks(fig):

@@ -61,7 +61,8 @@ __all__ = [
     "load_results", "load_curves", "find_experiment", "experiment_info", "lr_batch_pivot",
     "lr_bin_label", "best_lr_per_batch", "importance", "warnings_for", "heatmap_figure",
     "lr_scatter_figure", "curves_figure", "figure_png", "markdown_table", "write_report",
-    "replay_command", "error_line", "lr_is_continuous", "main", "STATUSES", "FAILED", "batch_column",
+    "replay_command", "no_replay_reason", "skip_reason", "error_line", "lr_is_continuous", "main", "STATUSES",
+    "FAILED", "batch_column",
 ]
 
 STATUS_FILE = "tune_gpt_status.json"  # written by search.py's trainable in each trial folder
@@ -1263,13 +1264,24 @@ def _html_table(df: "pd.DataFrame", index: bool = False, as_col: str | None = No
     return d.to_html(index=index, escape=True, border=0, classes="table", na_rep="")
 
 
-def replay_command(experiment: str | Path, data: Any = None) -> str:
-    """The command that replays the best trial. Where its corpus is a URL the experiment keeps without its
-    secret (`data` holds ``***``), replay needs --data: shown with ``***`` where the secret goes."""
+def replay_command(experiment: str | Path, data: Any = None, trial: str | None = None) -> str:
+    """The command that replays the best trial, or `trial` (``--trial``: that one even after a running
+    search finds a better one). Where its corpus is a URL the experiment keeps without its secret (`data`
+    holds ``***``), replay needs --data: shown with ``***`` where the secret goes."""
     command = f"python -m tune_gpt.replay {shlex.quote(str(experiment))}"
+    if trial is not None:
+        command += f" --trial {shlex.quote(str(trial))}"
     if is_redacted(data):
         command += f" --data {shlex.quote(data)}  # the corpus URL with its secret in place of {REDACTED}"
     return command
+
+
+def no_replay_reason(df: "pd.DataFrame") -> str:
+    """Why there is nothing to replay, for an experiment with no ranked trial: every trial failed (errored,
+    diverged, out of memory) and none is left to start, or no trial has a result yet."""
+    if len(df) and df["status"].isin(FAILED).all() and not df.attrs.get("pending"):
+        return "every trial failed (see the warnings above): nothing to replay"
+    return "no trial has a result yet: nothing to replay"
 
 
 def _summary_columns(df: "pd.DataFrame") -> list[str]:
@@ -1320,7 +1332,7 @@ def _build(exp: _Experiment, experiment_arg: str) -> _Report:
     images, skipped = {}, {}
     for name, fig in figs.items():
         if fig is None:
-            skipped[name] = _skip_reason(name, df, curves)
+            skipped[name] = skip_reason(name, df, curves)
         else:
             images[name] = figure_png(fig)
     return _Report(df=df, curves=curves, pivot=pivot if isinstance(pivot, pd.DataFrame) else pd.DataFrame(),
@@ -1328,7 +1340,8 @@ def _build(exp: _Experiment, experiment_arg: str) -> _Report:
                    images=images, skipped=skipped, experiment=experiment_arg)
 
 
-def _skip_reason(name: str, df: "pd.DataFrame", curves: "pd.DataFrame") -> str:
+def skip_reason(name: str, df: "pd.DataFrame", curves: "pd.DataFrame | None" = None) -> str:
+    """Why the plot `name` (one of PLOTS) was not drawn: the sentence the report shows in its place."""
     searched = df.attrs.get("searched", [])
 
     if EFFECTIVE in df.columns:
@@ -1373,6 +1386,10 @@ _SHARE_NOTE = ("Several trials share a cell: mean and spread (std) over the tria
                "(full), of all the trials in the cell (count):")
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
 def _markdown(r: _Report) -> str:
     df = r.df
     a = df.attrs
@@ -1394,7 +1411,7 @@ def _markdown(r: _Report) -> str:
         lines += ["", "Train it for real (same config, full logging):", "", "```bash",
                   replay_command(r.experiment, best.get("data")), "```"]
     else:
-        lines.append("No trial has a result yet: nothing to replay.")
+        lines.append(_sentence(no_replay_reason(df)))
     lines += ["", "## Trials", "", markdown_table(df[_summary_columns(df)])]
     lines += ["", "## Learning rate x batch size", ""]
     if r.pivot.empty:
@@ -1476,7 +1493,7 @@ def _html(r: _Report) -> str:
         parts.append(f'<table class="table">{rows}</table>')
         parts.append(f"<p>Train it for real (same config, full logging):</p><pre><code>{e(replay_command(r.experiment, best.get('data')))}</code></pre>")
     else:
-        parts.append("<p>No trial has a result yet: nothing to replay.</p>")
+        parts.append(f"<p>{e(_sentence(no_replay_reason(df)))}</p>")
     parts.append("<h2>Trials</h2>" + _html_table(df[_summary_columns(df)]))
     parts.append("<h2>Learning rate &times; batch size</h2>")
     if r.pivot.empty:

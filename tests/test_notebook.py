@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,37 @@ def test_notebook_says_why_a_figure_or_the_replay_is_missing(case, tmp_path, mon
         assert "no lr scatter plot: no trial has a best_val_loss yet\n" in text
         assert "every trial failed (see the warnings above): nothing to replay\n" in text
         assert "no trial has a result yet" not in text
+
+
+def _documented_commands() -> list[str]:
+    nbformat = pytest.importorskip("nbformat")
+    first = nbformat.read(NOTEBOOK, as_version=4).cells[0].source
+    block = re.search(r"```bash\n(.*?)```", first, re.S).group(1)
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_documented_headless_commands_write_a_file_and_leave_the_notebook(tmp_path):
+    """`jupyter execute notebook.ipynb` alone writes nothing (nbclient needs --output or --inplace; --inplace
+    would commit outputs): each documented command, run from a checkout, writes a new file with the outputs."""
+    commands = _documented_commands()
+    assert len(commands) >= 2 and not [c for c in commands if "--inplace" in c]
+    assert any("jupyter nbconvert" in c for c in commands) and any("jupyter execute" in c for c in commands)
+    nb_path = _checkout(tmp_path)
+    committed = nb_path.read_bytes()
+    exp = standard_experiment(tmp_path / "tune_results", name="my_search")
+    env = dict(os.environ, PYTHONPATH=str(REPO), MPLBACKEND="Agg")
+    env.pop("TUNE_GPT_EXPERIMENT", None)
+    for command in commands:
+        tool = "nbconvert" if "jupyter nbconvert" in command else "nbclient"
+        pytest.importorskip(tool)
+        pytest.importorskip("ipykernel")
+        if shutil.which("jupyter") is None:
+            pytest.skip("no jupyter command")
+        before = {p for p in tmp_path.rglob("*") if p.is_file()}
+        p = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, f"{command}\n{p.stderr[-3000:]}"
+        new = [f for f in {p for p in tmp_path.rglob("*") if p.is_file()} - before
+               if f.suffix in (".html", ".ipynb")]
+        assert new, f"{command} wrote nothing"
+        assert any(f"python -m tune_gpt.replay {exp.resolve()} --trial {trial_id(0)}" in f.read_text() for f in new)
+        assert nb_path.read_bytes() == committed, command

@@ -194,12 +194,35 @@ def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_p
         host = base.split("://", 1)[1]
         got = fetch_url(f"http://alice:s3%40cret@{host}/c.txt", tmp_path)
         fetch_url(f"http://ghp_T0KEN@{host}/d.txt", tmp_path)  # a token alone, as GitHub takes it
+        # the cache is keyed by the URL without its secret: a rotated token finds the download (and no
+        # password guess can be tested against the cache's file names)
+        fetch_url(f"http://ghp_R0TATED@{host}/d.txt", tmp_path)
     assert got.read_bytes() == served["body"] and hits == ["/c.txt", "/d.txt"]
     assert served["authorization"] == ["Basic " + base64.b64encode(b"alice:s3@cret").decode(),
                                        "Basic " + base64.b64encode(b"ghp_T0KEN:").decode()]
     with pytest.raises(DataError) as err:  # an unreachable host: its error names the URL without the password
         fetch_url("http://alice:PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
     assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
+
+    # a redirect elsewhere does not take the password along (urllib copies a request's ordinary headers)
+    elsewhere, hits2 = {"body": served["body"]}, []
+    with serving(elsewhere, hits2) as other:
+        class Redirect(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", f"{other}/moved.txt")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            fetch_url(f"http://alice:PW0rd@127.0.0.1:{server.server_port}/c.txt", tmp_path / "r")
+        finally:
+            server.shutdown()
+    assert hits2 == ["/moved.txt"] and elsewhere["authorization"] == [None]
 
 
 def test_url_is_fetched_once_with_its_sha256(tmp_path):

@@ -148,6 +148,11 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
     assert redact("postgresql://alice:s3cr3t@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
     assert redact("https://ghp_T0KEN@example.com/corpus.txt") == "https://***@example.com/corpus.txt"
     assert redact("https://h/c.txt?X-Amz-Signature=abc&x=1&access_key=k") == "https://h/c.txt?X-Amz-Signature=***&x=1&access_key=***"
+    # userinfo forms urllib now downloads with (curl -u TOKEN:, an empty user, an unencoded '@')
+    assert redact("https://ghp_TOK:@h/x") == "https://***@h/x" and redact("https://:PW@h/x") == "https://:***@h/x"
+    assert redact("http://alice:p@ss@host/c.txt") == "http://alice:***@host/c.txt"
+    # a name that only looks like one is no secret: --resume would ask for such a URL again
+    assert redact("https://h/c.txt?author=bob&X-Auth=1") == "https://h/c.txt?author=bob&X-Auth=***"
     # other names a secret goes by, and the ;matrix and #fragment forms
     assert (redact("https://h/c.txt?auth=a&pwd=b&jwt=c&page=2;session_id=d#access_token=e&lang=en")
             == "https://h/c.txt?auth=***&pwd=***&jwt=***&page=2;session_id=***#access_token=***&lang=en")

@@ -14,19 +14,32 @@ import re
 from typing import Any
 
 REDACTED = "***"  # stands for a password or token left out of a file
-# a query (or ;matrix, or #fragment) parameter whose name says it holds a secret
-_SECRET_QUERY = re.compile(r"([?&;#][^=&;#\s]*(?:pass|pwd|secret|token|key|sig|credential|auth|jwt|session|bearer|ticket)"
-                           r"[^=&;#\s]*=)[^&;#\s]*", re.I)
+# A query (;matrix, #fragment) parameter holds a secret when its name contains one of these...
+_SECRET_IN_NAME = re.compile(r"pass|pwd|secret|token|key|sig|credential|jwt|bearer", re.I)
+# ...or has one of these as a whole word (``auth`` and ``X-Auth``, not ``author``)
+_SECRET_WORDS = {"auth", "authorization", "session", "sessionid", "ticket"}
+_PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
+# scheme://userinfo@ : the userinfo runs to the authority's last '@' (a password may hold an unencoded '@')
+_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/?#\s]*)@")
 
 
 def redact(text: str) -> str:
     """`text` with the secrets a URL may carry left out: the password of ``scheme://user:password@``
-    (``--optuna-storage postgresql://user:PASSWORD@db/optuna``), a lone userinfo (``https://TOKEN@host``),
-    and query values named like a secret (``?X-Amz-Signature=...``, ``&access_key=...``, ``?auth=...``,
-    ``;jwt=...``, ``#access_token=...``)."""
-    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+):([^/@\s]+)@", rf"\1\2:{REDACTED}@", text)
-    text = re.sub(r"(\w[\w+.-]*://)([^/@:\s]+)@", rf"\1{REDACTED}@", text)
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    (``--optuna-storage postgresql://user:PASSWORD@db/optuna``), a lone userinfo (``https://TOKEN@host``,
+    ``https://TOKEN:@host``), and query values named like a secret (``?X-Amz-Signature=...``,
+    ``&access_key=...``, ``?auth=...``, ``;jwt=...``, ``#access_token=...``)."""
+
+    def userinfo(m: re.Match) -> str:
+        user, colon, password = m.group(2).partition(":")
+        return f"{m.group(1)}{user}:{REDACTED}@" if password else f"{m.group(1)}{REDACTED}@"
+
+    def param(m: re.Match) -> str:
+        name = m.group(2)
+        words = {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)}
+        secret = _SECRET_IN_NAME.search(name) or words & _SECRET_WORDS or name.lower() in _SECRET_WORDS
+        return f"{m.group(1)}{name}={REDACTED}" if secret else m.group(0)
+
+    return _PARAM.sub(param, _USERINFO.sub(userinfo, text))
 
 
 def redact_flat(flat: dict[str, Any]) -> dict[str, Any]:

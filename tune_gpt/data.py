@@ -285,7 +285,7 @@ def chinese_text() -> tuple[str, list[str]]:
 
 def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     """Download `url` once into the cache; record its sha256 beside it."""
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]  # no password in the cache's names
     dest_dir = cache_dir / "downloads"
     dest = dest_dir / f"{key}.txt"
     meta = dest_dir / f"{key}.json"
@@ -335,7 +335,10 @@ def _request_for(url: str) -> tuple[urllib.request.Request, str]:
     user, password = urllib.parse.unquote(user), urllib.parse.unquote(password)
     bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return urllib.request.Request(bare, headers={"Authorization": f"Basic {token}"}), password or user
+    request = urllib.request.Request(bare)
+    # not carried over to wherever a redirect points (urllib copies a Request's ordinary headers there)
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request, password or user
 
 
 def _matches_record(path: Path, meta: Path) -> bool:

@@ -10,7 +10,7 @@ mkdir -p "$out"
 here="$(cd "$(dirname "$0")" && pwd)"
 export WANDB_MODE=disabled
 if [ "${1:-}" != "--dry-run" ]; then
-  timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
+  timeout 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
 fi
 # the first of python3, python that imports torch (on the lent GPU machines python3 is the one with
 # PyTorch, and a `python` there may be another interpreter); PYTHON=... overrides
@@ -22,5 +22,5 @@ if [ -z "$py" ]; then
 fi
 : "${py:?no python3 or python that imports torch here; set PYTHON=/path/to/python}"
 # gpu_bench.py writes its tables after every row: a run the limit cuts short keeps what it measured
-# (440 s + 5 s to die + nvidia-smi's and the probe's seconds: inside the 8 minutes)
+# (440 s + 5 s to die + nvidia-smi's 10 s at most + the probe's seconds: inside the 8 minutes)
 timeout -k 5 440 "$py" "$here/gpu_bench.py" "$out" "$@" 2>&1 | tee "$out/gpu.log"

@@ -825,6 +825,7 @@ def test_wandb_items_reach_the_logging_actor_in_order_without_the_driver_waiting
     monkeypatch.setattr(wb, "_force_on_current_node", lambda: {})
     monkeypatch.setattr(wb.ray, "wait", lambda futures, **kw: ([], futures))  # the run never ends here
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
 
     class Trial:
         local_path, last_result, error_file = "/tmp/trial", {"step": 10, "total_steps": 10}, None
@@ -894,6 +895,11 @@ def test_wandb_credentials_reach_an_online_logging_actor_as_arguments(monkeypatc
     online.setup()  # raised ValueError (Ray's _set_api_key)
     online._start_logging_actor(Trial(), [], id="t1", mode="online")
     assert made[-1]["credentials"] == {"WANDB_IDENTITY_TOKEN_FILE": str(token)}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", "identity.jwt")  # relative: the actor starts in the trial's folder
+    online._start_logging_actor(Trial(), [], id="t1b", mode="online")
+    assert made[-1]["credentials"] == {"WANDB_IDENTITY_TOKEN_FILE": str(token)}
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(token))
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     wb.TrialStatusWandb(project="p", mode="online")._start_logging_actor(Trial(), [], id="t2", mode="online")
     assert made[-1]["credentials"] == {"WANDB_API_KEY": "k" * 40, "WANDB_IDENTITY_TOKEN_FILE": str(token)}

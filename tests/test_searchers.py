@@ -324,3 +324,30 @@ def test_a_trial_that_went_on_from_the_top_rung_and_was_stopped_at_max_t_is_told
     assert at_rung.value == 2.3 and at_rung.user_attrs["paused_at_step"] == 270
     assert final.number != at_rung.number and final.state.name == "COMPLETE" and final.value == 2.1
     assert final.user_attrs["resumed_from"] == at_rung.number
+
+
+def test_the_storage_password_is_kept_out_only_where_there_is_one_and_nested_blocks_share_it(tmp_path):
+    """A URL without a secret leaves Optuna's pickles as they are (an older tune_gpt can read them); an inner
+    block's end does not unregister the outer search's reducer; outside every block a redacted pickle cannot
+    be opened without the password (one line)."""
+    import copyreg
+    import pickle
+
+    from optuna.storages import RDBStorage
+
+    from tune_gpt._searchers import storage_password_kept_out
+    from tune_gpt.errors import ConfigError
+
+    plain = f"sqlite:///{tmp_path / 'a.db'}"
+    secret = f"sqlite:///file:{tmp_path / 'b.db'}?mode=rwc&token=S3CRETdb&uri=true"
+    with storage_password_kept_out(plain):
+        assert RDBStorage not in copyreg.dispatch_table
+    storage = RDBStorage(secret)
+    with storage_password_kept_out(secret):
+        with storage_password_kept_out(secret):
+            pass
+        data = pickle.dumps(storage)
+        assert b"S3CRETdb" not in data and pickle.loads(data).url == secret
+    assert RDBStorage not in copyreg.dispatch_table
+    with pytest.raises(ConfigError, match=r"give --optuna-storage with the full URL"):
+        pickle.loads(data)

@@ -371,15 +371,18 @@ def test_rng_states_restore_exactly_mid_block():
     np.random.rand(10)  # mid-block
     np.random.standard_normal()  # leaves a cached normal
     random.random()
+    random.gauss(0, 1)  # so does Python's
     state = _rng_state(torch.device("cpu"))
-    expected = (np.random.rand(5).tolist(), np.random.standard_normal(), random.random(), torch.rand(3).tolist())
+    expected = (np.random.rand(5).tolist(), np.random.standard_normal(), random.gauss(0, 1), random.random(),
+                torch.rand(3).tolist())
     np.random.seed(99)
     random.seed(99)
     torch.manual_seed(99)
     _set_rng_state(state, torch.device("cpu"))
-    assert (np.random.rand(5).tolist(), np.random.standard_normal(), random.random(), torch.rand(3).tolist()) == expected
+    assert (np.random.rand(5).tolist(), np.random.standard_normal(), random.gauss(0, 1), random.random(),
+            torch.rand(3).tolist()) == expected
     # a checkpoint written before its position was kept: restored at a fresh block, as it was
-    del state["numpy_pos"], state["numpy_gauss"]
+    del state["numpy_pos"], state["numpy_gauss"], state["python_gauss"]
     _set_rng_state(state, torch.device("cpu"))
     assert np.random.get_state()[2] == 624
 

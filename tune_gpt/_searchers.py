@@ -41,6 +41,7 @@ import copyreg
 import json
 import math
 import sys
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -48,28 +49,40 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 
-_STORAGE_URLS: dict[str, str] = {}  # redacted URL -> the URL given (this process's search only)
+_STORAGE_URLS: dict[str, str] = {}  # redacted URL -> the URL given (this process's searches only)
+_KEPT_OUT = threading.Lock()
+_kept_out_users = [0, None]  # searches inside storage_password_kept_out; the reducer registered before them
 
 
 @contextlib.contextmanager
 def storage_password_kept_out(url: str) -> Iterator[None]:
     """While the block runs, an Optuna RDB storage pickles its URL redacted, and one unpickled here whose
-    URL is `url` redacted gets `url` back. (Not for Ray Client: Tune unpickles the searcher on the cluster.)"""
+    URL is `url` redacted gets `url` back. Nothing for a URL without a secret (its pickles stay Optuna's
+    own). Not for Ray Client: Tune unpickles the searcher on the cluster, where the URL is not known."""
     from optuna.storages import RDBStorage
 
     from tune_gpt._redact import redact
 
-    before = copyreg.dispatch_table.get(RDBStorage)
-    _STORAGE_URLS[redact(url)] = url
-    copyreg.pickle(RDBStorage, _reduce_rdb_storage)
+    if redact(url) == url:
+        yield
+        return
+    with _KEPT_OUT:
+        _STORAGE_URLS[redact(url)] = url
+        if _kept_out_users[0] == 0:
+            _kept_out_users[1] = copyreg.dispatch_table.get(RDBStorage)
+            copyreg.pickle(RDBStorage, _reduce_rdb_storage)
+        _kept_out_users[0] += 1
     try:
         yield
     finally:
-        _STORAGE_URLS.pop(redact(url), None)
-        if before is None:
-            copyreg.dispatch_table.pop(RDBStorage, None)
-        else:
-            copyreg.dispatch_table[RDBStorage] = before
+        with _KEPT_OUT:
+            _kept_out_users[0] -= 1
+            if _kept_out_users[0] == 0:
+                _STORAGE_URLS.clear()
+                if _kept_out_users[1] is None:
+                    copyreg.dispatch_table.pop(RDBStorage, None)
+                else:
+                    copyreg.dispatch_table[RDBStorage] = _kept_out_users[1]
 
 
 def _reduce_rdb_storage(storage: Any) -> tuple:

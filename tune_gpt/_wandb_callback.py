@@ -189,6 +189,8 @@ class TrialStatusWandb(WandbLoggerCallback):
             )(self._logger_actor_cls)
         online = wandb_init_kwargs.get("mode") not in ("offline", "disabled")
         credentials = {k: os.environ[k] for k in (WANDB_ENV_VAR, IDENTITY_TOKEN_ENV_VAR) if online and os.environ.get(k)}
+        if IDENTITY_TOKEN_ENV_VAR in credentials:  # a path: the actor works in the trial's folder
+            credentials[IDENTITY_TOKEN_ENV_VAR] = os.path.abspath(credentials[IDENTITY_TOKEN_ENV_VAR])
         actor = self._remote_logger_class.remote(
             logdir=trial.local_path, queue=None, exclude=exclude_results, to_config=self.AUTO_CONFIG_KEYS,
             credentials=credentials, **wandb_init_kwargs,

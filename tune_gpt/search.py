@@ -1001,12 +1001,12 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     own_ray = not ray.is_initialized()
     wandb_mode_before = os.environ.get("WANDB_MODE")  # _wandb_mode may set it for the search's callback
     kept_out = contextlib.ExitStack()
-    if opts.optuna_storage and plan.searcher == "optuna" and not (opts.address or "").startswith("ray://"):
-        from tune_gpt._searchers import storage_password_kept_out
-
-        kept_out.enter_context(storage_password_kept_out(opts.optuna_storage))  # from Ray's pickles
     try:
         _init_ray(opts)
+        if opts.optuna_storage and plan.searcher == "optuna" and not ray.util.client.ray.is_connected():
+            from tune_gpt._searchers import storage_password_kept_out  # (Ray Client: from --address or RAY_ADDRESS)
+
+            kept_out.enter_context(storage_password_kept_out(opts.optuna_storage))  # out of Ray's pickles
         _check_gpus(opts)
         restore = opts.resume and _can_restore(plan)
         if restore:

@@ -250,6 +250,9 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
         "numpy_pos": torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64),
         "numpy_gauss": torch.tensor([float(gauss)], dtype=torch.float64),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+        # Python's cached normal (random.gauss keeps the second of each pair): NaN for none
+        "python_gauss": torch.tensor([math.nan if random.getstate()[2] is None else random.getstate()[2]],
+                                     dtype=torch.float64),
     }
     if device.type == "cuda":  # the training GPU's generator only: a resume may see other GPUs, or fewer
         st["cuda"] = torch.cuda.get_rng_state(device)
@@ -263,7 +266,8 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
     pos, has_gauss = st["numpy_pos"].tolist() if "numpy_pos" in st else (624, 0)  # 624: before 2026-12-01
     gauss = float(st["numpy_gauss"][0]) if "numpy_gauss" in st else 0.0
     np.random.set_state(("MT19937", keys, pos, has_gauss, gauss))
-    random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None))
+    gauss = float(st["python_gauss"][0]) if "python_gauss" in st else math.nan  # NaN: none (or before 2026-12-01)
+    random.setstate((3, tuple(int(x) for x in st["python"].tolist()), None if math.isnan(gauss) else gauss))
     cuda = st.get("cuda")
     if isinstance(cuda, (list, tuple)):  # written before 2026-11-30: every visible GPU's, the first the run's
         cuda = cuda[0] if cuda else None

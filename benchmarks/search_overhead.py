@@ -62,10 +62,9 @@ def search(steps: int, data: str, n: int, cpus: float, concurrent: int) -> dict:
 import json, time, sys
 sys.path.insert(0, {str(REPO)!r})
 t0 = time.perf_counter()
-import ray
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+from tune_gpt.search import SearchOptions, _init_ray, run_search
+_init_ray(SearchOptions(verbose=0))  # Ray as `python -m tune_gpt.search` starts it (this machine's CPUs)
 t1 = time.perf_counter()
-from tune_gpt.search import SearchOptions, run_search
 out = run_search(SearchOptions(space={str(space)!r}, storage_path={storage!r}, cpus_per_trial={cpus},
     max_concurrent={concurrent}, wandb=False, report=False, verbose=0))
 t2 = time.perf_counter()

@@ -1050,12 +1050,21 @@ def test_the_driver_starts_ray_without_its_failure_signal_handler(tmp_path, monk
 
     from tune_gpt.search import _init_ray
 
-    seen = []
+    seen, kwargs = [], []
     monkeypatch.setattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER)
+                        or kwargs.append(kw))
     _init_ray(SearchOptions(space=str(tiny_space(tmp_path))))
     assert seen == [True]
+    # a cluster the search starts runs its trials at niceness 0 (Ray's default nices workers to 15, below its
+    # own daemons and the driver, whose wake-ups then preempt training); one it joins keeps its own setting
+    assert kwargs[-1]["_system_config"] == {"worker_niceness": 0}
+    _init_ray(SearchOptions(space=str(tiny_space(tmp_path)), address="local"))
+    assert kwargs[-1]["_system_config"] == {"worker_niceness": 0}
+    monkeypatch.setattr("tune_gpt.search._check_address_answers", lambda address: None)
+    _init_ray(SearchOptions(space=str(tiny_space(tmp_path)), address="10.0.0.9:6379"))
+    assert "_system_config" not in kwargs[-1]
 
 
 @pytest.mark.parametrize("with_auth_error", [True, False])

@@ -1316,7 +1316,7 @@ def _init_ray(opts: SearchOptions) -> None:
         if opts.address:
             auth_errors = tuple(filter(None, [getattr(ray.exceptions, "AuthenticationError", None)]))  # Ray >= 2.52
             try:
-                ray.init(address=opts.address, **kwargs)
+                ray.init(address=opts.address, **kwargs, **(_LOCAL_CLUSTER if opts.address == "local" else {}))
             except (ConnectionError, *auth_errors) as exc:
                 token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
                          "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
@@ -1328,7 +1328,16 @@ def _init_ray(opts: SearchOptions) -> None:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            ray.init(**kwargs)
+            ray.init(**kwargs, **_LOCAL_CLUSTER)
+
+
+# A local cluster the search starts runs its trials at the priority of everything else. Ray's default nices
+# its workers (15), so that on a shared node its own processes stay responsive: then every wake-up of the
+# driver's Tune loop or of a Ray daemon (nice 0) preempts a trial's training threads at once, and on a
+# machine with few cores a preempted OpenMP thread holds up its partner at the next barrier. One-trial
+# searches of 1,000 steps on 2 cores: search/direct 1.13, 1.04, 1.05 at niceness 0 against 1.15, 1.11, 1.11
+# (docs/BENCHMARKS.md, 2026-12-01). A cluster joined with --address keeps its own setting.
+_LOCAL_CLUSTER = {"_system_config": {"worker_niceness": 0}}
 
 
 def _local_gpus(opts: SearchOptions) -> bool:

@@ -194,12 +194,13 @@ def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_p
         host = base.split("://", 1)[1]
         got = fetch_url(f"http://alice:s3%40cret@{host}/c.txt", tmp_path)
         fetch_url(f"http://ghp_T0KEN@{host}/d.txt", tmp_path)  # a token alone, as GitHub takes it
-        # the cache is keyed by the URL without its secret: a rotated token finds the download (and no
-        # password guess can be tested against the cache's file names)
-        fetch_url(f"http://ghp_R0TATED@{host}/d.txt", tmp_path)
-    assert got.read_bytes() == served["body"] and hits == ["/c.txt", "/d.txt"]
+        # a URL that differs only in a secret-looking value is another download, not the cached one
+        fetch_url(f"http://{host}/e.txt?keyword=python", tmp_path)
+        fetch_url(f"http://{host}/e.txt?keyword=rust", tmp_path)
+    assert got.read_bytes() == served["body"]
+    assert hits == ["/c.txt", "/d.txt", "/e.txt?keyword=python", "/e.txt?keyword=rust"]
     assert served["authorization"] == ["Basic " + base64.b64encode(b"alice:s3@cret").decode(),
-                                       "Basic " + base64.b64encode(b"ghp_T0KEN:").decode()]
+                                       "Basic " + base64.b64encode(b"ghp_T0KEN:").decode(), None, None]
     with pytest.raises(DataError) as err:  # an unreachable host: its error names the URL without the password
         fetch_url("http://alice:PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
     assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
@@ -223,6 +224,33 @@ def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_p
         finally:
             server.shutdown()
     assert hits2 == ["/moved.txt"] and elsewhere["authorization"] == [None]
+    # on the same host (a moved file, a trailing slash) it does: urllib dropped it there too
+    seen = []
+
+    class SameHost(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            if self.path == "/start.txt":
+                self.send_response(301)
+                self.send_header("Location", "/final.txt")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), SameHost)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        fetch_url(f"http://alice:PW0rd@127.0.0.1:{server.server_port}/start.txt", tmp_path / "s")
+    finally:
+        server.shutdown()
+    auth = "Basic " + base64.b64encode(b"alice:PW0rd").decode()
+    assert seen == [("/start.txt", auth), ("/final.txt", auth)]
 
 
 def test_url_is_fetched_once_with_its_sha256(tmp_path):

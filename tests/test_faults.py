@@ -1065,6 +1065,12 @@ def test_the_driver_starts_ray_without_its_failure_signal_handler(tmp_path, monk
     monkeypatch.setattr("tune_gpt.search._check_address_answers", lambda address: None)
     _init_ray(SearchOptions(space=str(tiny_space(tmp_path)), address="10.0.0.9:6379"))
     assert "_system_config" not in kwargs[-1]
+    # no --address, but RAY_ADDRESS names a running cluster: ray.init joins it, and refuses a _system_config
+    # there ("When connecting to an existing cluster, _system_config must not be provided")
+    for there in ("10.0.0.9:6379", "ray://10.0.0.9:10001"):
+        monkeypatch.setenv("RAY_ADDRESS", there)
+        _init_ray(SearchOptions(space=str(tiny_space(tmp_path))))
+        assert "_system_config" not in kwargs[-1], there
 
 
 @pytest.mark.parametrize("with_auth_error", [True, False])

@@ -128,8 +128,8 @@ def test_notebook_says_why_a_figure_or_the_replay_is_missing(case, tmp_path, mon
         assert f"python -m tune_gpt.replay {exp.resolve()} --trial {trial_id(1)}\n" in text
     else:
         assert images == 0
-        assert "no heatmap plot: no trial has a best_val_loss yet\n" in text
-        assert "no lr scatter plot: no trial has a best_val_loss yet\n" in text
+        assert "no heatmap plot: every trial failed\n" in text
+        assert "no lr scatter plot: every trial failed\n" in text
         assert "every trial failed (see the warnings above): nothing to replay\n" in text
         assert "no trial has a result yet" not in text
 

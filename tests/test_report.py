@@ -524,7 +524,7 @@ def test_write_report_edge_cases(case, tmp_path):
         n_images = 0
         notes = ["Every trial failed (see the warnings above): nothing to replay.", "RuntimeError: a",
                  "RuntimeError: b", "only 0 trial(s) finished",
-                 "no curves plot: no trial has a best_val_loss yet", "needs at least 4 finished trials"]
+                 "no curves plot: every trial failed", "needs at least 4 finished trials"]
     out = report.write_report(exp)
     page = (out / "report.html").read_text()
     assert page.count(IMG) == n_images

@@ -151,6 +151,12 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
     # userinfo forms urllib now downloads with (curl -u TOKEN:, an empty user, an unencoded '@')
     assert redact("https://ghp_TOK:@h/x") == "https://***@h/x" and redact("https://:PW@h/x") == "https://:***@h/x"
     assert redact("http://alice:p@ss@host/c.txt") == "http://alice:***@host/c.txt"
+    # passwords SQLAlchemy and AWS take with '?', '#' or '/' in them; an empty userinfo holds no secret
+    assert redact("postgresql://alice:pa?ss@db/optuna") == "postgresql://alice:***@db/optuna"
+    assert redact("postgresql://alice:pa#ss@db:5432/optuna") == "postgresql://alice:***@db:5432/optuna"
+    assert redact("s3://AKIAFAKE:wJalr/K7MD+ENG@bucket/runs") == "s3://AKIAFAKE:***@bucket/runs"
+    assert redact("https://@h/x") == "https://@h/x" and redact("https://h/c.txt?email=a@b.com") == "https://h/c.txt?email=a@b.com"
+    assert redact("https://h/c?JSESSIONID=x;jsessionid=y") == "https://h/c?JSESSIONID=***;jsessionid=***"
     # a name that only looks like one is no secret: --resume would ask for such a URL again
     assert redact("https://h/c.txt?author=bob&X-Auth=1") == "https://h/c.txt?author=bob&X-Auth=***"
     # other names a secret goes by, and the ;matrix and #fragment forms
@@ -261,3 +267,14 @@ def test_credentials_in_the_storage_uri_are_refused(tmp_path):
         assert said.startswith("--storage-path s3://") and "AWS_SECRET_ACCESS_KEY" in said, said
         assert "s3cretKey" not in said and "\n" not in said
     plan_search(SearchOptions(storage_path="s3://bucket/runs?region=eu-west-1&endpoint_override=localhost:9000"))
+
+
+def test_a_url_an_older_version_redacted_more_widely_still_resumes():
+    """An experiment file keeps URLs as the version that wrote it redacted them; where that version took more
+    (``?sig=***`` for ``?sig=abc;v=2``, ``?author=***``), the URL given again on --resume is the same corpus."""
+    from tune_gpt.search import _same_kept
+
+    assert _same_kept("https://h/c.txt?sig=***", "https://h/c.txt?sig=***;v=2")
+    assert _same_kept("https://h/c.txt?author=***&page=2", "https://h/c.txt?author=bob&page=2")
+    assert not _same_kept("https://u:***@h/c.txt", "https://u:***@h/d.txt")  # another file
+    assert not _same_kept("https://h/c.txt", "https://h/d.txt") and _same_kept(0.001, 0.001)

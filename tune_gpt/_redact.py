@@ -15,12 +15,14 @@ from typing import Any
 
 REDACTED = "***"  # stands for a password or token left out of a file
 # A query (;matrix, #fragment) parameter holds a secret when its name contains one of these...
-_SECRET_IN_NAME = re.compile(r"pass|pwd|secret|token|key|sig|credential|jwt|bearer", re.I)
+_SECRET_IN_NAME = re.compile(r"pass|pwd|secret|token|key|sig|credential|jwt|bearer|sessionid|oauth|authcode", re.I)
 # ...or has one of these as a whole word (``auth`` and ``X-Auth``, not ``author``)
 _SECRET_WORDS = {"auth", "authorization", "session", "sessionid", "ticket"}
 _PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
-# scheme://userinfo@ : the userinfo runs to the authority's last '@' (a password may hold an unencoded '@')
-_USERINFO = re.compile(r"(\w[\w+.-]*://)([^/?#\s]*)@")
+# scheme://user[:password]@host : the password may hold an unencoded '@', '?', '#' or '/' (SQLAlchemy takes
+# postgresql://alice:pa?ss@db/optuna; AWS secret keys hold '/'): it runs to the first '@' that a host and
+# then '/', '?', '#' or the end follow
+_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)(?::(\S*?))?@(?=[^@/\s]*(?:[/?#\s]|$))")
 
 
 def redact(text: str) -> str:
@@ -30,8 +32,10 @@ def redact(text: str) -> str:
     ``&access_key=...``, ``?auth=...``, ``;jwt=...``, ``#access_token=...``)."""
 
     def userinfo(m: re.Match) -> str:
-        user, colon, password = m.group(2).partition(":")
-        return f"{m.group(1)}{user}:{REDACTED}@" if password else f"{m.group(1)}{REDACTED}@"
+        scheme, user, password = m.group(1), m.group(2), m.group(3)
+        if password:
+            return f"{scheme}{user}:{REDACTED}@"
+        return f"{scheme}{REDACTED}@" if user else m.group(0)  # a token as the user; an empty userinfo holds none
 
     def param(m: re.Match) -> str:
         name = m.group(2)

@@ -285,7 +285,9 @@ def chinese_text() -> tuple[str, list[str]]:
 
 def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     """Download `url` once into the cache; record its sha256 beside it."""
-    key = hashlib.sha256(redact(url).encode()).hexdigest()[:16]  # no password in the cache's names
+    # the whole URL: two URLs that differ only in a secret-looking value (?keyword=..., a token) are two
+    # downloads (keyed by the redacted URL, ?keyword=python and ?keyword=rust shared one)
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
     dest_dir = cache_dir / "downloads"
     dest = dest_dir / f"{key}.txt"
     meta = dest_dir / f"{key}.json"
@@ -301,8 +303,9 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc}); "
                         "give a writable --cache_dir or TUNE_GPT_CACHE") from None
     request, secret = _request_for(url)
+    opener = urllib.request.build_opener(_SameHostAuth())
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp, open(tmp, "wb") as out:
+        with opener.open(request, timeout=timeout) as resp, open(tmp, "wb") as out:
             h = hashlib.sha256()
             while chunk := resp.read(1 << 20):
                 h.update(chunk)
@@ -321,6 +324,26 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         tmp.unlink(missing_ok=True)
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc})") from None
     return dest
+
+
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Redirects keep a request's Authorization on the same host (http to https included), as curl does, and
+    drop it elsewhere (urllib drops an unredirected header on every redirect, a same-host one too)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        (host, port, secure), (to_host, to_port, to_secure) = _origin(req.full_url), _origin(newurl)
+        if new is not None and auth and (to_host, to_port) == (host, port) and (to_secure or not secure):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _origin(url: str) -> tuple[str | None, int | None, bool]:
+    """Host, port (None for the scheme's default: http to https on one host is the same origin here), https."""
+    parts = urllib.parse.urlsplit(url)
+    port = None if parts.port == {"http": 80, "https": 443}.get(parts.scheme) else parts.port
+    return parts.hostname, port, parts.scheme == "https"
 
 
 def _request_for(url: str) -> tuple[urllib.request.Request, str]:

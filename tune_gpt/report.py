@@ -1279,9 +1279,14 @@ def replay_command(experiment: str | Path, data: Any = None, trial: str | None =
 def no_replay_reason(df: "pd.DataFrame") -> str:
     """Why there is nothing to replay, for an experiment with no ranked trial: every trial failed (errored,
     diverged, out of memory) and none is left to start, or no trial has a result yet."""
-    if len(df) and df["status"].isin(FAILED).all() and not df.attrs.get("pending"):
+    if _all_failed(df):
         return "every trial failed (see the warnings above): nothing to replay"
     return "no trial has a result yet: nothing to replay"
+
+
+def _all_failed(df: "pd.DataFrame") -> bool:
+    """Every trial errored, diverged or ran out of memory, and none is left to start."""
+    return bool(len(df)) and bool(df["status"].isin(FAILED).all()) and not df.attrs.get("pending")
 
 
 def _summary_columns(df: "pd.DataFrame") -> list[str]:
@@ -1356,6 +1361,8 @@ def skip_reason(name: str, df: "pd.DataFrame", curves: "pd.DataFrame | None" = N
             return f"no heatmap: {why(missing)}"
     if name == "lr_scatter" and not _searched(df, LR):
         return f"no learning-rate plot: {why([LR])}"
+    if _all_failed(df):
+        return f"no {name.replace('_', ' ')} plot: every trial failed"
     return f"no {name.replace('_', ' ')} plot: no trial has a {df.attrs.get('rank_by', 'result')} yet"
 
 

@@ -1316,7 +1316,7 @@ def _init_ray(opts: SearchOptions) -> None:
         if opts.address:
             auth_errors = tuple(filter(None, [getattr(ray.exceptions, "AuthenticationError", None)]))  # Ray >= 2.52
             try:
-                ray.init(address=opts.address, **kwargs, **(_LOCAL_CLUSTER if opts.address == "local" else {}))
+                ray.init(address=opts.address, **kwargs, **_local_cluster(opts.address))
             except (ConnectionError, *auth_errors) as exc:
                 token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
                          "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
@@ -1328,7 +1328,7 @@ def _init_ray(opts: SearchOptions) -> None:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            ray.init(**kwargs, **_LOCAL_CLUSTER)
+            ray.init(**kwargs, **_local_cluster(None))
 
 
 # A local cluster the search starts runs its trials at the priority of everything else. Ray's default nices
@@ -1338,6 +1338,18 @@ def _init_ray(opts: SearchOptions) -> None:
 # searches of 1,000 steps on 2 cores: search/direct 1.13, 1.04, 1.05 at niceness 0 against 1.15, 1.11, 1.11
 # (docs/BENCHMARKS.md, 2026-12-01). A cluster joined with --address keeps its own setting.
 _LOCAL_CLUSTER = {"_system_config": {"worker_niceness": 0}}
+
+
+def _local_cluster(address: str | None) -> dict[str, Any]:
+    """`_LOCAL_CLUSTER` where ray.init will start a cluster, else nothing: without --address Ray joins one
+    that RAY_ADDRESS or a `ray start` on this machine names, and refuses a _system_config there."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        starts = canonicalize_bootstrap_address(address) is None  # None, "auto", "local"; RAY_ADDRESS too
+    except Exception:  # noqa: BLE001 - ray://, a Ray without it: Ray's defaults
+        starts = False
+    return _LOCAL_CLUSTER if starts else {}
 
 
 def _local_gpus(opts: SearchOptions) -> bool:
@@ -1820,6 +1832,17 @@ def _as_started_by_its_own_method(plan: Plan, saved: dict[str, Any]) -> None:
                       "resumes it so")
 
 
+def _same_kept(saved: Any, now: Any) -> bool:
+    """A value as the experiment file keeps it is the value given now: equal, or a URL whose secrets an
+    older tune_gpt redacted more widely (``?sig=***`` for ``?sig=***;v=2``, ``?author=***``): each ``***`` it
+    holds stands for any text."""
+    if saved == now:
+        return True
+    if not (isinstance(saved, str) and isinstance(now, str) and REDACTED in saved):
+        return False
+    return re.fullmatch(".*?".join(re.escape(part) for part in saved.split(REDACTED)), now) is not None
+
+
 def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     """--resume continues the search as it was started: Ray restores its trials, searcher and space, while
     the corpus and the plan come from this run's flags. A flag that changes what the search trains (a
@@ -1852,7 +1875,7 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
     # (an experiment file from before URLs were redacted holds the token: compared, and named, without it)
     before, after = trained(redact_flat(saved.get("fixed") or {})), trained(now["fixed"])
     diffs += [f"{k} {after.get(k, 'unset')!r} (started with {before.get(k, 'unset')!r})"
-              for k in sorted(set(before) | set(after), key=str) if before.get(k) != after.get(k)]
+              for k in sorted(set(before) | set(after), key=str) if not _same_kept(before.get(k), after.get(k))]
     # Resources: Ray restores each trial's resource request and the space's thread count and GPU memory
     # share as they were, so other ones would reach new trials only, and a trial that asked for a GPU on a
     # machine that has none now would wait PENDING for ever.

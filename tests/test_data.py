@@ -159,12 +159,18 @@ def test_builtin_chinese_corpus_strips_pos_tags(tmp_path):
 
 @contextlib.contextmanager
 def serving(served: dict, hits: list):
-    """A local HTTP server answering every GET with ``served["body"]``; yields its base URL."""
+    """A local HTTP server answering every GET with ``served["body"]`` (or a redirect to
+    ``served["redirects"][path]``), recording each request's Authorization; yields its base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
             served.setdefault("authorization", []).append(self.headers.get("Authorization"))
+            if self.path in served.get("redirects", {}):
+                self.send_response(301)
+                self.send_header("Location", served["redirects"][self.path])
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(served["body"])))
             self.end_headers()
@@ -205,52 +211,18 @@ def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_p
         fetch_url("http://alice:PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
     assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
 
-    # a redirect elsewhere does not take the password along (urllib copies a request's ordinary headers)
+    # a redirect elsewhere does not take the password along (urllib copies a request's ordinary headers);
+    # one on the same host (a moved file, a trailing slash) does (urllib dropped it there too)
+    auth = "Basic " + base64.b64encode(b"alice:PW0rd").decode()
     elsewhere, hits2 = {"body": served["body"]}, []
     with serving(elsewhere, hits2) as other:
-        class Redirect(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(302)
-                self.send_header("Location", f"{other}/moved.txt")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        server = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            fetch_url(f"http://alice:PW0rd@127.0.0.1:{server.server_port}/c.txt", tmp_path / "r")
-        finally:
-            server.shutdown()
-    assert hits2 == ["/moved.txt"] and elsewhere["authorization"] == [None]
-    # on the same host (a moved file, a trailing slash) it does: urllib dropped it there too
-    seen = []
-
-    class SameHost(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append((self.path, self.headers.get("Authorization")))
-            if self.path == "/start.txt":
-                self.send_response(301)
-                self.send_header("Location", "/final.txt")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(served["body"])))
-            self.end_headers()
-            self.wfile.write(served["body"])
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), SameHost)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        fetch_url(f"http://alice:PW0rd@127.0.0.1:{server.server_port}/start.txt", tmp_path / "s")
-    finally:
-        server.shutdown()
-    auth = "Basic " + base64.b64encode(b"alice:PW0rd").decode()
-    assert seen == [("/start.txt", auth), ("/final.txt", auth)]
+        first, hits1 = {"body": b"", "redirects": {"/c.txt": f"{other}/moved.txt", "/start.txt": "/final.txt"}}, []
+        first["redirects"]["/final.txt"] = f"{other}/final.txt"  # and then elsewhere: without it
+        with serving(first, hits1) as base:
+            fetch_url(f"http://alice:PW0rd@{base.split('://', 1)[1]}/c.txt", tmp_path / "r")
+            fetch_url(f"http://alice:PW0rd@{base.split('://', 1)[1]}/start.txt", tmp_path / "s")
+    assert hits1 == ["/c.txt", "/start.txt", "/final.txt"] and first["authorization"] == [auth, auth, auth]
+    assert hits2 == ["/moved.txt", "/final.txt"] and elsewhere["authorization"] == [None, None]
 
 
 def test_url_is_fetched_once_with_its_sha256(tmp_path):

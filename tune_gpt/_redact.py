@@ -21,8 +21,9 @@ _SECRET_WORDS = {"auth", "authorization", "session", "sessionid", "ticket"}
 _PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
 # scheme://user[:password]@host : the password may hold an unencoded '@', '?', '#' or '/' (SQLAlchemy takes
 # postgresql://alice:pa?ss@db/optuna; AWS secret keys hold '/'): it runs to the first '@' that a host and
-# then '/', '?', '#' or the end follow
-_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)(?::(\S*?))?@(?=[^@/\s]*(?:[/?#\s]|$))")
+# then '/', '?', '#' or the end follow (not a port and a path: https://host:8080/c.txt?email=a@b.org)
+_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)(?::(?!\d+(?:[/?#]|$))(\S*?))?@"
+                       r"(?=[^@/\s]*(?:[/?#\s]|$))")
 
 
 def redact(text: str) -> str:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import glob
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,9 @@ def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg, capsys):
     assert len(runs) == 2 and runs[0].run_id == runs[1].run_id == kept["wandb"]["id"]
     # the end's upload command names both pieces (the last alone would upload half the run)
     (said,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("W&B: offline run in ")]
-    assert said.endswith(f"upload it with: wandb sync {out / 'wandb'}/offline-run-*-{kept['wandb']['id']}"), said
+    assert said.endswith(f"upload it with: wandb sync {out / 'wandb'}/offline-run-*-{kept['wandb']['id']}*"), said
+    # the glob takes both pieces, whether or not they began in the same second (W&B names the second ...-ID-1)
+    assert len(glob.glob(said.rsplit("wandb sync ", 1)[1])) == 2
     steps = {tuple(r["_step"] for r in run.history if "val/loss" in r): run for run in runs}
     first, second = steps[(10, 20)], steps[(30, 40)]  # the history goes on where the first piece stopped
     assert second.summary["status"] == "finished" and second.summary["steps"] == res.steps == 40

@@ -504,9 +504,10 @@ class WandbReporter(Reporter):
         self.run.finish(exit_code=0 if result.status == "finished" else 1)
         self.run = None
         if self.mode == "offline":  # said again at the end, where a user reads (the start's line scrolled away)
-            # a resumed run left a piece per start, under one id: wandb sync takes them together, in order
-            pieces = list(Path(run_dir).parent.glob(f"offline-run-*-{run_id}"))
-            sync = f"{Path(run_dir).parent}/offline-run-*-{run_id}" if len(pieces) > 1 else run_dir
+            # a resumed run left a piece per start, under one id (W&B adds -1, -2 to one that starts in the
+            # same second): wandb sync takes them together, in order
+            pieces = list(Path(run_dir).parent.glob(f"offline-run-*-{run_id}*"))
+            sync = f"{Path(run_dir).parent}/offline-run-*-{run_id}*" if len(pieces) > 1 else run_dir
             print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {sync}", file=sys.stderr)
 
 

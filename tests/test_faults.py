@@ -1104,3 +1104,17 @@ def test_joining_a_cluster_that_fails_is_one_line_on_any_ray(tmp_path, monkeypat
         monkeypatch.setattr(ray, "init", lambda *a, **kw: (_ for _ in ()).throw(Refused("bad token")))
         with pytest.raises(ConfigError, match="refused this driver's token"):
             _init_ray(opts)
+
+
+def test_trials_in_a_cluster_started_here_get_no_runtime_env_and_tune_is_put_back():
+    """Tune hands each trial actor a runtime env (PL_DISABLE_FORK, and AWS keys where set), which Ray's
+    runtime-env agent logs; in a cluster the search started, the workers have the environment already."""
+    from ray.tune.execution import class_cache
+
+    from tune_gpt.search import _trials_inherit_the_environment
+
+    before = dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)
+    assert "AWS_SECRET_ACCESS_KEY" in before[1]
+    with _trials_inherit_the_environment():
+        assert class_cache.DEFAULT_ENV_VARS == {} and class_cache.ENV_VARS_TO_PROPAGATE == set()
+    assert (dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)) == before

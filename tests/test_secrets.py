@@ -64,6 +64,7 @@ def test_needles_find_a_key_however_it_is_written(tmp_path):
 
 
 URL_TOKEN = "t0k3n" + "fedcba9876543210" * 2  # a corpus URL's token (a presigned or private link)
+AWS_SECRET = "awsFAKEs3cret/" + "0123456789abcdef" * 2  # shaped like an AWS secret access key
 
 
 @pytest.mark.slow
@@ -76,6 +77,7 @@ def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tm
 
     started = time.time()
     env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, WANDB_MODE="offline", PYTHONPATH=str(REPO),
+               AWS_SECRET_ACCESS_KEY=AWS_SECRET,  # Tune hands it to every trial actor in a runtime env
                WANDB_BASE_URL="http://127.0.0.1:9",  # offline anyway; never the real host
                TUNE_GPT_CACHE=str(tmp_path / "cache"))
     results, out = tmp_path / "results", tmp_path / "out"
@@ -123,7 +125,9 @@ def test_no_secret_is_in_any_file_of_a_search_its_report_its_replay_and_a_run(tm
     sessions = [d for d in ray_temp_dir().glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 1]
     assert sessions and all((d / "logs").is_dir() for d in sessions), ray_temp_dir()
     for d in sessions:
-        assert leaks(d / "logs", FAKE_KEY) == []
+        assert leaks(d / "logs", FAKE_KEY) == [] and leaks(d / "logs", AWS_SECRET) == []
+    for root in (results, out):
+        assert leaks(root, AWS_SECRET) == []
 
 
 def ray_temp_dir() -> Path:

@@ -999,10 +999,13 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
     own_ray = not ray.is_initialized()
+    starts_cluster = own_ray and bool(_local_cluster(opts.address))  # (before ray.init: it decides by the same)
     wandb_mode_before = os.environ.get("WANDB_MODE")  # _wandb_mode may set it for the search's callback
     kept_out = contextlib.ExitStack()
     try:
         _init_ray(opts)
+        if starts_cluster:
+            kept_out.enter_context(_trials_inherit_the_environment())
         if opts.optuna_storage and plan.searcher == "optuna" and not ray.util.client.ray.is_connected():
             from tune_gpt._searchers import storage_password_kept_out  # (Ray Client: from --address or RAY_ADDRESS)
 
@@ -1350,6 +1353,36 @@ def _local_cluster(address: str | None) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - ray://, a Ray without it: Ray's defaults
         starts = False
     return _LOCAL_CLUSTER if starts else {}
+
+
+@contextlib.contextmanager
+def _trials_inherit_the_environment():
+    """In a cluster this process started, Tune creates its trial actors without a runtime env.
+
+    Tune gives every trial actor ``runtime_env={"env_vars": {...}}``: ``PL_DISABLE_FORK`` (for PyTorch
+    Lightning) and, where they are set, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/session tokens and a
+    few Train settings (``ray.tune.execution.class_cache``). Ray's runtime-env agent writes each runtime env it
+    creates into its log (``runtime_env_agent.log``, world-readable under the default umask): the AWS secret
+    of a search with S3 storage landed there. And a trial with a runtime env of its own cannot use the
+    workers Ray prestarted, so it waited for a new one. A cluster started here has this process's
+    environment in every worker already, so nothing needs carrying."""
+    try:
+        from ray.tune.execution import class_cache
+
+        defaults, carried = class_cache.DEFAULT_ENV_VARS, class_cache.ENV_VARS_TO_PROPAGATE
+        saved = dict(defaults), set(carried)
+        defaults.clear()
+        carried.clear()
+    except (ImportError, AttributeError, TypeError):  # another Ray: Tune as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        defaults.clear()
+        defaults.update(saved[0])
+        carried.clear()
+        carried.update(saved[1])
 
 
 def _local_gpus(opts: SearchOptions) -> bool:

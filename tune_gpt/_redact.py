@@ -17,7 +17,7 @@ REDACTED = "***"  # stands for a password or token left out of a file
 # A query (;matrix, #fragment) parameter holds a secret when its name contains one of these...
 _SECRET_IN_NAME = re.compile(r"pass|pwd|secret|token|key|sig|credential|jwt|bearer|sessionid|oauth|authcode", re.I)
 # ...or has one of these as a whole word (``auth`` and ``X-Auth``, not ``author``)
-_SECRET_WORDS = {"auth", "authorization", "session", "sessionid", "ticket"}
+_SECRET_WORDS = {"auth", "authorization", "session", "ticket"}
 _PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
 # scheme://user[:password]@host : the password may hold an unencoded '@', '?', '#' or '/' (SQLAlchemy takes
 # postgresql://alice:pa?ss@db/optuna; AWS secret keys hold '/'): it runs to the first '@' that a host and

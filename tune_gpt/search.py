@@ -999,12 +999,10 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     searcher = None  # built here for a new search; a resumed one is unpickled inside Tune
     own_ray = not ray.is_initialized()
-    starts_cluster = own_ray and bool(_local_cluster(opts.address))  # (before ray.init: it decides by the same)
     wandb_mode_before = os.environ.get("WANDB_MODE")  # _wandb_mode may set it for the search's callback
     kept_out = contextlib.ExitStack()
     try:
-        _init_ray(opts)
-        if starts_cluster:
+        if _init_ray(opts):  # a cluster this process started
             kept_out.enter_context(_trials_inherit_the_environment())
         if opts.optuna_storage and plan.searcher == "optuna" and not ray.util.client.ray.is_connected():
             from tune_gpt._searchers import storage_password_kept_out  # (Ray Client: from --address or RAY_ADDRESS)
@@ -1294,12 +1292,14 @@ def _check_optuna_storage(url: str, name: str, resume: bool) -> None:
             f" (optuna delete-study --study-name {shlex.quote(name)} --storage {shlex.quote(redact(url))})")
 
 
-def _init_ray(opts: SearchOptions) -> None:
-    """Start a local Ray, or join ``--address``; nothing when this process already has Ray."""
+def _init_ray(opts: SearchOptions) -> bool:
+    """Start a local Ray, or join ``--address``; nothing when this process already has Ray. True where this
+    started a cluster (`_local_cluster`)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    local = _local_cluster(opts.address)  # what a new cluster gets; nothing for one that is joined
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": opts.verbose > 1,
                               "configure_logging": True, "logging_level": "WARNING"}
     # The driver's C++ failure-signal handler (Abseil) also takes SIGTERM once its core worker starts and,
@@ -1319,7 +1319,7 @@ def _init_ray(opts: SearchOptions) -> None:
         if opts.address:
             auth_errors = tuple(filter(None, [getattr(ray.exceptions, "AuthenticationError", None)]))  # Ray >= 2.52
             try:
-                ray.init(address=opts.address, **kwargs, **_local_cluster(opts.address))
+                ray.init(address=opts.address, **kwargs, **local)
             except (ConnectionError, *auth_errors) as exc:
                 token = ("export RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN=<the head's "
                          "~/.ray/auth_token>, or copy that file here); see the README's Scaling out section")
@@ -1331,7 +1331,8 @@ def _init_ray(opts: SearchOptions) -> None:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            ray.init(**kwargs, **_local_cluster(None))
+            ray.init(**kwargs, **local)
+    return bool(local)
 
 
 # A local cluster the search starts runs its trials at the priority of everything else. Ray's default nices

@@ -242,6 +242,7 @@ def model_from_checkpoint(state: dict[str, Any], device: Any = "cpu", source: st
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
+    _, py_keys, py_gauss = random.getstate()
     st = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.frombuffer(keys.tobytes(), dtype=np.uint8).copy()),
@@ -249,10 +250,9 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
         # restarted numpy at a fresh block: other draws than the run it continues)
         "numpy_pos": torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64),
         "numpy_gauss": torch.tensor([float(gauss)], dtype=torch.float64),
-        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+        "python": torch.tensor(list(py_keys), dtype=torch.int64),
         # Python's cached normal (random.gauss keeps the second of each pair): NaN for none
-        "python_gauss": torch.tensor([math.nan if random.getstate()[2] is None else random.getstate()[2]],
-                                     dtype=torch.float64),
+        "python_gauss": torch.tensor([math.nan if py_gauss is None else py_gauss], dtype=torch.float64),
     }
     if device.type == "cuda":  # the training GPU's generator only: a resume may see other GPUs, or fewer
         st["cuda"] = torch.cuda.get_rng_state(device)
@@ -949,8 +949,8 @@ def _evaluate(model: torch.nn.Module, batches: dict[str, list], autocast: Any) -
 
 def sample_text(model: GPT, tok: CharTokenizer, prompt: str, n: int, seed: int, device: Any,
                 temperature: float = 0.8, top_k: int | None = 200) -> str:
-    """`prompt` as given, then `n` generated characters (the model reads unseen prompt characters as UNK;
-    the text shows them as typed)."""
+    """`prompt` (its line ends as a corpus's: one newline), then `n` generated characters (the model reads unseen
+    prompt characters as UNK; the text shows them as typed)."""
     prompt = one_newline(prompt or "\n")
     ids = tok.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)

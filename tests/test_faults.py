@@ -1118,3 +1118,34 @@ def test_trials_in_a_cluster_started_here_get_no_runtime_env_and_tune_is_put_bac
     with _trials_inherit_the_environment():
         assert class_cache.DEFAULT_ENV_VARS == {} and class_cache.ENV_VARS_TO_PROPAGATE == set()
     assert (dict(class_cache.DEFAULT_ENV_VARS), set(class_cache.ENV_VARS_TO_PROPAGATE)) == before
+
+
+def test_the_search_stops_its_ray_without_waiting_for_the_autoscalers_monitor():
+    """Ray stops the GCS before the autoscaler's monitor, whose SIGTERM handler then tries to reach the GCS
+    and is killed a second later: the search's shutdown kills the monitor of a cluster it started first, and
+    everything else of that Ray still goes."""
+    code = """
+import json, ray
+from ray._private import node as ray_node
+from tune_gpt.search import _shutdown_ray
+seen = {}
+impl = ray_node.Node._kill_process_impl
+def kill(self, process_type, **kw):
+    for info in self.all_processes.get(process_type, []):
+        seen[process_type] = info.process.poll()  # None: still running when Ray's turn came
+    return impl(self, process_type, **kw)
+ray_node.Node._kill_process_impl = kill
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+node = ray._private.worker._global_node
+procs = [i.process for infos in node.all_processes.values() for i in infos]
+_shutdown_ray()
+print(json.dumps({"seen": seen, "alive": [p.pid for p in procs if p.poll() is None],
+                  "up": ray.is_initialized()}))
+"""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["seen"]["monitor"] == -signal.SIGKILL, out  # gone before Ray's turn, by the search's SIGKILL
+    assert out["seen"]["raylet"] is None and out["seen"]["gcs_server"] is None, out  # the rest: Ray's own way
+    assert out["alive"] == [] and out["up"] is False, out

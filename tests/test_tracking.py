@@ -337,3 +337,36 @@ def test_a_w_and_b_run_that_cannot_start_is_one_line_and_tensorboard_is_closed(t
     assert "entity 'nobody' not found" in msg and "--wandb_mode offline" in msg and "--no-wandb" in msg
     (tb,) = [r for r in reps.reporters if isinstance(r, TensorBoardReporter)]
     assert tb.writer is None  # closed
+
+
+def test_a_w_and_b_upload_that_does_not_end_gives_up_and_says_how_to_sync(tiny_cfg, monkeypatch, capsys):
+    """run.finish() waits for W&B's uploads for ever by default: a network gone during a long run held the
+    finished run's process without a word. The wait is bounded (W&B's finish_timeout), and when it runs out
+    (W&B raises TimeoutError, finish_timeout_raises) the run ends normally and says how to upload later."""
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    from tune_gpt.tracking import WANDB_FINISH_TIMEOUT_S
+
+    settings, finish = [], Run.finish
+
+    def init(*args, **kwargs):
+        settings.append(kwargs["settings"])
+        return real_init(*args, **kwargs)
+
+    def finish_timed_out(self, *args, **kwargs):
+        finish(self, *args, **kwargs)
+        raise TimeoutError("Timed out finishing run.")  # what W&B raises once its finish_timeout is up
+
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(Run, "finish", finish_timed_out)
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=10, eval_interval=5)
+    result = train(cfg, default_reporters(cfg))
+    assert result.status == "finished"
+    assert settings and settings[0].finish_timeout == WANDB_FINISH_TIMEOUT_S and settings[0].finish_timeout_raises
+    (run,) = offline_runs(Path(cfg.output_dir))
+    err = capsys.readouterr().err
+    assert f"W&B: the upload did not end within {WANDB_FINISH_TIMEOUT_S:g} s" in err, err
+    assert f"upload it with: wandb sync {run.path.parent}" in err, err
+    assert wandb.run is None

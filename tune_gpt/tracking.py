@@ -251,6 +251,10 @@ def wandb_api_key_present() -> bool:
 
 
 WANDB_PROBE_TIMEOUT_S = 3.0  # how long the W&B host may take to accept a TCP connection
+# How long a finished run waits for W&B's uploads (W&B's default: for ever, so a network that went down during
+# a long run held the finished run's process, its result already written, without a word). Long enough for a
+# model artifact (GPT-2 124M: ~0.5 GB) on a slow uplink; what is not uploaded stays on disk for `wandb sync`.
+WANDB_FINISH_TIMEOUT_S = 600.0
 
 
 def wandb_base_url() -> str:
@@ -423,7 +427,7 @@ class WandbReporter(Reporter):
             dir=str(self.output_dir),
             mode=self.mode,
             reinit="create_new",
-            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True, **_finish_timeout(wandb)),
         )
         again = _run_to_resume(info.get("reporter_state"), self._where)
         with _argv_redacted():  # W&B records the command line in the run's metadata
@@ -501,14 +505,28 @@ class WandbReporter(Reporter):
             self.run.log_artifact(art)
         run_dir = self.run.dir.rsplit("/files", 1)[0]
         run_id = self.run.id
-        self.run.finish(exit_code=0 if result.status == "finished" else 1)
-        self.run = None
+        try:
+            self.run.finish(exit_code=0 if result.status == "finished" else 1)
+        except TimeoutError:  # (finish_timeout_raises) the result and the checkpoints are written already
+            print(f"W&B: the upload did not end within {WANDB_FINISH_TIMEOUT_S:g} s (is the network down?); the run "
+                  f"is kept in {run_dir}: upload it with: wandb sync {run_dir}", file=sys.stderr)
+        finally:
+            self.run = None
         if self.mode == "offline":  # said again at the end, where a user reads (the start's line scrolled away)
             # a resumed run left a piece per start, under one id (W&B adds -1, -2 to one that starts in the
             # same second): wandb sync takes them together, in order
             pieces = list(Path(run_dir).parent.glob(f"offline-run-*-{run_id}*"))
             sync = f"{Path(run_dir).parent}/offline-run-*-{run_id}*" if len(pieces) > 1 else run_dir
             print(f"W&B: offline run in {run_dir}; upload it with: wandb sync {sync}", file=sys.stderr)
+
+
+def _finish_timeout(wandb: Any) -> dict[str, Any]:
+    """W&B's settings that bound ``run.finish()``'s wait for uploads (and make it raise TimeoutError when
+    the time is up), where this W&B has them."""
+    fields = getattr(wandb.Settings, "model_fields", {})
+    if "finish_timeout" not in fields or "finish_timeout_raises" not in fields:
+        return {}
+    return {"finish_timeout": WANDB_FINISH_TIMEOUT_S, "finish_timeout_raises": True}
 
 
 @contextlib.contextmanager

@@ -291,3 +291,76 @@ def test_batches_are_taken_from_the_split_as_stored_without_a_copy_of_it():
             assert x[row].tolist() == tokens[i:i + 16].tolist() and y[row].tolist() == tokens[i + 1:i + 17].tolist()
     big = BatchSampler(np.full(10, 70000, dtype=np.uint32), 2, 3, seed=0)  # a vocabulary past uint16: ids kept
     assert (big.next()[0] == 70000).all()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: {**m, "dtype": "uint1v"},  # no numpy dtype: TypeError
+    lambda m: {**m, "tokenizer": ["not", "a", "dict"]},  # AttributeError
+    lambda m: {**m, "n_chars": None, "dtype": "uint32" if m["dtype"] == "uint16" else "uint16"},  # wrong width
+    lambda m: [m],  # TypeError
+])
+def test_a_token_cache_record_damaged_but_still_json_is_rebuilt(tmp_path, corpus_file, damage):
+    """Only OSError/ValueError/KeyError were taken as damage: a meta.json still JSON but wrong was a traceback."""
+    c1 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    (entry,) = (tmp_path / "tokens").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps(damage(meta)))
+    c2 = load_corpus(str(corpus_file), cache_dir=tmp_path)
+    assert np.array_equal(c2.train, c1.train) and np.array_equal(c2.val, c1.val) and c2.vocab_size == c1.vocab_size
+    assert json.loads((entry / "meta.json").read_text()) == meta  # the entry rewritten whole
+
+
+def test_urls_any_case_are_urls_and_other_schemes_are_one_redacted_line(tmp_path):
+    """HTTPS://user:secret@… was taken for a local path ('no such file', the password printed); s3://, ftp://
+    are not fetched, and say so without the secret; a malformed URL is one line and leaves no part file."""
+    with serving({"body": b"to be or not to be\n" * 200}, []) as base:
+        c = load_corpus(base.replace("http://", "HTTP://") + "/c.txt", cache_dir=tmp_path)
+        assert c.name.startswith("HTTP://127.0.0.1")
+    for spec in ("s3://bucket/corpus.txt?token=s3cr3tTOKEN", "ftp://alice:s3cr3tTOKEN@host/c.txt"):
+        with pytest.raises(DataError, match="only http\\(s\\) URLs are fetched") as exc:
+            load_corpus(spec, cache_dir=tmp_path)
+        assert "s3cr3tTOKEN" not in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(DataError, match=r"http://\[::1/x.txt: download failed \(Invalid IPv6 URL\)"):
+        load_corpus("http://[::1/x.txt", cache_dir=tmp_path)
+    assert not [p for p in (tmp_path / "downloads").iterdir() if "part" in p.name]
+
+
+def test_a_recursive_glob_or_a_folder_with_a_symlink_loop_reads_each_file_once(tmp_path):
+    """glob's '**' follows symlinked folders, and a loop (up -> ..) made it run for ever; a folder corpus
+    (Path.rglob) left out a symlinked folder that the same tree's '**' glob read."""
+    d = tmp_path / "g"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha " * 50)
+    (d / "sub" / "b.txt").write_text("beta " * 50)
+    (d / "self").symlink_to(".")
+    (d / "sub" / "up").symlink_to("..")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "c.txt").write_text("gamma " * 50)
+    (d / "linked").symlink_to(other)
+    want = sorted(str(p.resolve()) for p in (d / "a.txt", d / "sub" / "b.txt", other / "c.txt"))
+    for spec in (str(d), str(d / "**" / "*.txt"), str(d / "**")):
+        _, text, sources = read_text(spec)
+        assert sorted(sources) == want, (spec, sources)
+        assert text.count("alpha") == text.count("beta") == text.count("gamma") == 50, spec
+
+
+def test_the_offset_of_a_bad_byte_counts_the_byte_order_mark(tmp_path):
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbfabc\xff" + b"x" * 100)
+    with pytest.raises(DataError, match="invalid byte at offset 6"):
+        read_text(str(f))
+
+
+def test_an_interrupted_token_cache_write_leaves_no_copy_of_the_ids(tmp_path, corpus_file, monkeypatch):
+    """Ctrl+C while the entry is written: only OSError cleaned up, so a full copy of the ids stayed behind."""
+    import os
+
+    def interrupted(*a, **kw):  # the ids and the record are written; the entry is about to be put in place
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            load_corpus(str(corpus_file), cache_dir=tmp_path)
+    assert list((tmp_path / "tokens").iterdir()) == []

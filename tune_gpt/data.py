@@ -17,6 +17,7 @@ The last 10% of the tokens are the validation split, as in nanoGPT.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import glob as globmod
 import hashlib
 import json
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -82,16 +84,20 @@ class CharTokenizer:
     def decode(self, ids: Any) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """Vectorised encode of a long text (used for whole corpora)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    def encode_array(self, text: str, chunk: int = 1 << 22) -> np.ndarray:
+        """Vectorised encode of a long text (used for whole corpora), a slice at a time: the whole text at
+        once held ~28 bytes a character (UTF-32 codes, int64 positions and ids) besides the 2-4 of the result."""
         keys = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         order = np.argsort(keys)
-        pos = np.searchsorted(keys[order], codes)
-        pos = np.clip(pos, 0, len(keys) - 1)
-        found = keys[order][pos] == codes
-        ids = np.where(found, order[pos], self.unk_id)
-        return ids.astype(self.dtype)
+        sorted_keys = keys[order]
+        out = np.empty(len(text), dtype=self.dtype)
+        for start in range(0, len(text), chunk):
+            codes = np.frombuffer(text[start:start + chunk].encode("utf-32-le"), dtype=np.uint32)
+            pos = np.minimum(np.searchsorted(sorted_keys, codes), len(keys) - 1)
+            ids = order[pos]
+            ids[sorted_keys[pos] != codes] = self.unk_id
+            out[start:start + len(codes)] = ids
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "char", "version": TOKENIZER_VERSION, "chars": "".join(self.chars)}
@@ -165,7 +171,7 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
     if spec == "chinese":
         text, sources = chinese_text()
         return spec, text, sources
-    if re.match(r"^https?://", spec):
+    if re.match(r"^https?://", spec, re.IGNORECASE):  # a URL's scheme is case-insensitive (RFC 3986)
         path = fetch_url(spec, cache_dir or default_cache_dir())
         name = redact(spec)  # the name is written down (messages, the report): a token in the URL is not
         try:
@@ -173,6 +179,8 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
         except DataError:
             _forget_download(path)  # not kept: once the server has a good file, the next run fetches it
             raise
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec):
+        raise DataError(f"{redact(spec)}: only http(s) URLs are fetched; give a local path or an http(s) URL")
     files = resolve_files(spec)
     # in a folder or a glob, an empty file is left out (a placeholder, a README stub) rather than refusing all
     read = [(f, _read_file(f, allow_empty=len(files) > 1)) for f in files]
@@ -190,13 +198,13 @@ def resolve_files(spec: str) -> list[Path]:
     if p.is_file():
         return [p.absolute()]  # not resolved: messages name the path the user gave
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*")
-                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted((f for f in _walk_files(p) if f.is_file()),  # (not a FIFO, a socket, a dead link)
+                       key=lambda f: f.relative_to(p).parts)  # the same order on every OS
         if not files:
             raise DataError(f"{spec}: directory holds no files")
         return list(dict.fromkeys(f.resolve() for f in files))  # a file reached twice (a symlink) is read once
     if any(ch in spec for ch in "*?["):
-        files = sorted(Path(f) for f in globmod.glob(os.path.expanduser(spec), recursive=True) if Path(f).is_file())
+        files = sorted(f for f in _glob_files(os.path.expanduser(spec)) if f.is_file())
         if not files:
             raise DataError(f"{spec}: glob matches no files")
         return list(dict.fromkeys(f.resolve() for f in files))  # '**/**' or a symlink: each file read once
@@ -207,26 +215,69 @@ def resolve_files(spec: str) -> list[Path]:
     raise DataError(f"{spec}: no such file or directory")
 
 
+def _walk_files(root: Path):
+    """Files under `root`, none in or under a hidden folder; a symlinked folder is followed once (its real
+    folder seen before, a loop such as ``up -> ..``, is not entered again)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield from (Path(dirpath) / f for f in filenames if not f.startswith("."))
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """glob.glob(recursive=True) without its blow-up on symlink loops: a ``**`` pattern walks the tree with
+    `_walk_files` (each real folder once) and matches each path segment by segment, hidden names left out
+    unless the pattern's segment starts with a dot, as glob does."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        return [Path(f) for f in globmod.glob(pattern, recursive=True)]  # no recursion: no loop to follow
+    i = next(i for i, part in enumerate(parts) if globmod.has_magic(part))
+    root, segs = (Path(*parts[:i]) if i else Path(".")), parts[i:]
+
+    def match(segs: tuple[str, ...], names: tuple[str, ...]) -> bool:
+        if not segs:
+            return not names
+        if segs[0] == "**":
+            return any(match(segs[1:], names[k:]) for k in range(len(names) + 1)
+                       if not any(n.startswith(".") for n in names[:k]))
+        return (bool(names) and fnmatch.fnmatchcase(names[0], segs[0])
+                and (not names[0].startswith(".") or segs[0].startswith(".")) and match(segs[1:], names[1:]))
+
+    return [f for f in _walk_files(root) if match(segs, f.relative_to(root).parts)]
+
+
 def _read_file(path: Path, label: str | None = None, allow_empty: bool = False) -> str:
     """The file's text (UTF-8, newlines normalised); one line naming it where it cannot be a corpus. An empty
     file is refused, or, with `allow_empty` (one of several), read as nothing."""
     label = label or str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(65536)
+            if b"\x00" in head:  # before the rest is read: a multi-GB checkpoint is refused at once
+                raise DataError(f"{label}: looks like a binary file (NUL bytes), not UTF-8 text")
+            raw = head + f.read()
     except PermissionError:
         raise DataError(f"{label}: permission denied") from None
     except OSError as exc:
         raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
-    if not raw.strip():
+    if not raw or raw.isspace():  # (raw.strip() copied the whole file)
         if allow_empty:
             return ""
         raise DataError(f"{label}: file is empty")
-    if b"\x00" in raw[:65536]:
-        raise DataError(f"{label}: looks like a binary file (NUL bytes), not UTF-8 text")
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark is no character of the text
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{label}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except UnicodeDecodeError as exc:  # utf-8-sig counts from after the mark: the file's offset is wanted
+        raise DataError(f"{label}: not UTF-8 text (invalid byte at offset {exc.start + bom})") from None
     return one_newline(text)
 
 
@@ -291,20 +342,23 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     dest_dir = cache_dir / "downloads"
     dest = dest_dir / f"{key}.txt"
     meta = dest_dir / f"{key}.json"
-    if dest.is_file() and meta.is_file():
-        if _matches_record(dest, meta):
-            return dest
-        _forget_download(dest)  # changed or cut short since it was fetched: fetched again
-    tmp = dest.with_suffix(f".part{os.getpid()}")
+    if dest.is_file() and meta.is_file() and _matches_record(dest, meta):
+        return dest
+    # changed or cut short since it was fetched (or another run is writing it): fetched again and put in
+    # place atomically, never deleted first (a concurrent run may be about to read it)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
-        open(tmp, "wb").close()
+        fd, name = tempfile.mkstemp(dir=dest_dir, prefix=f"{key}.", suffix=".part")  # O_EXCL: no shared name
+        os.close(fd)
+        tmp = Path(name)
+        os.chmod(tmp, 0o644)  # as open() made it: readable by the other users of a shared cache
     except OSError as exc:
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc}); "
                         "give a writable --cache_dir or TUNE_GPT_CACHE") from None
-    request, secret = _request_for(url)
-    opener = urllib.request.build_opener(_SameHostAuth())
+    secret = ""
     try:
+        request, secret = _request_for(url)  # a malformed URL (http://[::1/x) raises ValueError here
+        opener = urllib.request.build_opener(_SameHostAuth())
         with opener.open(request, timeout=timeout) as resp, open(tmp, "wb") as out:
             h = hashlib.sha256()
             while chunk := resp.read(1 << 20):
@@ -317,11 +371,14 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
     except BaseException:  # Ctrl+C during a slow download: no part file left behind
         tmp.unlink(missing_ok=True)
         raise
+    meta_tmp = tmp.with_suffix(".json-part")
     try:
+        meta_tmp.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": tmp.stat().st_size}))
         os.replace(tmp, dest)
-        meta.write_text(json.dumps({"url": redact(url), "sha256": h.hexdigest(), "bytes": dest.stat().st_size}))
+        os.replace(meta_tmp, meta)  # record and file each replaced whole: a reader sees an old or a new one
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc})") from None
     return dest
 
@@ -410,21 +467,26 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
             meta = json.loads(meta_path.read_text())
             tok = CharTokenizer.from_dict(meta["tokenizer"])
             dtype = np.dtype(meta["dtype"])
+            if dtype != tok.dtype:
+                raise ValueError("dtype")
             train = np.fromfile(d / "train.bin", dtype=dtype)
             val = np.fromfile(d / "val.bin", dtype=dtype)
             # ids changed in place (the length kept) would train on other text, or index past the vocabulary
             if (len(train) == meta["n_train"] and len(val) == meta["n_val"]
-                    and _ids_digest(train, val) == meta["ids_sha256"]):
-                return Corpus(name, sha, tok, train, val, meta["n_chars"], sources)
-        except (OSError, ValueError, KeyError):
+                    and _ids_digest(train, val) == meta["ids_sha256"]
+                    and max(train.max(initial=0), val.max(initial=0)) < tok.vocab_size):
+                return Corpus(name, sha, tok, train, val, int(meta["n_chars"]), sources)
+        except Exception:  # noqa: BLE001 - any damage (a bit flip in meta.json: TypeError, AttributeError...)
             pass  # a damaged cache entry is rebuilt below
     tok = CharTokenizer.from_text(text)
     ids = tok.encode_array(text)
     split = train_size(len(ids))
     train, val = ids[:split].copy(), ids[split:].copy()
+    tmp = None
     try:
-        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f"{key}.tmp"))  # unique, even across containers
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the entry from the other users of a shared cache
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         (tmp / "meta.json").write_text(json.dumps({
@@ -436,7 +498,10 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
             shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
     except OSError:  # the cache is an optimisation; an unwritable cache dir must not stop training
-        shutil.rmtree(tmp, ignore_errors=True)  # nor leave a copy of the ids (a concurrent first run won the race)
+        pass
+    finally:  # nor leave a copy of the ids (a concurrent first run won the race, or Ctrl+C came mid-write)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return Corpus(name, sha, tok, train, val, len(text), sources)
 
 

@@ -929,7 +929,7 @@ def _dry_run_checks(plan: Plan) -> None:
     if plan.opts.resume:  # in the run's order: the search resumed first, then its corpus
         _check_same_search(plan, _check_resumable(plan))
     cfg = plan.base_cfg
-    if not (cfg.data and re.match(r"^https?://", cfg.data)):
+    if not (cfg.data and re.match(r"^https?://", cfg.data, re.IGNORECASE)):
         _, text, _ = read_text(cfg.data, use_chinese=cfg.use_chinese)
         plan.max_evals = max_evaluations(plan, train_size(len(text)))  # the char tokenizer: a token a character
     if plan.opts.address:

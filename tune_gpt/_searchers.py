@@ -31,6 +31,8 @@ experiment folder), and Optuna's RDB storage pickles its URL: a password in ``--
 (``postgresql://user:PASSWORD@db/optuna``) landed in those files. `storage_password_kept_out` pickles it
 redacted while a search runs, and puts it back from the URL given again when ``--resume`` unpickles it.
 
+`RoundedIntLogUniform` is the Ray sampler of a W&B sweep's quantized integer ranges (it rounds as W&B does).
+
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
 
@@ -45,8 +47,10 @@ import threading
 import warnings
 from typing import Any, Iterator
 
+import numpy as np
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.sample import LogUniform, _BackwardsCompatibleNumpyRng
 
 
 _STORAGE_URLS: dict[str, str] = {}  # redacted URL -> the URL given (this process's searches only)
@@ -309,3 +313,31 @@ class CappedVariantGenerator(BasicVariantGenerator):
         if trial is not None:
             self._made += 1
         return trial
+
+
+class _RoundedInt:
+    """W&B's integer draw: round(x), x uniform (log-uniform) on the domain's range, where Ray's integer samplers
+    floor x (sweeps' params.py rounds: round(exp(U(log min, log max)) / q) * q). Flooring gave a log range's low
+    end 1.7 times W&B's share (batch size 16 of 16..256 step 16: 25 % of the trials against 15 %). Under Ray's
+    `Quantized` (q > 1) it draws the index of a multiple of q on [min / q, max / q]: round(x / q), as W&B does.
+    A subclass of Ray's sampler, so that OptunaSearch converts the domain as it would Ray's own."""
+
+    log = False
+
+    def sample(self, domain: Any, config: Any = None, size: int = 1, random_state: Any = None) -> Any:
+        """Ray's sampler interface: drawn from `random_state`, the search's seeded generator."""
+        if not isinstance(random_state, _BackwardsCompatibleNumpyRng):
+            random_state = _BackwardsCompatibleNumpyRng(random_state)
+        lo, hi = domain.lower, domain.upper - 1  # Ray's integer samplers exclude the upper bound
+        if self.log:
+            x = np.exp(random_state.uniform(np.log(lo), np.log(hi), size=size))
+        else:
+            x = random_state.uniform(lo, hi, size=size)
+        items = np.clip(np.round(x), lo, hi).astype(int)  # (exp(log(hi)) may come out a hair above hi)
+        return items if len(items) > 1 else domain.cast(items[0])
+
+
+class RoundedIntLogUniform(_RoundedInt, LogUniform):
+    """round(exp(U(log min, log max))) on an integer domain (OptunaSearch: an IntDistribution with log=True)."""
+
+    log = True

@@ -277,6 +277,27 @@ def test_integer_q_log_uniform_rounds_as_w_and_b_does(tmp_path):
     assert space.optuna_unsupported() == ["batch_size (q_log_uniform_values)", "model.n_embd (q_log_uniform)"]
 
 
+def test_integer_q_uniform_rounds_as_w_and_b_does(tmp_path):
+    """W&B draws round(U(min, max) / q) * q, so the end values get half the others' share (n_layer 2..8 step 2:
+    1/6, 1/3, 1/3, 1/6); Ray's qrandint gave each a quarter. int_uniform stays uniform over min..max, as W&B's."""
+    from optuna.distributions import IntDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = wandb_space(tmp_path, """
+        n_layer: {distribution: q_uniform, min: 2, max: 8, q: 2}
+        warmup_steps: {distribution: q_uniform, min: 1, max: 4}
+        batch_size: {distribution: int_uniform, min: 4, max: 7}
+    """)
+    for key, (lo, hi, q) in {"model.n_layer": (2, 8, 2), "warmup_steps": (1, 4, 1)}.items():
+        domain = pickle.loads(pickle.dumps(space.domains[key].to_tune()))
+        xs = domain.sample(None, size=20000, random_state=np.random.default_rng(0))
+        _frequencies_match(list(xs), _wandb_rounded(lo, hi, q, log=False))
+    _frequencies_match(sample(space.domains["batch_size"], 20000), {4: 0.25, 5: 0.25, 6: 0.25, 7: 0.25})
+    converted = OptunaSearch.convert_search_space({k: d.to_tune() for k, d in space.domains.items()})
+    assert converted == {"model.n_layer": IntDistribution(2, 8, step=2), "warmup_steps": IntDistribution(1, 4),
+                         "batch_size": IntDistribution(4, 7)}
+
+
 def test_wandb_grid_enumerates_int_and_q_uniform(tmp_path):
     space = wandb_space(tmp_path, """
         n_layer: {min: 2, max: 4}

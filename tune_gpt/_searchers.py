@@ -31,7 +31,8 @@ experiment folder), and Optuna's RDB storage pickles its URL: a password in ``--
 (``postgresql://user:PASSWORD@db/optuna``) landed in those files. `storage_password_kept_out` pickles it
 redacted while a search runs, and puts it back from the URL given again when ``--resume`` unpickles it.
 
-`RoundedIntLogUniform` is the Ray sampler of a W&B sweep's quantized integer ranges (it rounds as W&B does).
+`RoundedIntUniform` and `RoundedIntLogUniform` are the Ray samplers of a W&B sweep's quantized integer ranges
+(they round as W&B does).
 
 Imported only when a search runs (it imports Ray Tune and Optuna).
 """
@@ -50,7 +51,7 @@ from typing import Any, Iterator
 import numpy as np
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
-from ray.tune.search.sample import LogUniform, _BackwardsCompatibleNumpyRng
+from ray.tune.search.sample import LogUniform, Uniform, _BackwardsCompatibleNumpyRng
 
 
 _STORAGE_URLS: dict[str, str] = {}  # redacted URL -> the URL given (this process's searches only)
@@ -317,8 +318,10 @@ class CappedVariantGenerator(BasicVariantGenerator):
 
 class _RoundedInt:
     """W&B's integer draw: round(x), x uniform (log-uniform) on the domain's range, where Ray's integer samplers
-    floor x (sweeps' params.py rounds: round(exp(U(log min, log max)) / q) * q). Flooring gave a log range's low
-    end 1.7 times W&B's share (batch size 16 of 16..256 step 16: 25 % of the trials against 15 %). Under Ray's
+    floor x or give each integer the same share (sweeps' params.py rounds: round(U(min, max) / q) * q, and
+    round(exp(U(log min, log max)) / q) * q). Flooring gave a log range's low end 1.7 times W&B's share (batch
+    size 16 of 16..256 step 16: 25 % of the trials against 15 %); on a uniform range rounding gives the two end
+    values half the others' share (n_layer 2..8 step 2: 1/6, 1/3, 1/3, 1/6), Ray a quarter each. Under Ray's
     `Quantized` (q > 1) it draws the index of a multiple of q on [min / q, max / q]: round(x / q), as W&B does.
     A subclass of Ray's sampler, so that OptunaSearch converts the domain as it would Ray's own."""
 
@@ -335,6 +338,10 @@ class _RoundedInt:
             x = random_state.uniform(lo, hi, size=size)
         items = np.clip(np.round(x), lo, hi).astype(int)  # (exp(log(hi)) may come out a hair above hi)
         return items if len(items) > 1 else domain.cast(items[0])
+
+
+class RoundedIntUniform(_RoundedInt, Uniform):
+    """round(U(min, max)) on an integer domain (OptunaSearch: an IntDistribution)."""
 
 
 class RoundedIntLogUniform(_RoundedInt, LogUniform):

@@ -18,8 +18,10 @@ exponents (value = exp(U(min, max))), ``*_values`` bounds are values;
 ``inv_log_uniform`` (log(1/X) ~ U(min, max)) is exactly log-uniform on
 [exp(-max), exp(-min)] and ``inv_log_uniform_values`` exactly log-uniform on
 [min, max], so both become ``tune.loguniform``. On an integer field
-``q_log_uniform`` and ``q_log_uniform_values`` draw round(x / q) * q, as W&B
-does (Ray's integer log-uniform floors x instead). With ``method: grid`` every
+``q_uniform``, ``q_log_uniform`` and ``q_log_uniform_values`` draw
+round(x / q) * q, as W&B does (a uniform range's two end values get half the
+others' share; Ray's integer samplers give each the same, or floor x on a log
+range); ``int_uniform`` is uniform over min..max. With ``method: grid`` every
 ``values`` list is a grid, ``int_uniform`` is enumerated (min..max) and
 ``q_uniform`` too (W&B's ``arange(min, max, q)``, max excluded); any other
 distribution under grid is an error.
@@ -92,7 +94,7 @@ _METRIC_ALIASES = {
     "train_loss": "train/loss", "training_loss": "train/loss", "train.loss": "train/loss",
 }
 # W&B distributions that draw round(x / q) * q: on an integer field, samplers that round (`Uniform.to_tune`)
-_WANDB_ROUNDED = ("q_log_uniform", "q_log_uniform_values")
+_WANDB_ROUNDED = ("q_uniform", "q_log_uniform", "q_log_uniform_values")
 _MAX_GRID_VALUES = 10_000  # per parameter, when enumerating int_uniform / q_uniform
 
 
@@ -194,11 +196,11 @@ class Uniform:
             if self.kind in _WANDB_ROUNDED:  # W&B rounds its draw to q, where Ray's integer samplers floor it
                 from ray.tune.search.sample import Integer
 
-                from tune_gpt._searchers import RoundedIntLogUniform
+                from tune_gpt._searchers import RoundedIntLogUniform, RoundedIntUniform
 
                 q = int(self.q or 1)
-                domain = Integer(lo, hi + 1 if q == 1 else hi)  # (as Ray's lograndint / qlograndint take them)
-                domain.set_sampler(RoundedIntLogUniform())
+                domain = Integer(lo, hi + 1 if q == 1 else hi)  # (as randint / qrandint and their log forms take them)
+                domain.set_sampler(RoundedIntLogUniform() if self.log else RoundedIntUniform())
                 return domain if q == 1 else domain.quantized(q)
             if self.q is None:  # Ray's randint/lograndint exclude the upper bound
                 return tune.lograndint(lo, hi + 1) if self.log else tune.randint(lo, hi + 1)

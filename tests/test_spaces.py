@@ -308,6 +308,22 @@ def test_wandb_grid_enumerates_int_and_q_uniform(tmp_path):
     assert space.grid_size() == 9
 
 
+def test_wandb_grid_takes_q_uniform_as_w_and_b_does_without_snapping(tmp_path):
+    """W&B's grid lists np.arange(min, max, q) from min as written: min 1 max 5 q 3 is [1, 4] and min 1 max 2 q 3
+    is [1]. Both were refused, the bounds first snapped to multiples of q as for sampling."""
+    space = wandb_space(tmp_path, """
+        n_layer: {distribution: q_uniform, min: 1, max: 5, q: 3}
+        warmup_steps: {distribution: q_uniform, min: 1, max: 2, q: 3}
+        dropout: {distribution: q_uniform, min: 0.05, max: 0.3, q: 0.1}
+    """, head="method: grid\n")
+    assert space.domains["model.n_layer"] == Grid((1, 4), kind="grid (q_uniform)")
+    assert space.domains["warmup_steps"].values == (1,)
+    assert space.domains["model.dropout"].values == (0.05, 0.15, 0.25)
+    assert not any("snapped" in n for n in space.notes)
+    with pytest.raises(SpaceError, match=r"parameters.n_layer.q: q 1.5 must be a whole number"):
+        wandb_space(tmp_path, "n_layer: {distribution: q_uniform, min: 1, max: 5, q: 1.5}\n", head="method: grid\n")
+
+
 # ========================================================= keys, values, nesting
 
 

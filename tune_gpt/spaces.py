@@ -23,7 +23,8 @@ round(x / q) * q, as W&B does (a uniform range's two end values get half the
 others' share; Ray's integer samplers give each the same, or floor x on a log
 range); ``int_uniform`` is uniform over min..max. With ``method: grid`` every
 ``values`` list is a grid, ``int_uniform`` is enumerated (min..max) and
-``q_uniform`` too (W&B's ``arange(min, max, q)``, max excluded); any other
+``q_uniform`` too (W&B's ``arange(min, max, q)``: from min as written, max
+excluded, nothing snapped); any other
 distribution under grid is an error.
 
 **Native format**::
@@ -57,7 +58,7 @@ integer ranges included, contains BOTH bounds (``randint: [2, 8]`` can give 8;
 the off-by-one of Ray's exclusive ``randint`` is handled inside).
 
 In both formats quantized bounds are snapped inwards to multiples of ``q``
-(with a note), integer fields refuse fractional distributions, names go
+(with a note; not a W&B grid's ``q_uniform``), integer fields refuse fractional distributions, names go
 through `config.resolve_key` (aliases such as ``lr``, ``n_layer``, ``bf16``),
 values through `config.coerce`, and numbers written as strings (PyYAML reads
 ``1e-5`` as text) are read as the numbers they mean. Every error is a
@@ -995,6 +996,9 @@ class _Parser:
                 self.add_domain(key, Choice(values, probs, "categorical" if probs is None else "weighted choice"),
                                 path)
             return
+        if method == "grid" and dist == "q_uniform":  # W&B's grid steps from min as written: nothing to snap
+            self.add_domain(key, self.wandb_grid(key, dist, None, spec, path), path)
+            return
         n_notes = len(self.notes)
         domain = self.wandb_distribution(key, dist, spec, path)  # validates the spec in any case
         if method == "grid":
@@ -1041,16 +1045,17 @@ class _Parser:
         self.integer_only(key, kind, dist, path, f"q_{dist.removeprefix('inv_')} with q: 1")
         return Uniform(float(lo), float(hi), log=True, kind=dist)
 
-    def wandb_grid(self, key: str, dist: str, domain: Domain, spec: Mapping, path: str) -> Grid:
-        """W&B's grid enumerates int_uniform (min..max) and q_uniform (arange(min, max, q))."""
+    def wandb_grid(self, key: str, dist: str, domain: Domain | None, spec: Mapping, path: str) -> Grid:
+        """W&B's grid enumerates int_uniform (min..max) and q_uniform (arange(min, max, q), from min as written,
+        max left out, nothing snapped: min 1 max 5 q 3 is [1, 4]). `domain`: the int_uniform's."""
         if dist == "int_uniform":
             assert isinstance(domain, Uniform)
             count = int(domain.high) - int(domain.low) + 1
             values: list = list(range(int(domain.low), int(domain.high) + 1)) if count <= _MAX_GRID_VALUES else []
         elif dist == "q_uniform":
-            lo = self.num(spec["min"], f"{path}.min")
-            hi = self.num(spec["max"], f"{path}.max")
-            q = self.num(spec.get("q", 1), f"{path}.q")
+            integer = self.numeric_field(key, f"distribution {dist}", path) == "int"
+            lo, hi = self.bounds(spec["min"], spec["max"], path)
+            q = self.q(spec.get("q", 1), f"{path}.q", integer)
             count = max(0, math.ceil((hi - lo) / q))
             values = [lo + i * q for i in range(count)] if count <= _MAX_GRID_VALUES else []
             values = [float(f"{v:.12g}") if isinstance(v, float) else v for v in values]

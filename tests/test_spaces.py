@@ -188,6 +188,29 @@ def test_wandb_distributions(tmp_path, spec, expected, check):
         assert all(dom.contains(x) for x in xs[:200])
 
 
+def test_categorical_w_probabilities_and_beta(tmp_path):
+    """W&B's schema names a weighted categorical categorical_w_probabilities: it was an unknown distribution.
+    Its beta and q_beta (keys a, b) are refused in one line that says so, not as an unknown key 'a'."""
+    space = wandb_space(tmp_path, "batch_size: {distribution: categorical_w_probabilities, values: [8, 16], "
+                                  "probabilities: [0.25, 0.75]}\n")
+    dom = space.domains["batch_size"]
+    assert dom == Choice((8, 16), (0.25, 0.75), kind="weighted choice")
+    assert abs(Counter(sample(dom, 20000))[8] / 20000 - 0.25) < 0.01
+    with pytest.raises(SpaceError, match=r"parameters.batch_size: distribution categorical_w_probabilities needs "
+                                         r"probabilities"):
+        wandb_space(tmp_path, "batch_size: {distribution: categorical_w_probabilities, values: [8, 16]}\n")
+    with pytest.raises(SpaceError, match=r"parameters.batch_size.probabilities: probabilities cannot be used with "
+                                         r"method grid"):
+        wandb_space(tmp_path, "batch_size: {distribution: categorical_w_probabilities, values: [8, 16], "
+                              "probabilities: [0.5, 0.5]}\n", head="method: grid\n")
+    for dist, instead in (("beta", "distribution: uniform"), ("q_beta", "distribution: q_uniform")):
+        with pytest.raises(SpaceError) as err:
+            wandb_space(tmp_path, f"dropout: {{distribution: {dist}, a: 2, b: 5}}\n")
+        msg = str(err.value)
+        assert f"parameters.dropout.distribution: W&B's {dist} distribution" in msg and "not supported" in msg
+        assert instead in msg and "unknown parameter key" not in msg and "\n" not in msg
+
+
 def test_a_normal_range_is_checked_two_sigmas_either_side(tmp_path):
     """A normal range is unbounded: its centre alone was checked, and trials drawn far below it failed inside
     Tune (n_layer <= 0, a negative weight decay), each retried to --max-failures. W&B's default normal

@@ -9,7 +9,9 @@ objects keyed by flat TrainConfig keys (``learning_rate``, ``model.n_layer``).
 ``sweep_config.yaml`` runs unchanged: ``method``, ``metric: {name, goal}``,
 ``parameters`` (``value`` / ``values`` [+ ``probabilities``] / ``min`` +
 ``max`` / ``distribution`` with ``mu``, ``sigma``, ``q``; nested
-``parameters`` flatten to dotted keys), ``early_terminate`` (hyperband ->
+``parameters`` flatten to dotted keys; ``categorical_w_probabilities`` is
+``values`` + ``probabilities``; ``beta`` and ``q_beta``, in W&B's schema but
+not its documentation, are refused), ``early_terminate`` (hyperband ->
 ASHA, see `_hyperband_to_asha`), ``run_cap`` (-> ``num_samples``),
 ``project`` / ``entity`` (-> ``wandb.project`` / ``wandb.entity``);
 ``program``, ``command`` and ``controller`` are ignored with a note.
@@ -569,6 +571,7 @@ _WANDB_DISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # name: (required keys, optional keys)
     "constant": (("value",), ()),
     "categorical": (("values",), ("probabilities",)),
+    "categorical_w_probabilities": (("values", "probabilities"), ()),  # (W&B's schema: categorical with them)
     "int_uniform": (("min", "max"), ()),
     "uniform": (("min", "max"), ()),
     "q_uniform": (("min", "max"), ("q",)),
@@ -583,6 +586,9 @@ _WANDB_DISTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "log_normal": ((), ("mu", "sigma")),
     "q_log_normal": ((), ("mu", "sigma", "q")),
 }
+# In W&B's schema (params.py draws them) but not in its documentation: refused, with what to write instead.
+_WANDB_UNSUPPORTED = {"beta": "distribution: uniform with min: 0, max: 1",
+                      "q_beta": "distribution: q_uniform with min: 0, max: 1 and q"}
 _WANDB_SPEC_KEYS = ("value", "values", "probabilities", "min", "max", "distribution", "mu", "sigma", "q", "parameters")
 
 _NATIVE_DOMAINS: dict[str, tuple[str, ...]] = {
@@ -945,6 +951,10 @@ class _Parser:
 
     def wandb_param(self, name: str, spec: Mapping, path: str, method: str | None) -> None:
         key = self.resolve(name, path)
+        named = spec.get("distribution")
+        if isinstance(named, str) and named in _WANDB_UNSUPPORTED:  # (before its keys a, b read as unknown ones)
+            self.fail(f"{path}.distribution", f"W&B's {named} distribution (keys a, b) is not supported; for a value "
+                                              f"between 0 and 1 use {_WANDB_UNSUPPORTED[named]}, or values: [...]")
         self.check_keys(spec, _WANDB_SPEC_KEYS, path, "parameter key")
         if "distribution" in spec:
             dist = self.text(spec["distribution"], f"{path}.distribution")
@@ -983,7 +993,7 @@ class _Parser:
         if dist == "constant":
             self.add_fixed(key, self.value(key, name, spec["value"], f"{path}.value"), path)
             return
-        if dist == "categorical":
+        if dist in ("categorical", "categorical_w_probabilities"):
             values = self.values_list(key, name, spec["values"], f"{path}.values")
             probs = None
             if "probabilities" in spec:

@@ -398,6 +398,23 @@ def test_top_level_project_entity_and_run_cap(tmp_path):
     assert space.description == "a test"
 
 
+def test_w_and_b_launch_keys_are_ignored_with_a_note(tmp_path):
+    """apiVersion, kind, job and image_uri are valid in W&B's schema (a sweep on W&B Launch): they were refused
+    as unknown top-level keys, so such a sweep file did not run unchanged."""
+    space = load_space(write(tmp_path, """
+        apiVersion: v1
+        kind: sweep
+        job: team/proj/job-train:latest
+        image_uri: registry.example.com/train:1
+        method: random
+        parameters: {lr: {values: [0.001, 0.01]}}
+    """))
+    assert space.fixed == {} and set(space.domains) == {"learning_rate"}
+    for key, shown in (("apiVersion", "v1"), ("kind", "sweep"), ("job", "team/proj/job-train:latest"),
+                       ("image_uri", "registry.example.com/train:1")):
+        assert any(n.startswith(f"{key}: {shown} ignored") for n in space.notes), (key, space.notes)
+
+
 def test_metric_aliases_and_default_goal(tmp_path):
     space = load_space(write(tmp_path, """
         method: random

@@ -14,7 +14,8 @@ objects keyed by flat TrainConfig keys (``learning_rate``, ``model.n_layer``).
 not its documentation, are refused), ``early_terminate`` (hyperband ->
 ASHA, see `_hyperband_to_asha`), ``run_cap`` (-> ``num_samples``),
 ``project`` / ``entity`` (-> ``wandb.project`` / ``wandb.entity``);
-``program``, ``command`` and ``controller`` are ignored with a note.
+``program``, ``command``, ``controller`` and the W&B Launch keys ``job``,
+``image_uri``, ``apiVersion`` and ``kind`` are ignored with a note.
 Distribution semantics follow W&B: ``log_uniform`` bounds are natural-log
 exponents (value = exp(U(min, max))), ``*_values`` bounds are values;
 ``inv_log_uniform`` (log(1/X) ~ U(min, max)) is exactly log-uniform on
@@ -552,9 +553,16 @@ def _typename(value: Any) -> str:
 # ====================================================================== parsing
 
 
+# W&B's top-level keys that say how W&B runs a sweep, not what it searches: ignored, with a note saying why.
+_WANDB_IGNORED = {
+    "program": "tune_gpt runs its own trainer", "command": "tune_gpt runs its own trainer",
+    "controller": "tune_gpt runs its own trainer", "job": "a W&B Launch job; tune_gpt runs its own trainer",
+    "image_uri": "a W&B Launch image; tune_gpt runs its own trainer",
+    "apiVersion": "the version of W&B's sweep format", "kind": "W&B's kind of file",
+}
 _WANDB_TOP = (
-    "program", "command", "name", "description", "project", "entity", "method", "metric",
-    "parameters", "early_terminate", "run_cap", "controller",
+    "name", "description", "project", "entity", "method", "metric", "parameters", "early_terminate", "run_cap",
+    *_WANDB_IGNORED,
 )
 _NATIVE_TOP = ("name", "description", "method", "metric", "mode", "num_samples", "scheduler", "fixed", "space")
 _NATIVE_ONLY = ("space", "fixed", "num_samples", "scheduler", "mode")
@@ -887,10 +895,10 @@ class _Parser:
             if method not in ("grid", "random", "bayes"):
                 self.fail("method", f"unknown method {method!r}{_suggest(method, ('grid', 'random', 'bayes'))} "
                                     "(choose from grid, random, bayes)")
-        for key in ("program", "command", "controller"):
+        for key, why in _WANDB_IGNORED.items():
             if key in data:
                 shown = data[key] if isinstance(data[key], (str, int, float)) else "..."
-                self.notes.append(f"{key}: {shown} ignored (tune_gpt runs its own trainer)")
+                self.notes.append(f"{key}: {shown} ignored ({why})")
         name = self.text(data["name"], "name") if "name" in data else None
         description = self.text(data["description"], "description") if "description" in data else None
 

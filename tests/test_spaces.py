@@ -364,6 +364,24 @@ def test_nested_parameters_flatten_to_dotted_keys(tmp_path):
     assert space.fixed == {"model.n_embd": 64, "wandb.group": "sweep-a"}
 
 
+def test_a_group_that_is_no_section_names_the_field_its_leaf_means(tmp_path):
+    """W&B sweeps often group parameters (optimizer: {parameters: {lr: ...}}); TrainConfig's only sections are
+    model and wandb, so optimizer.lr is unknown, and the message named no field to write instead."""
+    cases = [
+        (P + "  optimizer:\n    parameters:\n      lr: {values: [0.001, 0.01]}\n",
+         "parameters.optimizer.parameters.lr: unknown parameter 'optimizer.lr' (did you mean 'learning_rate'? "
+         "TrainConfig's sections are model and wandb)"),
+        (P + "  optimizer:\n    parameters:\n      weight_decai: {value: 0.1}\n",
+         "unknown parameter 'optimizer.weight_decai' (did you mean 'weight_decay'?"),
+        ("space: {optim: {lr: {loguniform: [1.0e-4, 1.0e-2]}}}\n",
+         "space.optim.lr: unknown parameter 'optim.lr' (did you mean 'learning_rate'? TrainConfig's sections"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(SpaceError) as err:
+            load_space(write(tmp_path, text))
+        assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_aliases_and_switches(tmp_path):
     space = wandb_space(tmp_path, """
         lr: {values: [1e-3, 3e-3]}

@@ -537,6 +537,22 @@ def _suggest(word: Any, candidates: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _leaf_hint(name: str) -> str:
+    """For a dotted name with no close field: the field its last part names. A W&B sweep's groups
+    (``optimizer: {parameters: {lr: ...}}``) are rarely TrainConfig's sections, so the whole name is far from
+    every field while its leaf is an alias or a near miss."""
+    if "." not in name:
+        return ""
+    group, leaf = name.rsplit(".", 1)
+    names = {**{k.rsplit(".", 1)[-1]: k for k in cfg.FIELD_TYPES}, **cfg.ALIASES}  # name -> its flat key
+    close = difflib.get_close_matches(leaf.strip().replace("-", "_"), list(names), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    sections = sorted({k.split(".")[0] for k in cfg.FIELD_TYPES if "." in k})
+    where = "" if group in sections else f" TrainConfig's sections are {', '.join(sections[:-1])} and {sections[-1]}"
+    return f" (did you mean {names[close[0]]!r}?{where})"
+
+
 def _field_kind(key: str) -> str:
     """'int', 'float', 'bool' or 'str' for flat TrainConfig key `key`."""
     return str(cfg.FIELD_TYPES[key][0]).split("|")[0].strip()
@@ -692,7 +708,7 @@ class _Parser:
         try:
             return cfg.resolve_key(name)[0]
         except ConfigError as exc:
-            self.fail(where, str(exc))
+            self.fail(where, str(exc) + ("" if "did you mean" in str(exc) else _leaf_hint(name)))
 
     def value(self, key: str, name: str, value: Any, where: str) -> Any:
         """`value` for flat key `key` (written as `name`), coerced to the field's type."""

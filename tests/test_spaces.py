@@ -443,6 +443,25 @@ def test_metric_aliases_and_default_goal(tmp_path):
     assert any("val_loss" in n for n in space.notes)
 
 
+def test_what_w_and_b_would_refuse_runs_with_a_note_saying_what_is_used(tmp_path):
+    """W&B's schema requires method, and W&B refuses bayes or hyperband stopping without a metric; tune_gpt
+    runs such a file with val/loss minimised (or --search's method), and said nothing of it."""
+    params = "parameters: {lr: {values: [0.001, 0.01]}}\n"
+    bare = load_space(write(tmp_path, params + "early_terminate: {type: hyperband, min_iter: 1}\n"))
+    assert bare.method is None and bare.metric is None
+    assert any(n.startswith("method: not set (W&B requires one)") and "--search" in n for n in bare.notes), bare.notes
+    assert any(n.startswith("metric: not set, which W&B refuses with early_terminate: hyperband: val/loss")
+               for n in bare.notes), bare.notes
+    bayes = load_space(write(tmp_path, "method: bayes\n" + params, "bayes.yaml"))
+    assert [n for n in bayes.notes if n.startswith("metric:")] == [
+        "metric: not set, which W&B refuses with method: bayes: val/loss (minimize) is used "
+        "(--metric and --mode choose another)"]
+    assert "metric: not set" in bayes.describe()  # what --dry-run prints
+    told = load_space(write(tmp_path, "method: bayes\nmetric: {name: val/loss}\n" + params, "told.yaml"))
+    random = load_space(write(tmp_path, "method: random\n" + params, "random.yaml"))  # W&B runs it as it is
+    assert not [n for n in told.notes + random.notes if n.startswith(("method:", "metric:"))]
+
+
 def test_numbers_written_as_text(tmp_path):
     """PyYAML reads 1e-5 as a string; it must count as the number everywhere."""
     space = load_space(write(tmp_path, """

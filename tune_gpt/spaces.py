@@ -13,7 +13,9 @@ objects keyed by flat TrainConfig keys (``learning_rate``, ``model.n_layer``).
 ``values`` + ``probabilities``; ``beta`` and ``q_beta``, in W&B's schema but
 not its documentation, are refused), ``early_terminate`` (hyperband ->
 ASHA, see `_hyperband_to_asha`), ``run_cap`` (-> ``num_samples``),
-``project`` / ``entity`` (-> ``wandb.project`` / ``wandb.entity``);
+``project`` / ``entity`` (-> ``wandb.project`` / ``wandb.entity``). A file W&B
+would refuse for want of ``method``, or of ``metric`` with ``bayes`` or
+``early_terminate``, is read with a note saying what is used instead;
 ``program``, ``command``, ``controller`` and the W&B Launch keys ``job``,
 ``image_uri``, ``apiVersion`` and ``kind`` are ignored with a note.
 Distribution semantics follow W&B: ``log_uniform`` bounds are natural-log
@@ -948,6 +950,15 @@ class _Parser:
                 self.add_fixed(key, self.value(key, key, data[top], top), top)
 
         scheduler = self.early_terminate(data["early_terminate"]) if "early_terminate" in data else None
+        # What W&B would refuse, run with tune_gpt's defaults: said, not refused (the defaults are sensible)
+        if "method" not in data:
+            self.notes.append("method: not set (W&B requires one): `values` are read as choices, and the search "
+                              "is --search's (default optuna)")
+        needs = [what for what, given in (("method: bayes", method == "bayes"),
+                                          ("early_terminate: hyperband", scheduler is not None)) if given]
+        if metric is None and needs:
+            self.notes.append(f"metric: not set, which W&B refuses with {' and '.join(needs)}: val/loss (minimize) "
+                              "is used (--metric and --mode choose another)")
         return SearchSpace(
             source=self.source, name=name or self._stem(), fixed=self.fixed, domains=self.domains,
             method=method, metric=metric, mode=mode, num_samples=num_samples, scheduler=scheduler,

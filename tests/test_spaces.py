@@ -547,6 +547,37 @@ def test_hyperband_as_w_and_b_reads_it_s_with_min_iter_and_both_iters(tmp_path):
     assert any("early_terminate.min_iter ignored" in n for n in both.notes)
 
 
+def test_hyperband_min_iter_with_a_fractional_eta_judges_at_w_and_b_s_whole_brackets(tmp_path):
+    """W&B's brackets from min_iter are int(min_iter * eta^k) (hyperband_stopping.py): min_iter 1, eta 2.5 gives
+    1, 2, 6, 15. ASHA's rungs were 1, 2.5, 6.25, 15.6, so it judged a trial at its reports 1, 3, 7 and 16."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune_gpt.search import _scheduler
+
+    space = load_space(write(tmp_path, """
+        method: random
+        metric: {name: val/loss, goal: minimize}
+        early_terminate: {type: hyperband, min_iter: 1, eta: 2.5}
+        parameters: {lr: {min: 0.0001, max: 0.01}}
+    """))
+    assert any("rungs at W&B's brackets int(min_iter * eta^k): 1, 2, 6, 15, 39, ..." in n for n in space.notes)
+    plan = SimpleNamespace(scheduler={**space.scheduler, "pause": False}, max_evals=20, metric="val/loss", mode="min")
+    asha = _scheduler(plan)  # Ray's form (--stop-at-rungs)
+    asha.set_search_properties("val/loss", "min")
+    trial = Trial("__fake", stub=True)
+    asha.on_trial_add(None, trial)
+    for it in range(1, 20):  # the loss is the report's number, so each rung records where it judged the trial
+        assert asha.on_trial_result(None, trial, {"training_iteration": it, "val/loss": float(it)}) == \
+            TrialScheduler.CONTINUE
+    assert sorted(-v for _, recorded in asha._brackets[0]._rungs for v in recorded.values()) == [1, 2, 6, 15]
+    assert _scheduler(SimpleNamespace(**{**vars(plan), "scheduler": space.scheduler | {"pause": True}})).rungs == \
+        [1, 2, 6, 15]  # the promotion form (the default) pauses at the same reports
+    whole = load_space(write(tmp_path, "method: random\nparameters: {lr: {min: 0.0001, max: 0.01}}\n"
+                                       "early_terminate: {type: hyperband, min_iter: 2, eta: 3}\n", "whole.yaml"))
+    assert "whole_rungs" not in whole.scheduler  # min_iter * eta^k is whole already: Ray's rungs are W&B's
+
+
 @pytest.mark.parametrize("max_iter, s, eta, bands", [(27, 2, 3, [3, 9]), (81, 3, 3, [3, 9, 27]), (16, 2, 2, [4, 8])])
 def test_hyperband_max_iter_maps_to_asha(tmp_path, max_iter, s, eta, bands):
     space = load_space(write(tmp_path, f"""

@@ -52,17 +52,17 @@ class PromotingASHA(FIFOScheduler):
     _chunk = 1 << 20  # bytes of a result.json read at a time (`_values_at_rungs`)
 
     def __init__(self, *, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int,
-                 reduction_factor: float, stop_last_trials: bool = True) -> None:
+                 reduction_factor: float, stop_last_trials: bool = True, rungs: list[int] | None = None) -> None:
         super().__init__()
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be min or max, got {mode!r}")
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self._sign = 1.0 if mode == "max" else -1.0
         self._max_t, self._rf, self._stop_last = max_t, float(reduction_factor), stop_last_trials
-        # Ray's ASHA rungs for one bracket: grace_period * rf**k below max_t
+        # Ray's ASHA rungs for one bracket: grace_period * rf**k below max_t, unless given (a W&B sweep's brackets)
         n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1) if max_t > grace_period else 0
-        self.rungs: list[float] = [grace_period * reduction_factor ** k for k in range(n)
-                                   if grace_period * reduction_factor ** k < max_t]
+        self.rungs: list[float] = list(rungs) if rungs is not None else [
+            grace_period * reduction_factor ** k for k in range(n) if grace_period * reduction_factor ** k < max_t]
         self._scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> score (higher wins)
         self._promoted: list[set[str]] = [set() for _ in self.rungs]  # rung -> the trials that went on from it
         self._waiting: dict[str, int] = {}  # trial id -> the rung it is paused at

@@ -34,7 +34,8 @@ from tune_gpt._redact import REDACTED, redact, redact_flat
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, resume_command, run_main
 from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
-from tune_gpt.spaces import Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, load_space, metric_name
+from tune_gpt.spaces import (Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, hyperband_brackets,
+                             load_space, metric_name)
 
 
 def _bundled_spaces() -> Path:
@@ -1635,11 +1636,18 @@ def _scheduler(plan: Plan):
                   "grace_period": int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t)),
                   "reduction_factor": float(s.get("reduction_factor", 3)),
                   "stop_last_trials": bool(s.get("stop_last_trials", True))}  # False: W&B's max_iter
+        # a W&B sweep's min_iter with a fractional eta: its brackets int(min_iter * eta^k), not Ray's fractional
+        # rungs (which judge a trial at the report after each)
+        rungs = (hyperband_brackets(common["grace_period"], common["reduction_factor"], max_t)
+                 if s.get("whole_rungs") else None)
         if s.get("pause"):
             from tune_gpt._schedulers import PromotingASHA
 
-            return PromotingASHA(metric=plan.metric, mode=plan.mode, **common)
-        return ASHAScheduler(brackets=int(s.get("brackets", 1)), **common)
+            return PromotingASHA(metric=plan.metric, mode=plan.mode, rungs=rungs, **common)
+        asha = ASHAScheduler(brackets=int(s.get("brackets", 1)), **common)
+        if rungs is not None:  # (one bracket, as a W&B sweep's; Ray keeps its rungs highest first)
+            asha._brackets[0]._rungs = [(rung, {}) for rung in reversed(rungs)]
+        return asha
     if kind == "median":
         from ray.tune.schedulers import MedianStoppingRule
 
@@ -1915,6 +1923,9 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
         if not plan.pause_given and plan.scheduler.get("type") == "asha":
             plan.scheduler["pause"] = was["pause"]  # not asked for: the form it was started with (Ray restores it)
             plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
+        if "whole_rungs" not in was and plan.scheduler.pop("whole_rungs", None):  # started before W&B's brackets
+            plan.notes.append("ASHA keeps the rungs the search was started with, grace_period * reduction_factor^k "
+                              "(Ray restores its scheduler), not W&B's whole brackets")
     if plan.grid_cap is not None and "grid_cap" not in saved and saved.get("searcher") == "grid":
         plan.notes[:] = [n for n in plan.notes if not n.startswith(f"run_cap {plan.grid_cap}:")]
         plan.notes.append(f"run_cap {plan.grid_cap}: not applied; the search was started before run_cap capped a "

@@ -86,7 +86,7 @@ from tune_gpt.errors import ConfigError, SpaceError
 
 __all__ = [
     "Choice", "Grid", "Uniform", "Normal", "Domain", "SearchSpace",
-    "load_space", "parse_space", "check_domain_values", "metric_name", "METRICS",
+    "load_space", "parse_space", "check_domain_values", "metric_name", "hyperband_brackets", "METRICS",
 ]
 
 # Metrics every trial reports (DESIGN.md); an objective must be one of them.
@@ -1402,10 +1402,12 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
     (``hyperband_stop_runs``) reads ``history[band]``, the report after it: it
     judges one evaluation later than its documentation says.
 
-    * ``min_iter``: W&B brackets at min_iter * eta^k, k = 0, 1, ... without end;
+    * ``min_iter``: W&B brackets at int(min_iter * eta^k), k = 0, 1, ... without end;
       ASHA rungs at grace_period * rf^k up to max_t, so ``grace_period =
       min_iter`` and max_t is left out for the search to set to the number of
-      evaluations a trial makes.
+      evaluations a trial makes. With a fractional eta (2.5: W&B's 1, 2, 6, 15)
+      ASHA's rungs (1, 2.5, 6.25, 15.6) would judge at reports 1, 3, 7, 16:
+      ``whole_rungs`` makes the search give ASHA W&B's (`hyperband_brackets`).
     * ``max_iter`` + ``s``: W&B brackets at int(max_iter / eta^k), k = 1..s
       (those >= 1), and its runs go on to their own end: max_iter places the
       brackets, it stops no run. ASHA gets ``grace_period`` = the lowest bracket,
@@ -1415,9 +1417,13 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
       (ASHA would otherwise end every trial at max_t, the best one too).
     """
     if min_iter is not None:
+        whole = not float(eta).is_integer()  # else min_iter * eta^k is whole already: Ray's rungs are W&B's
+        shown = ", ".join(map(str, hyperband_brackets(min_iter, eta, 100)[:5]))
         notes.append(f"early_terminate: hyperband min_iter={min_iter} eta={_fmt(eta)} -> ASHA "
-                     f"grace_period={min_iter} reduction_factor={_fmt(eta)} (max_t: set by the search)")
-        return {"type": "asha", "grace_period": min_iter, "reduction_factor": eta, "brackets": 1}
+                     f"grace_period={min_iter} reduction_factor={_fmt(eta)} (max_t: set by the search)"
+                     + (f", rungs at W&B's brackets int(min_iter * eta^k): {shown}, ..." if whole else ""))
+        return {"type": "asha", "grace_period": min_iter, "reduction_factor": eta, "brackets": 1,
+                **({"whole_rungs": True} if whole else {})}
     assert max_iter is not None and s is not None
     bands, band = [], float(max_iter)
     for _ in range(s):
@@ -1431,3 +1437,15 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
                  "trials past the last rung run to their end, as W&B's do")
     return {"type": "asha", "grace_period": grace, "max_t": last, "reduction_factor": eta, "brackets": 1,
             "stop_last_trials": False}
+
+
+def hyperband_brackets(min_iter: int, eta: float, below: int) -> list[int]:
+    """W&B's hyperband brackets from `min_iter`, those below `below`: int(min_iter * eta^k), the product taken
+    step by step as W&B's hyperband_stopping.py takes it, each bracket once (eta < 2 repeats the first ones)."""
+    out: list[int] = []
+    band = float(min_iter)
+    while int(band) < below:
+        if int(band) not in out:
+            out.append(int(band))
+        band *= eta
+    return out

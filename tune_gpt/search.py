@@ -1645,8 +1645,9 @@ def _scheduler(plan: Plan):
 
             return PromotingASHA(metric=plan.metric, mode=plan.mode, rungs=rungs, **common)
         asha = ASHAScheduler(brackets=int(s.get("brackets", 1)), **common)
-        if rungs is not None:  # (one bracket, as a W&B sweep's; Ray keeps its rungs highest first)
-            asha._brackets[0]._rungs = [(rung, {}) for rung in reversed(rungs)]
+        bracket = (getattr(asha, "_brackets", None) or [None])[0]
+        if rungs is not None and isinstance(getattr(bracket, "_rungs", None), list):  # (Ray's private state: a
+            bracket._rungs = [(rung, {}) for rung in reversed(rungs)]  # Ray without it keeps its own rungs)
         return asha
     if kind == "median":
         from ray.tune.schedulers import MedianStoppingRule

@@ -108,6 +108,32 @@ def test_report_reads_an_experiment_in_s3_like_a_local_one(s3, tmp_path, monkeyp
     assert _read_experiment(f"s3://{BUCKET}/fake-runs/renamed").info["name"] == "renamed"
 
 
+def test_credentials_in_an_experiment_uri_are_refused_and_its_query_is_kept(s3, tmp_path, monkeypatch, capsys):
+    """pyarrow takes s3://KEY:SECRET@bucket/…: report and replay read such a URI and wrote it, secret and all,
+    into report.md's replay command and replay_summary.json (the search refuses it as --storage-path). And
+    the replay command dropped the query that reaches a MinIO/Ceph endpoint (?endpoint_override=…)."""
+    from tune_gpt.replay import main as replay_main
+    from tune_gpt.report import main as report_main
+
+    _upload(standard_experiment(tmp_path / "local"), f"s3://{BUCKET}/creds/standard")
+    monkeypatch.chdir(tmp_path)
+    for uri in (f"s3://{s3['AWS_ACCESS_KEY_ID']}:{SECRET}@{BUCKET}/creds/standard",
+                f"s3://{BUCKET}/creds/standard?secret_key={SECRET}&region=us-east-1"):
+        for main in (report_main, lambda argv: replay_main([*argv, "--no-wandb"])):
+            assert main([uri]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and SECRET not in err, err
+            assert "credentials in the URI would be written into the report" in err and "AWS_SECRET_ACCESS_KEY" in err
+    assert not (tmp_path / "tune_reports").exists()  # refused before anything was read or written
+
+    host_port = s3["AWS_ENDPOINT_URL"].removeprefix("http://")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint only in the URI, as for MinIO
+    uri = f"s3://{BUCKET}/creds/standard?endpoint_override={host_port}&scheme=http"
+    out = write_report(uri)
+    assert f"python -m tune_gpt.replay '{uri}'" in (out / "report.md").read_text()
+    assert load_results(uri).attrs["experiment"] == uri
+
+
 def test_the_resume_hint_of_a_remote_search_interrupted_before_it_saved_anything():
     """A signal before the experiment file is written (the corpus, Ray's start-up) has nothing to resume, in
     S3 as on disk; once written, the hint names the experiment. Storage is not looked up at the signal."""

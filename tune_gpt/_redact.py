@@ -53,6 +53,18 @@ def redact_flat(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: redact(v) if isinstance(v, str) and "://" in v else v for k, v in flat.items()}
 
 
+def refuse_credentials(uri: str, flag: str | None, written: str) -> None:
+    """A storage URI with credentials in it (``s3://KEY:SECRET@bucket/…``, ``?secret_key=…``), refused in
+    one line that shows it without them: pyarrow would take them, but the URI is written down (`written`
+    says where). `flag` names where the URI was given (None: the command's first argument)."""
+    if redact(uri) != uri:
+        from tune_gpt.errors import ConfigError
+
+        raise ConfigError(f"{flag + ' ' if flag else ''}{redact(uri)}: credentials in the URI would be written into "
+                          f"{written}; give them in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                          "or a profile) instead")
+
+
 def is_redacted(value: Any) -> bool:
     """Whether `value` is a URL that lost a secret to `redact` (it cannot be fetched as it is)."""
     return isinstance(value, str) and "://" in value and REDACTED in value

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
-from tune_gpt._redact import REDACTED, is_redacted
+from tune_gpt._redact import REDACTED, is_redacted, refuse_credentials
 from tune_gpt.config import RUNTIME_KEYS
 from tune_gpt.errors import DataError
 
@@ -124,6 +124,14 @@ class _Experiment:
     pending: int = 0
     notes: list[str] = field(default_factory=list)
     uri: str | None = None  # set when read from storage such as s3://: `dir` was a temporary copy
+    query: str = ""  # the URI's query (?endpoint_override=…&scheme=http): how to reach the storage again
+
+    @property
+    def location(self) -> str:
+        """Where the experiment is, as a command is given it again: its folder, or its URI with the query."""
+        if not self.uri:
+            return str(self.dir)
+        return self.uri + (f"?{self.query}" if self.query else "")
 
 
 def find_experiment(path: str | Path) -> Path:
@@ -318,12 +326,15 @@ def _read_remote_experiment(uri: str) -> _Experiment:
 
     import pyarrow.fs as pafs
 
+    # the URI is written into the report (the replay command) and a replay's summary
+    refuse_credentials(uri, None, "the report and the replays made from it")
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except (OSError, ValueError) as exc:
         raise DataError(f"{uri}: cannot list the experiment: {_one_line(exc)}") from None
-    base = uri.split("?", 1)[0].rstrip("/")
+    base, _, query = uri.partition("?")
+    base = base.rstrip("/")
     root = root.rstrip("/")
     with tempfile.TemporaryDirectory(prefix="tune_gpt_report_") as tmp:
         for info in infos:
@@ -347,6 +358,7 @@ def _read_remote_experiment(uri: str) -> _Experiment:
             raise DataError(str(exc).replace(tmp, base)) from None
         rel_exp = exp.dir.relative_to(tmp).as_posix()
     exp.uri = base if rel_exp == "." else f"{base}/{rel_exp}"
+    exp.query = query
     if not exp.info.get("found"):  # no experiment file: named as its folder in storage, not the temporary copy
         exp.info["name"] = exp.uri.rstrip("/").rsplit("/", 1)[-1]
     return exp
@@ -627,7 +639,7 @@ def _results_frame(exp: _Experiment) -> "pd.DataFrame":
     if not searched:
         searched = [c for c in config_cols if df[c].map(_hashable).nunique(dropna=True) > 1]
     df.attrs.update({
-        "experiment": exp.uri or str(exp.dir), "name": info["name"], "metric": metric, "mode": mode,
+        "experiment": exp.location, "name": info["name"], "metric": metric, "mode": mode,
         "rank_by": rank_col, "space": space, "space_known": bool(space), "searched": searched,
         "pending": exp.pending, "command": info.get("command"),
     })
@@ -1559,7 +1571,7 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     """
     exp = _read_experiment(path)
     if exp.uri:
-        shown = exp.uri
+        shown = exp.location  # with its query: the replay command must reach the same storage
         default_out = Path(REMOTE_REPORTS) / exp.uri.rsplit("/", 1)[-1]
     else:
         shown = str(path) if Path(path).resolve() == exp.dir.resolve() else str(exp.dir)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from tune_gpt._redact import REDACTED, redact, redact_flat
+from tune_gpt._redact import REDACTED, redact, redact_flat, refuse_credentials
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, resume_command, run_main
 from tune_gpt.config import RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
@@ -482,10 +482,7 @@ def _check_storage_path(storage: str) -> None:
     if not storage or not str(storage).strip():
         raise ConfigError("--storage-path: empty path")
     if "://" in storage:
-        if redact(storage) != storage:  # s3://KEY:SECRET@bucket/…, ?secret_key=…: Ray writes the URI down
-            raise ConfigError(f"--storage-path {redact(storage)}: credentials in the URI would be written into "
-                              "Ray's experiment state and every trial's files; give them in the environment "
-                              "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile) instead")
+        refuse_credentials(storage, "--storage-path", "Ray's experiment state and every trial's files")
         return
     p = Path(storage).expanduser()
     for q in (p, *p.parents):

@@ -192,3 +192,69 @@ def test_a_replay_logs_to_the_searchs_w_and_b_group_from_any_path_to_it(tmp_path
         cfg = trial_config(params, exp_dir, row["trial_id"], **common, experiment_name=where["experiment_name"])
         assert cfg.wandb.group == "lr-sweep"
     assert trial_config({"learning_rate": 1e-3}, ".", "t1", **common).wandb.group == exp.name  # no name known
+
+
+def test_a_second_replay_into_a_folder_a_replay_is_writing_is_refused(tmp_path, corpus_file, monkeypatch):
+    """`replay exp`, then `replay exp --max-steps 5000` in another terminal: the first one's "running" mark
+    read as an interrupted replay, and the second trained into the same folder. A replay now holds a lock
+    there while it runs (flock, so a crashed replay leaves none)."""
+    import fcntl
+    import re
+
+    import pytest
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.data as data_mod
+    import tune_gpt.train as train_mod
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import LOCK_NAME, replay
+
+    def locked_elsewhere(path):
+        with open(path, "a") as probe:
+            try:
+                fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
+
+    exp = standard_experiment(tmp_path)
+    out = tmp_path / "final"
+    out.mkdir()
+    (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id(0), "check": False, "status": "running"}))
+    refused = rf"^replay: another replay is writing {re.escape(str(out))}; "
+    args = dict(output_dir=str(out), max_steps=5, wandb=False, data=str(corpus_file))
+    with open(out / LOCK_NAME, "a") as first:  # the first replay: another open file description holds the lock
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=refused):
+            replay(exp, trial_id(0), **args)
+        with pytest.raises(ConfigError, match=refused):  # also while it is another trial's replay
+            replay(exp, trial_id(1), **args)
+    assert json.loads((out / "replay_summary.json").read_text())["status"] == "running"  # the first one's mark
+
+    trained = []
+
+    def fake_train(cfg, reporters=None, *, stop_after=None, corpus=None):
+        assert locked_elsewhere(out / LOCK_NAME)  # held while it trains
+        trained.append(cfg.max_steps)
+        return train_mod.TrainResult(status="finished", steps=cfg.max_steps, tokens=0, output_dir=cfg.output_dir)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert replay(exp, trial_id(0), **args)["status"] == "finished"  # the first one gone: its mark is trained over
+    assert trained == [5] and not locked_elsewhere(out / LOCK_NAME)  # let go at the end
+
+    # a replay that starts while this one reads the corpus (no lock file yet when this one looked)
+    fresh = tmp_path / "fresh"
+    load = data_mod.load_corpus
+    holder = []
+
+    def load_while_another_starts(*a, **kw):
+        fresh.mkdir()
+        holder.append(open(fresh / LOCK_NAME, "a"))
+        fcntl.flock(holder[0].fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return load(*a, **kw)
+
+    monkeypatch.setattr(data_mod, "load_corpus", load_while_another_starts)
+    with pytest.raises(ConfigError, match=rf"^replay: another replay is writing {re.escape(str(fresh))}; "):
+        replay(exp, trial_id(0), **{**args, "output_dir": str(fresh)})
+    holder[0].close()
+    assert trained == [5] and not (fresh / "replay_summary.json").exists()

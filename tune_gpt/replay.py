@@ -129,39 +129,84 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
               f"this run", file=sys.stderr)
     check_output_dir(Path(cfg.output_dir), "--output-dir")
     out = Path(cfg.output_dir).expanduser()
-    held = _summary_in(out)
-    if not _replaceable(held, trial_id, check):
-        _check_output_dir_free(out, held)
-    trial_loss = _float(row.get("final_val_loss"))
-    if check and trial_loss is None:
-        raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is nothing "
-                          f"to compare a replay with; replay it without --check, or pick another --trial")
-    device = resolve_device(cfg)
-    corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
-    _check_same_corpus(trial_id, where.get("corpus_sha256"), corpus, check)
-    trial_steps = _int(row.get("steps"))
-    stop_after = trial_steps if check and trial_steps else None
-    reporters = default_reporters(cfg, job_type="final", tags=["final"],
-                                  extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
-    out.mkdir(parents=True, exist_ok=True)  # marked as this replay's until its summary replaces the mark
-    (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
-    result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
-    diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
-    tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
-    summary = {
-        "experiment": str(row["trial_dir"]).rsplit("/", 1)[0],  # the folder, or the URI, the trials are in
-        "trial_id": trial_id, "trial_status": row.get("status"),
-        "trial_steps": trial_steps, "trial_val_loss": trial_loss, "check": check,
-        "steps": result.steps, "status": result.status, "final_val_loss": result.final_val_loss,
-        "best_val_loss": result.best_val_loss, "difference": diff, "tolerance": tol if check else None,
-        "match": (diff is not None and abs(diff) <= tol) if check else None,
-        "device": str(device), "output_dir": result.output_dir, "model_path": result.model_path,
-        "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
-        "config": cfg.to_record(),
-    }
-    Path(result.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with _OutputLock(out) as lock:
+        lock.take(make=False)  # a replay writing here: said as such, before its mark reads as an interrupted one
+        held = _summary_in(out)
+        if not _replaceable(held, trial_id, check):
+            _check_output_dir_free(out, held)
+        trial_loss = _float(row.get("final_val_loss"))
+        if check and trial_loss is None:
+            raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is "
+                              f"nothing to compare a replay with; replay it without --check, or pick another --trial")
+        device = resolve_device(cfg)
+        corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
+        _check_same_corpus(trial_id, where.get("corpus_sha256"), corpus, check)
+        trial_steps = _int(row.get("steps"))
+        stop_after = trial_steps if check and trial_steps else None
+        reporters = default_reporters(cfg, job_type="final", tags=["final"],
+                                      extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
+        lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
+        # marked as this replay's until its summary replaces the mark
+        (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
+        result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
+        diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
+        tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
+        summary = {
+            "experiment": str(row["trial_dir"]).rsplit("/", 1)[0],  # the folder, or the URI, the trials are in
+            "trial_id": trial_id, "trial_status": row.get("status"),
+            "trial_steps": trial_steps, "trial_val_loss": trial_loss, "check": check,
+            "steps": result.steps, "status": result.status, "final_val_loss": result.final_val_loss,
+            "best_val_loss": result.best_val_loss, "difference": diff, "tolerance": tol if check else None,
+            "match": (diff is not None and abs(diff) <= tol) if check else None,
+            "device": str(device), "output_dir": result.output_dir, "model_path": result.model_path,
+            "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s, "sample": result.sample,
+            "config": cfg.to_record(),
+        }
+        Path(result.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(result.output_dir) / "replay_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+LOCK_NAME = ".replay.lock"
+
+
+class _OutputLock:
+    """An exclusive ``flock`` on ``<output dir>/.replay.lock`` while a replay writes there: a second replay
+    into the same folder (``replay exp`` and then ``replay exp --max-steps 5000`` in another terminal) is
+    refused, even though the first one's ``running`` mark would let it retrain an interrupted replay. The
+    kernel drops the lock with the process, so a crashed replay leaves none behind; the empty file stays
+    (removing it would let a third replay lock a new file while the second still holds the old one)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._file: Any = None
+
+    def take(self, *, make: bool) -> None:
+        """Hold the lock (once); `make`: make the folder and the file where they are missing, else take the
+        lock only where the file is already there."""
+        import fcntl
+
+        path = self.out / LOCK_NAME
+        if self._file is not None or not (make or path.is_file()):
+            return
+        if make:
+            self.out.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # held until __exit__
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ConfigError(f"replay: another replay is writing {self.out}; wait for it to end, or give another "
+                              f"--output-dir") from None
+        self._file = f
+
+    def __enter__(self) -> "_OutputLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
 
 
 def _summary_in(out: Path) -> dict[str, Any] | None:

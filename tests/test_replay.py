@@ -258,3 +258,49 @@ def test_a_second_replay_into_a_folder_a_replay_is_writing_is_refused(tmp_path, 
         replay(exp, trial_id(0), **{**args, "output_dir": str(fresh)})
     holder[0].close()
     assert trained == [5] and not (fresh / "replay_summary.json").exists()
+
+
+def test_a_replay_out_of_memory_says_so_in_one_line_with_the_flags_that_fit(tmp_path, corpus_file, monkeypatch,
+                                                                            capsys):
+    """A CUDA OOM in a replay printed a traceback (`python -m tune_gpt.train` gives one line suggesting a
+    smaller micro-batch). Now the same line, with flags replay takes; the folder's mark says oom, so the
+    same replay may run there again with them, and the lock is let go."""
+    import fcntl
+
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.replay import LOCK_NAME, main
+
+    exp = standard_experiment(tmp_path)  # trial 0: batch_size 16, no accumulation
+    out = tmp_path / "final"
+    args = [str(exp), "--trial", trial_id(0), "--output-dir", str(out), "--no-wandb", "--data", str(corpus_file),
+            "--max-steps", "5"]
+    trained = []
+
+    def fake_train(cfg, reporters=None, *, stop_after=None, corpus=None):
+        trained.append((cfg.batch_size, cfg.gradient_accumulation_steps))
+        if cfg.batch_size > 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_mod.TrainResult(status="finished", steps=5, tokens=0, output_dir=cfg.output_dir)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["tune_gpt.replay: out of memory at batch_size 16 (CUDA out of memory. Tried to "
+                                "allocate 2.00 GiB); the same effective batch in smaller pieces: --batch_size 8 "
+                                "--gradient_accumulation_steps 2"], err
+    assert json.loads((out / "replay_summary.json").read_text())["status"] == "oom"
+    with open(out / LOCK_NAME, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go
+    assert main([*args, "--batch_size", "8", "--gradient_accumulation_steps", "2"]) == 3  # its hint: 4 x 4
+    assert "--batch_size 4 --gradient_accumulation_steps 4" in capsys.readouterr().err
+    assert main([*args, "--batch-size", "4"]) == 0  # the accumulation steps keep the trial's 16
+    assert trained == [(16, 1), (8, 2), (4, 4)]
+    assert json.loads((out / "replay_summary.json").read_text())["status"] == "finished"
+    capsys.readouterr()
+    for pieces in (["--batch_size", "3"], ["--batch_size", "4", "--gradient_accumulation_steps", "2"]):
+        assert main([*args, "--output-dir", str(tmp_path / "other"), *pieces]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "batches of 16 sequences" in err, err
+    assert trained == [(16, 1), (8, 2), (4, 4)]

@@ -204,7 +204,7 @@ def train_main(argv: list[str] | None = None) -> int:
         ckpt_before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
 
         from tune_gpt.tracking import default_reporters
-        from tune_gpt.train import is_oom, resolve_device, smaller_micro_batch, train
+        from tune_gpt.train import is_oom, resolve_device, train
 
         if kind == "auto":
             resolve_device(cfg)  # bf16 / fp16 where no GPU is: before the run writes anything
@@ -215,15 +215,9 @@ def train_main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - only out-of-memory gets a one-line answer here
             if not is_oom(exc):
                 raise
-            smaller = smaller_micro_batch(cfg)
             # --resume only from a checkpoint of this run (or the one it resumed), never an earlier run's
             mine = ckpt.is_file() and (cfg.resume or ckpt.stat().st_mtime_ns != ckpt_before)
-            again = " --resume" if mine else ""
-            hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
-                    f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
-                    if smaller is not None else "")
-            print(f"tune_gpt.train: out of memory at batch_size {cfg.batch_size} "
-                  f"({' '.join(str(exc).split())[:200]}){hint}", file=sys.stderr)
+            print(out_of_memory_line("tune_gpt.train", cfg, exc, " --resume" if mine else ""), file=sys.stderr)
             return 3
         if result.message and result.status == "finished":  # resumed at its end: train() started no reporter
             best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
@@ -239,6 +233,18 @@ def train_main(argv: list[str] | None = None) -> int:
         return 0 if result.status == "finished" else 3
 
     return run_main(_run, prog="tune_gpt.train")
+
+
+def out_of_memory_line(prog: str, cfg: TrainConfig, exc: BaseException, again: str = "") -> str:
+    """One line for a run that ran out of memory: the error, and the flags that train the same effective
+    batch in smaller pieces (then `again`), while the micro-batch can still be halved."""
+    from tune_gpt.train import smaller_micro_batch
+
+    smaller = smaller_micro_batch(cfg)
+    hint = (f"; the same effective batch in smaller pieces: --batch_size {smaller.batch_size} "
+            f"--gradient_accumulation_steps {smaller.gradient_accumulation_steps}{again}"
+            if smaller is not None else "")
+    return f"{prog}: out of memory at batch_size {cfg.batch_size} ({' '.join(str(exc).split())[:200]}){hint}"
 
 
 def _resume_hint(cfg: TrainConfig, result: Any, argv: list[str] | None) -> str:
@@ -267,4 +273,4 @@ def resume_command(module: str, args: list[str]) -> str:
 
 
 __all__ = ["OneLineParser", "run_main", "train_main", "check_output_dir", "add_config_flags", "overrides_from_args",
-           "field_help", "resume_command"]
+           "field_help", "resume_command", "out_of_memory_line"]

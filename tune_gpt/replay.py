@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_gpt._redact import is_redacted
-from tune_gpt.cli import OneLineParser, check_output_dir, earlier_run, run_main
+from tune_gpt.cli import OneLineParser, check_output_dir, earlier_run, out_of_memory_line, run_main
 from tune_gpt.config import FIELD_TYPES, MODEL_NAME, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError
 
@@ -106,13 +106,16 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
 
 def replay(experiment: str | Path, trial: str | None = None, *, check: bool = False, output_dir: str | None = None,
            max_steps: int | None = None, epochs: float | None = None, wandb: bool = True,
-           data: str | None = None) -> dict[str, Any]:
+           data: str | None = None, batch_size: int | None = None,
+           gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
     """Train the trial again; return (and save) the summary. `data`, when given, replaces the trial's corpus
     spec (needed where it was a URL with a token, which the search does not write down); the corpus must
-    still be the text the trial trained on for a check (its sha256 is compared)."""
+    still be the text the trial trained on for a check (its sha256 is compared). `batch_size` /
+    `gradient_accumulation_steps` cut the trial's effective batch into other pieces (where it does not fit
+    in memory). Raises `OutOfMemory` (its `cfg` the config that ran out) when the run runs out of memory."""
     from tune_gpt.data import load_corpus
     from tune_gpt.tracking import default_reporters
-    from tune_gpt.train import resolve_device, train
+    from tune_gpt.train import OutOfMemory, is_oom, resolve_device, train
 
     if check and (max_steps is not None or epochs is not None):
         raise ConfigError("--check replays the trial at its own budget: drop --max-steps / --epochs")
@@ -124,6 +127,9 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
                        experiment_name=where["experiment_name"])
     if where["micro_batch"]:
         cfg = TrainConfig.from_flat(where["micro_batch"], base=cfg)
+    if batch_size is not None or gradient_accumulation_steps is not None:
+        cfg = _in_pieces(cfg, batch_size, gradient_accumulation_steps)
+    elif where["micro_batch"]:
         print(f"replay: trial {trial_id} ran out of memory and went on at --batch_size {cfg.batch_size} "
               f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} (the same effective batch): so does "
               f"this run", file=sys.stderr)
@@ -148,7 +154,16 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
         # marked as this replay's until its summary replaces the mark
         (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
-        result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
+        try:
+            result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is answered here
+            if not is_oom(exc):
+                raise
+            message = " ".join(f"{exc}".split())[:500]
+            # the mark says so, and lets this replay be run again here with smaller pieces (`_replaceable`)
+            (out / "replay_summary.json").write_text(json.dumps(
+                {"trial_id": trial_id, "check": check, "status": "oom", "message": message}))
+            raise OutOfMemory(message, [], cfg) from None
         diff = None if result.final_val_loss is None or trial_loss is None else result.final_val_loss - trial_loss
         tol = CPU_TOLERANCE if device.type == "cpu" else GPU_TOLERANCE
         summary = {
@@ -221,15 +236,18 @@ def _summary_in(out: Path) -> dict[str, Any] | None:
     return s if isinstance(s, dict) else {}
 
 
+UNFINISHED = ("running", "oom")  # a replay's mark: still running or interrupted; ran out of memory
+
+
 def _replaceable(summary: dict[str, Any] | None, trial_id: str, check: bool) -> bool:
     """What a replay may train over (`summary`: the folder's replay summary): an earlier ``--check``, by
     another check (it replaces nothing of value), and the same replay of the same trial that was
-    interrupted (its mark says ``running``), which has no --resume and would otherwise have to be
-    deleted by hand."""
+    interrupted or ran out of memory (its mark says ``running`` or ``oom``), which has no --resume and
+    would otherwise have to be deleted by hand."""
     if not summary:
         return False
     return (check and summary.get("check") is True) or (
-        summary.get("status") == "running" and summary.get("trial_id") == trial_id and summary.get("check") is check)
+        summary.get("status") in UNFINISHED and summary.get("trial_id") == trial_id and summary.get("check") is check)
 
 
 def _check_output_dir_free(out: Path, summary: dict[str, Any] | None) -> None:
@@ -246,6 +264,22 @@ def _check_output_dir_free(out: Path, summary: dict[str, Any] | None) -> None:
     held = (f"a final run{what}" if summary is not None else f"a trained model ({MODEL_NAME})" if MODEL_NAME in earlier
             else f"a run's checkpoint ({earlier[0]})")
     raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
+
+
+def _in_pieces(cfg: TrainConfig, batch_size: int | None, accumulation: int | None) -> TrainConfig:
+    """`cfg` with its effective batch (batch size × accumulation steps) cut into the pieces asked for: what
+    the out-of-memory line suggests. The effective batch is a hyperparameter of the trial, so it stays; the
+    flag left out is worked out from it."""
+    total = cfg.batch_size * cfg.gradient_accumulation_steps
+    b = batch_size if batch_size is not None else total // accumulation if total % accumulation == 0 else None
+    a = accumulation if accumulation is not None else total // batch_size if total % batch_size == 0 else None
+    if b is None or a is None or b * a != total:
+        given = " ".join(f"--{k} {v}" for k, v in (("batch_size", batch_size),
+                                                   ("gradient_accumulation_steps", accumulation)) if v is not None)
+        raise ConfigError(f"{given}: the trial trained on batches of {total} sequences (batch_size "
+                          f"{cfg.batch_size} × gradient_accumulation_steps {cfg.gradient_accumulation_steps}), "
+                          f"and a replay keeps that: give pieces whose product is {total}")
+    return TrainConfig.from_flat({"batch_size": b, "gradient_accumulation_steps": a}, base=cfg)
 
 
 def _trial_where(status: Any) -> dict[str, Any]:
@@ -298,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
     p.add_argument("--data", help="the corpus, where the trial's was a URL with a token (the experiment keeps it "
                    "without); its text must be the trial's (sha256 compared)")
+    p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
+                   help="the micro-batch, where the trial's does not fit in memory: the accumulation steps keep the "
+                   "trial's effective batch (batch size × accumulation steps)")
+    p.add_argument("--gradient-accumulation-steps", "--gradient_accumulation_steps", dest="accumulation", type=int,
+                   help="with --batch-size (or alone): the pieces the trial's effective batch is trained in")
 
     def _run() -> int:
         args = p.parse_args(argv)
@@ -307,8 +346,20 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--epochs: must be positive, got {args.epochs}")
         if args.data is not None and not args.data.strip():
             raise ConfigError("--data: empty; give the corpus (a file, folder, glob or URL)")
-        s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
-                   max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb, data=args.data)
+        for flag, n in (("--batch_size", args.batch_size), ("--gradient_accumulation_steps", args.accumulation)):
+            if n is not None and n <= 0:
+                raise ConfigError(f"{flag}: must be positive, got {n}")
+        try:
+            s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
+                       max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb, data=args.data,
+                       batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation)
+        except Exception as exc:
+            from tune_gpt.train import OutOfMemory  # loaded by replay() before it trains
+
+            if not isinstance(exc, OutOfMemory):
+                raise
+            print(out_of_memory_line("tune_gpt.replay", exc.cfg, exc), file=sys.stderr)
+            return 3
         trial_said = (f"trial: {_fmt(s['trial_val_loss'])} after {s['trial_steps']} steps"
                       if s["trial_val_loss"] is not None else f"the trial ({s['trial_status']}) reported no val loss")
         print(f"replayed trial {s['trial_id']}: val loss {_fmt(s['final_val_loss'])} after {s['steps']} steps "

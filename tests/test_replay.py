@@ -304,3 +304,42 @@ def test_a_replay_out_of_memory_says_so_in_one_line_with_the_flags_that_fit(tmp_
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "batches of 16 sequences" in err, err
     assert trained == [(16, 1), (8, 2), (4, 4)]
+
+
+def test_a_replay_logs_in_the_w_and_b_mode_of_its_own_command(tmp_path, corpus_file, monkeypatch, capsys):
+    """A search run with --wandb_mode online put wandb.mode in every params.json; the replay kept it, and an
+    explicit mode beats WANDB_MODE, so a replay with no key or network could not log offline; and replay had
+    no --wandb_mode, the flag W&B's start-failure message tells users to pass."""
+    import pytest
+    from fake_experiment import FakeTrial, make_experiment
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.replay import main, trial_config
+
+    common = dict(check=False, output_dir=str(tmp_path), max_steps=None, epochs=None, wandb=True)
+    params = {"learning_rate": 1e-3, "wandb.mode": "online", "wandb.project": "p"}
+    for check in (False, True):
+        cfg = trial_config(params, tmp_path, "t1", **{**common, "check": check})
+        assert cfg.wandb.mode is None and cfg.wandb.project == "p"  # WANDB_MODE or a key decides, as for train
+    assert trial_config(params, tmp_path, "t1", **common, wandb_mode="offline").wandb.mode == "offline"
+
+    exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0], extra={"wandb.mode": "online"})])
+    modes = []
+
+    def fake_train(cfg, reporters=None, *, stop_after=None, corpus=None):
+        modes.append((cfg.wandb.enabled, cfg.wandb.mode))
+        return train_mod.TrainResult(status="finished", steps=5, tokens=0, output_dir=cfg.output_dir)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    base = [str(exp), "--data", str(corpus_file), "--max-steps", "5"]
+    assert main([*base, "--wandb_mode", "offline", "--output-dir", str(tmp_path / "a")]) == 0
+    assert main([*base, "--wandb-mode", "disabled", "--output-dir", str(tmp_path / "b")]) == 0
+    assert main([*base, "--output-dir", str(tmp_path / "c")]) == 0
+    assert modes == [(True, "offline"), (True, "disabled"), (True, None)]
+    capsys.readouterr()
+    for bad in (["--wandb_mode", "dryrun"], ["--wandb_mode", "offline", "--no-wandb"]):
+        with pytest.raises(SystemExit) as exited:  # argparse's error, one line
+            main([*base, *bad])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "--wandb" in err, err

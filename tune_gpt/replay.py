@@ -68,12 +68,18 @@ def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, An
 def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: bool, output_dir: str | None,
                  max_steps: int | None, epochs: float | None, wandb: bool, trial_device: str = "cpu",
                  trial_bf16_products: bool = False, data: str | None = None,
-                 experiment_name: str | None = None) -> TrainConfig:
+                 experiment_name: str | None = None, wandb_mode: str | None = None) -> TrainConfig:
     """The trial's hyperparameters, with where-it-runs settings for a final run.
 
     A check runs on the trial's device and, on a CPU, with the trial's matmul arithmetic (`auto`
-    decides by the CPU it runs on, which need not be the trial's)."""
+    decides by the CPU it runs on, which need not be the trial's). W&B's mode is this command's
+    (`wandb_mode`, else WANDB_MODE, else whether a key is found), never the search's."""
     flat = {k: v for k, v in params.items() if k in FIELD_TYPES}
+    # how to log, like num_threads is where to run: a search's `--wandb_mode online` beat this shell's
+    # WANDB_MODE (an explicit mode wins) and left a replay with no key or network no way out
+    flat.pop("wandb.mode", None)
+    if wandb_mode is not None:
+        flat["wandb.mode"] = wandb_mode
     if data is not None:
         flat["data"] = data
     elif is_redacted(flat.get("data")):  # the search kept the URL without its token
@@ -107,7 +113,7 @@ def trial_config(params: dict[str, Any], exp: Path, trial_id: str, *, check: boo
 def replay(experiment: str | Path, trial: str | None = None, *, check: bool = False, output_dir: str | None = None,
            max_steps: int | None = None, epochs: float | None = None, wandb: bool = True,
            data: str | None = None, batch_size: int | None = None,
-           gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+           gradient_accumulation_steps: int | None = None, wandb_mode: str | None = None) -> dict[str, Any]:
     """Train the trial again; return (and save) the summary. `data`, when given, replaces the trial's corpus
     spec (needed where it was a URL with a token, which the search does not write down); the corpus must
     still be the text the trial trained on for a check (its sha256 is compared). `batch_size` /
@@ -124,7 +130,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     cfg = trial_config(params, exp, trial_id, check=check, output_dir=output_dir, max_steps=max_steps,
                        epochs=epochs, wandb=wandb, trial_device=where["device"],
                        trial_bf16_products=where["bf16_products"], data=data,
-                       experiment_name=where["experiment_name"])
+                       experiment_name=where["experiment_name"], wandb_mode=wandb_mode)
     if where["micro_batch"]:
         cfg = TrainConfig.from_flat(where["micro_batch"], base=cfg)
     if batch_size is not None or gradient_accumulation_steps is not None:
@@ -329,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="replay at the trial's own budget and seed; compare the val loss")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> "
                    "(-check for --check); for an experiment in storage, ./tune_reports/<name>/replay-<trial>")
-    p.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
+    logging = p.add_mutually_exclusive_group()
+    logging.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
+    logging.add_argument("--wandb-mode", "--wandb_mode", dest="wandb_mode", choices=("online", "offline", "disabled"),
+                         help="the W&B run's mode (not the search's); default: WANDB_MODE, else online when an API "
+                         "key is found, else offline")
     p.add_argument("--data", help="the corpus, where the trial's was a URL with a token (the experiment keeps it "
                    "without); its text must be the trial's (sha256 compared)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             s = replay(args.experiment, args.trial, check=args.check, output_dir=args.output_dir,
                        max_steps=args.max_steps, epochs=args.epochs, wandb=args.wandb, data=args.data,
-                       batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation)
+                       batch_size=args.batch_size, gradient_accumulation_steps=args.accumulation,
+                       wandb_mode=args.wandb_mode)
         except Exception as exc:
             from tune_gpt.train import OutOfMemory  # loaded by replay() before it trains
 

@@ -290,3 +290,29 @@ def test_a_flag_prefix_shared_only_by_spellings_of_one_flag_is_that_flag():
     assert p.parse_args(["--batch", "8"]).batch_size == 8
     with pytest.raises(SystemExit):
         p.parse_args(["--beta", "0.9"])
+
+
+def test_generate_prints_each_sample_as_it_comes_and_stops_quietly_when_the_reader_does(tiny_cfg, tmp_path):
+    """`generate --num_samples 3000 | head -1` printed nothing until all 3000 were sampled, then a
+    BrokenPipeError traceback; with an ASCII stdout (PYTHONIOENCODING=ascii) a prompt "é" ended in a
+    UnicodeEncodeError after the sampling."""
+    from tune_gpt.train import train
+
+    out = tmp_path / "g"
+    train(tiny_cfg(max_steps=2, eval_interval=2, output_dir=str(out), tensorboard=False, **{"wandb.enabled": False}))
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "the",
+           "--max_new_tokens", "40", "--num_samples", "3000"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.readline()  # as `head -1` reads
+    running = p.poll() is None  # the first sample came long before the 3000th
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err  # 128 + SIGPIPE, as a shell reports `yes | head -1`
+    assert first.startswith(b"the") and running
+    assert err == "", err  # no traceback, no "Exception ignored" at exit
+
+    g = run("-m", "tune_gpt.generate", "--checkpoint", str(out), "--prompt", "é the", "--max_new_tokens", "5",
+            env={"PYTHONIOENCODING": "ascii"})
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert g.stdout.startswith("\\xe9 the") and "Traceback" not in g.stderr

@@ -7,10 +7,13 @@ output folder, a replay's, or a trial's checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Iterator, TextIO
 
 from tune_gpt.cli import OneLineParser, run_main
 from tune_gpt.config import check_text
@@ -48,6 +51,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, n
 def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
              top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> list[str]:
     """Return `num_samples` continuations of `prompt` (prompt included); sample i uses seed `seed` + 1000 i."""
+    return list(iter_samples(checkpoint, prompt, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                             device=device, num_samples=num_samples))
+
+
+def iter_samples(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 200, *, temperature: float = 0.8,
+                 top_k: int | None = 200, seed: int = 1337, device: str = "cpu", num_samples: int = 1) -> Iterator[str]:
+    """`generate`'s samples, each as soon as it is made (the command prints it then, not after the last)."""
     check_sampling(max_new_tokens, temperature, top_k, num_samples)
     check_text("--prompt", prompt)
     if not 0 <= seed < 2**63 - 1000 * num_samples:  # sample i uses seed + 1000 i
@@ -64,8 +74,23 @@ def generate(checkpoint: str | Path, prompt: str = "\n", max_new_tokens: int = 2
     unknown = tok.unknown_chars(one_newline(prompt))
     if unknown:
         warnings.warn(f"prompt characters never seen in training are replaced: {''.join(sorted(unknown))!r}")
-    return [sample_text(model, tok, prompt, max_new_tokens, seed + 1000 * i, device, temperature, top_k)
-            for i in range(num_samples)]
+    for i in range(num_samples):
+        yield sample_text(model, tok, prompt, max_new_tokens, seed + 1000 * i, device, temperature, top_k)
+
+
+@contextlib.contextmanager
+def _escaping_what_cannot_be_encoded(stream: TextIO) -> Iterator[None]:
+    """Characters `stream`'s encoding lacks (PYTHONIOENCODING=ascii, a C locale) written as ``\\xe9``, not a
+    UnicodeEncodeError once the sampling is done; the stream as it was afterwards (main may run in a notebook)."""
+    errors = getattr(stream, "errors", None)
+    if errors in (None, "backslashreplace") or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        stream.reconfigure(errors=errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +109,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def _run() -> int:
         args = parser.parse_args(argv)
-        for text in generate(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, device=args.device, num_samples=args.num_samples):
-            print(text)
-            print("-" * 40)
+        texts = iter_samples(args.checkpoint, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, device=args.device, num_samples=args.num_samples)
+        with _escaping_what_cannot_be_encoded(sys.stdout):
+            try:
+                for text in texts:
+                    print(text)
+                    print("-" * 40, flush=True)
+            except BrokenPipeError:
+                # The reader stopped (`| head -1`): no traceback, and none again when Python flushes stdout at
+                # exit (Python's documented idiom). 141 (128 + SIGPIPE) is what a shell reports for a command
+                # the closed pipe ended, `yes | head -1` too: the samples asked for were not all delivered,
+                # which `set -o pipefail` can see, as for any other command.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 141
         return 0
 
     return run_main(_run, prog="tune_gpt.generate")

@@ -562,6 +562,19 @@ def test_the_saved_command_names_the_same_files_from_any_directory(tmp_path, mon
         build_parser().parse_args(["--res"])  # no abbreviations
 
 
+def test_a_relative_cache_dir_is_kept_absolute_as_the_corpus_path_is(tmp_path, monkeypatch):
+    """Only `data` was made absolute: `--cache_dir cache` reached params.json as "cache", so trials (run in
+    their own folders) and a replay started elsewhere each used a cache of their own."""
+    monkeypatch.chdir(tmp_path)
+    plan = plan_search(SearchOptions(overrides={"data": "c.txt", "cache_dir": "cache"}))
+    assert plan.fixed["cache_dir"] == str(tmp_path / "cache") == plan.base_cfg.cache_dir
+    assert plan.fixed["data"] == str(tmp_path / "c.txt")
+    home = plan_search(SearchOptions(overrides={"cache_dir": "~/c"})).fixed["cache_dir"]
+    assert home == str(Path("~/c").expanduser())
+    with pytest.raises(ConfigError, match="cache_dir: empty"):  # still the config's one line
+        plan_search(SearchOptions(overrides={"cache_dir": " "}))
+
+
 def test_resume_refuses_flags_that_change_what_the_search_trains(tmp_path):
     """Ray restores the trials and the searcher, while the corpus and the plan come from the flags given: a
     resume on another corpus failed every resumed trial on its checkpoint and ended with exit 0. What trains

@@ -393,8 +393,11 @@ def plan_search(opts: SearchOptions) -> Plan:
         notes.append(f"num_samples: {opts.num_samples} from the command line, not the file's {space.num_samples}")
     fixed.update(opts.overrides)
     fixed.update(_trial_runtime(opts))
+    # trials run in other folders, and a replay may start in yet another: paths are kept absolute
     if fixed.get("data") and "://" not in str(fixed["data"]) and fixed["data"] not in ("python-docs", "chinese"):
-        fixed["data"] = os.path.abspath(os.path.expanduser(str(fixed["data"])))  # trials run in other folders
+        fixed["data"] = os.path.abspath(os.path.expanduser(str(fixed["data"])))
+    if isinstance(fixed.get("cache_dir"), str) and fixed["cache_dir"].strip():  # an empty one: config's error
+        fixed["cache_dir"] = os.path.abspath(os.path.expanduser(fixed["cache_dir"]))
     try:
         base_cfg = TrainConfig.from_flat({**fixed, **space.baseline()})
         check_domain_values(space, fixed)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 from wandb_offline import read_offline_run
@@ -343,3 +344,52 @@ def test_a_replay_logs_in_the_w_and_b_mode_of_its_own_command(tmp_path, corpus_f
         assert exited.value.code == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "--wandb" in err, err
+
+
+def test_a_check_is_logged_and_named_as_a_check_and_the_sample_command_is_quoted(tmp_path, corpus_file, monkeypatch,
+                                                                                  capsys):
+    """--check runs were W&B job_type "final" with tag "final"; a folder holding an earlier check was refused as
+    holding "a final run" (and an unfinished replay of another trial too); `--trial ""` replayed the best
+    trial; and the printed generate command broke on a folder with a space in its name."""
+    import pytest
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import main, replay
+    from tune_gpt.tracking import WandbReporter
+
+    exp = standard_experiment(tmp_path)
+    logged = []
+
+    def fake_train(cfg, reporters=None, *, stop_after=None, corpus=None):
+        w = next(r for r in reporters.reporters if isinstance(r, WandbReporter))
+        logged.append((w.job_type, w.extra_tags))
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").write_bytes(b"model")
+        return train_mod.TrainResult(status="finished", steps=stop_after or cfg.max_steps, tokens=0, final_val_loss=1.6,
+                                     output_dir=cfg.output_dir, model_path=str(out / "model.pt"))
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    spaced = tmp_path / "my runs" / "x"
+    assert main([str(exp), "--trial", trial_id(0), "--check", "--output-dir", str(spaced), "--data",
+                 str(corpus_file), "--wandb-mode", "offline"]) == 0
+    assert f"sample it: python -m tune_gpt.generate --checkpoint '{spaced}'" in capsys.readouterr().out
+    replay(exp, trial_id(0), max_steps=5, output_dir=str(tmp_path / "final"), data=str(corpus_file))
+    assert logged == [("check", ["check"]), ("final", ["final"])]
+
+    with pytest.raises(ConfigError, match=r"already holds a check \(30 steps, val loss 1\.6000\); give another"):
+        replay(exp, trial_id(0), max_steps=5, output_dir=str(spaced), data=str(corpus_file))
+    mark = tmp_path / "interrupted"
+    mark.mkdir()
+    (mark / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id(1), "check": False, "status": "oom"}))
+    with pytest.raises(ConfigError, match=rf"already holds a final run of trial {trial_id(1)} that did not finish "
+                                          r"\(out of memory\); give another --output-dir"):
+        replay(exp, trial_id(0), max_steps=5, output_dir=str(mark), data=str(corpus_file))
+
+    assert main([str(exp), "--trial", "", "--no-wandb"]) == 2  # `--trial "$UNSET"`
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["tune_gpt.replay: error: --trial: empty; give a trial id (or its prefix), or leave "
+                                "--trial out for the best trial"], err
+    assert len(logged) == 2

@@ -1,7 +1,7 @@
 """Replay a trial as a final run: ``python -m tune_gpt.replay EXPERIMENT [--trial ID] [--check]``.
 
 The best trial (or the one named) is trained again through the same `train()`:
-a W&B run with ``job_type="final"`` in the experiment's group, TensorBoard, the
+a W&B run with ``job_type="final"`` (``"check"`` for a check) in the experiment's group, TensorBoard, the
 saved model with its tokenizer, a sample, and ``replay_summary.json`` comparing
 the final val loss with the trial's. ``--check`` replays the trial at exactly
 its budget and seed and says whether the val loss matches (within 1e-4 on CPU).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -39,10 +40,12 @@ def _pick(experiment: str | Path, trial: str | None) -> tuple[Path, dict[str, An
     temporary copy of the files the report reads for an experiment in storage."""
     from tune_gpt.report import REMOTE_REPORTS, _read_experiment, _results_frame
 
+    if trial is not None and not trial.strip():  # `--trial "$UNSET"`: not the best trial, quietly
+        raise ConfigError("--trial: empty; give a trial id (or its prefix), or leave --trial out for the best trial")
     read = _read_experiment(experiment)
     df = _results_frame(read)
     exp = Path(REMOTE_REPORTS) / read.uri.rstrip("/").rsplit("/", 1)[-1] if read.uri else read.dir
-    if trial:
+    if trial is not None:
         ids = df["trial_id"].astype(str)
         rows = df[ids == trial]  # the id as given, else a prefix of one id only (ids share the search's prefix)
         rows = rows if not rows.empty else df[ids.str.startswith(trial)]
@@ -155,7 +158,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         _check_same_corpus(trial_id, where.get("corpus_sha256"), corpus, check)
         trial_steps = _int(row.get("steps"))
         stop_after = trial_steps if check and trial_steps else None
-        reporters = default_reporters(cfg, job_type="final", tags=["final"],
+        kind = "check" if check else "final"  # a check is no final run: W&B filters tell them apart
+        reporters = default_reporters(cfg, job_type=kind, tags=[kind],
                                       extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
         lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
         # marked as this replay's until its summary replaces the mark
@@ -267,7 +271,11 @@ def _check_output_dir_free(out: Path, summary: dict[str, Any] | None) -> None:
         loss, steps = _float(summary.get("final_val_loss")), _int(summary.get("steps"))
         parts = ([f"{steps} steps"] if steps is not None else []) + ([f"val loss {loss:.4f}"] if loss is not None else [])
         what = f" ({', '.join(parts)})" if parts else ""
-    held = (f"a final run{what}" if summary is not None else f"a trained model ({MODEL_NAME})" if MODEL_NAME in earlier
+    kind = "a check" if summary and summary.get("check") is True else "a final run"
+    if summary and summary.get("status") in UNFINISHED:  # another trial's, or a check's for a final run
+        why = "out of memory" if summary["status"] == "oom" else "interrupted"
+        kind, what = f"{kind} of trial {summary.get('trial_id')} that did not finish", f" ({why})"
+    held = (f"{kind}{what}" if summary is not None else f"a trained model ({MODEL_NAME})" if MODEL_NAME in earlier
             else f"a run's checkpoint ({earlier[0]})")
     raise ConfigError(f"replay: {out} already holds {held}; give another --output-dir (or remove it)")
 
@@ -377,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({trial_said})")
         print(f"model: {s['model_path']}  summary: {Path(s['output_dir']) / 'replay_summary.json'}")
         if s["model_path"]:
-            print(f"sample it: python -m tune_gpt.generate --checkpoint {s['output_dir']}")
+            print(f"sample it: python -m tune_gpt.generate --checkpoint {shlex.quote(str(s['output_dir']))}")
         if args.check:
             d = s["difference"]
             verdict = "MATCH" if s["match"] else "MISMATCH"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -163,7 +164,8 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
                                       extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
         lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
         # marked as this replay's until its summary replaces the mark
-        (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check, "status": "running"}))
+        (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check,
+                                                             "status": "running"}))
         try:
             result = train(cfg, reporters, stop_after=stop_after, corpus=corpus)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is answered here
@@ -204,7 +206,7 @@ class _OutputLock:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self._file: Any = None
+        self._fd: int | None = None
 
     def take(self, *, make: bool) -> None:
         """Hold the lock (once); `make`: make the folder and the file where they are missing, else take the
@@ -212,26 +214,26 @@ class _OutputLock:
         import fcntl
 
         path = self.out / LOCK_NAME
-        if self._file is not None or not (make or path.is_file()):
+        if self._fd is not None or not (make or path.is_file()):
             return
         if make:
             self.out.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")  # held until __exit__
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access to the file
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.close()
+            os.close(fd)
             raise ConfigError(f"replay: another replay is writing {self.out}; wait for it to end, or give another "
                               f"--output-dir") from None
-        self._file = f
+        self._fd = fd
 
     def __enter__(self) -> "_OutputLock":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file releases the lock
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing it releases the lock
+            self._fd = None
 
 
 def _summary_in(out: Path) -> dict[str, Any] | None:
@@ -343,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="replay at the trial's own budget and seed; compare the val loss")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="default: <experiment>/replay-<trial> "
                    "(-check for --check); for an experiment in storage, ./tune_reports/<name>/replay-<trial>")
-    logging = p.add_mutually_exclusive_group()
-    logging.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
-    logging.add_argument("--wandb-mode", "--wandb_mode", dest="wandb_mode", choices=("online", "offline", "disabled"),
-                         help="the W&B run's mode (not the search's); default: WANDB_MODE, else online when an API "
-                         "key is found, else offline")
+    wandb_flags = p.add_mutually_exclusive_group()
+    wandb_flags.add_argument("--no-wandb", dest="wandb", action="store_false", help="no W&B run")
+    wandb_flags.add_argument("--wandb-mode", "--wandb_mode", dest="wandb_mode",
+                             choices=("online", "offline", "disabled"),
+                             help="the W&B run's mode (not the search's); default: WANDB_MODE, else online when an "
+                             "API key is found, else offline")
     p.add_argument("--data", help="the corpus, where the trial's was a URL with a token (the experiment keeps it "
                    "without); its text must be the trial's (sha256 compared)")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,

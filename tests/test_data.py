@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tune_gpt.data import UNK, BatchSampler, CharTokenizer, load_corpus, read_text
+from tune_gpt.data import UNK, BatchSampler, CharTokenizer, load_corpus, read_text, resolve_files
 from tune_gpt.errors import DataError
 
 
@@ -339,10 +339,59 @@ def test_a_recursive_glob_or_a_folder_with_a_symlink_loop_reads_each_file_once(t
     (other / "c.txt").write_text("gamma " * 50)
     (d / "linked").symlink_to(other)
     want = sorted(str(p.resolve()) for p in (d / "a.txt", d / "sub" / "b.txt", other / "c.txt"))
-    for spec in (str(d), str(d / "**" / "*.txt"), str(d / "**")):
+    for spec in (str(d / "**" / "*.txt"), str(d / "**")):
         _, text, sources = read_text(spec)
         assert sorted(sources) == want, (spec, sources)
         assert text.count("alpha") == text.count("beta") == text.count("gamma") == 50, spec
+    _, text, sources = read_text(str(d))  # a folder corpus reads what Path.rglob read: no symlinked folder
+    assert sources == want[:2] and "gamma" not in text, sources
+
+
+@pytest.mark.parametrize("listed_backwards", [False, True])
+def test_globs_and_folders_read_what_they_read_before_in_the_same_order(tmp_path, monkeypatch, listed_backwards):
+    """The order (thus the corpus's sha256 and its validation split) must not depend on the order the file
+    system lists a folder in; a folder reached through a symlink as well is still matched under its own name;
+    a pattern segment starting with a dot matches hidden names, as glob's does."""
+    import glob as globmod
+    import os
+
+    d = tmp_path / "c"
+    (d / "zm").mkdir(parents=True)
+    (d / "zm" / "x.txt").write_text("zeta " * 20)
+    (d / "b.txt").write_text("beta " * 20)
+    (d / ".h.txt").write_text("hidden " * 20)
+    (d / "a1").symlink_to("zm")
+    scandir = os.scandir
+
+    class Listed:  # the folder's entries in name order, or backwards
+        def __init__(self, path):
+            with scandir(path) as it:
+                self.entries = iter(sorted(it, key=lambda e: e.name, reverse=listed_backwards))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def close(self):
+            pass
+
+    def as_glob_read_it(pattern):  # what glob.glob(recursive=True) gave: sorted, each file once
+        return list(dict.fromkeys(Path(f).resolve() for f in sorted(globmod.glob(pattern, recursive=True))
+                                  if Path(f).is_file()))
+
+    expected = {p: as_glob_read_it(p) for p in (f"{d}/**/*.txt", f"{d}/**/zm/*", f"{d}/**/.*")}
+    monkeypatch.setattr(os, "scandir", Listed)
+    for pattern, files in expected.items():
+        assert resolve_files(pattern) == files, pattern
+    assert resolve_files(str(d)) == [(d / "b.txt").resolve(), (d / "zm" / "x.txt").resolve()]
 
 
 def test_the_offset_of_a_bad_byte_counts_the_byte_order_mark(tmp_path):
@@ -364,3 +413,20 @@ def test_an_interrupted_token_cache_write_leaves_no_copy_of_the_ids(tmp_path, co
         with pytest.raises(KeyboardInterrupt):
             load_corpus(str(corpus_file), cache_dir=tmp_path)
     assert list((tmp_path / "tokens").iterdir()) == []
+
+
+def test_the_cache_keeps_to_the_umask(tmp_path, corpus_file):
+    """mkstemp/mkdtemp make 0600/0700 entries; they were chmod-ed to 0644/0755 whatever the umask, so under
+    umask 077 a download fetched with a token (and the ids of a private corpus) became readable by all."""
+    import os
+    import stat
+
+    before = os.umask(0o077)
+    try:
+        with serving({"body": b"to be or not to be\n" * 200}, []) as base:
+            load_corpus(base + "/c.txt", cache_dir=tmp_path)
+        load_corpus(str(corpus_file), cache_dir=tmp_path)
+    finally:
+        os.umask(before)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.rglob("*")}
+    assert all(int(m, 8) & 0o077 == 0 for m in modes.values()), modes

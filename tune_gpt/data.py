@@ -198,6 +198,8 @@ def resolve_files(spec: str) -> list[Path]:
     if p.is_file():
         return [p.absolute()]  # not resolved: messages name the path the user gave
     if p.is_dir():
+        # Path.rglob's files: a symlinked folder is not entered (following one changed the text, so the sha and
+        # the validation split, of an existing folder corpus)
         files = sorted((f for f in _walk_files(p) if f.is_file()),  # (not a FIFO, a socket, a dead link)
                        key=lambda f: f.relative_to(p).parts)  # the same order on every OS
         if not files:
@@ -215,22 +217,42 @@ def resolve_files(spec: str) -> list[Path]:
     raise DataError(f"{spec}: no such file or directory")
 
 
-def _walk_files(root: Path):
-    """Files under `root`, none in or under a hidden folder; a symlinked folder is followed once (its real
-    folder seen before, a loop such as ``up -> ..``, is not entered again)."""
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+def _walk_files(root: Path, *, follow_links: bool = False, hidden: bool = False):
+    """Files under `root` (and dead links, FIFOs: the caller keeps regular files), as paths through `root`.
+    Hidden names are left out unless `hidden`. A symlinked folder is entered only with `follow_links` (glob's
+    ``**`` follows them; Path.rglob, a folder corpus, did not), and never when it is one of its own ancestors (a
+    loop such as ``up -> ..``): a folder reached by two paths is walked under both, as glob walks it."""
+
+    def walk(folder: str, ancestors: frozenset):
         try:
-            st = os.stat(dirpath)
+            with os.scandir(folder) as it:
+                entries = list(it)
         except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        yield from (Path(dirpath) / f for f in filenames if not f.startswith("."))
+            return
+        for e in entries:
+            if not hidden and e.name.startswith("."):
+                continue
+            try:
+                is_dir = e.is_dir()  # (follows a link)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                yield Path(e.path)
+                continue
+            if not follow_links and e.is_symlink():
+                continue
+            try:
+                st = os.stat(e.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in ancestors:
+                yield from walk(e.path, ancestors | {(st.st_dev, st.st_ino)})
+
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    yield from walk(str(root), frozenset({(st.st_dev, st.st_ino)}))
 
 
 def _glob_files(pattern: str) -> list[Path]:
@@ -252,7 +274,22 @@ def _glob_files(pattern: str) -> list[Path]:
         return (bool(names) and fnmatch.fnmatchcase(names[0], segs[0])
                 and (not names[0].startswith(".") or segs[0].startswith(".")) and match(segs[1:], names[1:]))
 
-    return [f for f in _walk_files(root) if match(segs, f.relative_to(root).parts)]
+    hidden = any(seg.startswith(".") for seg in segs)  # else no segment can match a hidden name: not walked
+    return [f for f in _walk_files(root, follow_links=True, hidden=hidden) if match(segs, f.relative_to(root).parts)]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _read_file(path: Path, label: str | None = None, allow_empty: bool = False) -> str:
@@ -351,7 +388,7 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         fd, name = tempfile.mkstemp(dir=dest_dir, prefix=f"{key}.", suffix=".part")  # O_EXCL: no shared name
         os.close(fd)
         tmp = Path(name)
-        os.chmod(tmp, 0o644)  # as open() made it: readable by the other users of a shared cache
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() made it (mkstemp's is 0600): the umask decides who reads it
     except OSError as exc:
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc}); "
                         "give a writable --cache_dir or TUNE_GPT_CACHE") from None
@@ -486,7 +523,7 @@ def tokenize(name: str, text: str, sources: list[str], cache_dir: Path) -> Corpu
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f"{key}.tmp"))  # unique, even across containers
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the entry from the other users of a shared cache
+        os.chmod(tmp, 0o777 & ~_umask())  # as mkdir made it (mkdtemp's is 0700): the umask decides who reads it
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         (tmp / "meta.json").write_text(json.dumps({

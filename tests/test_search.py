@@ -278,20 +278,23 @@ def test_scheduler_settings_nothing_would_use_are_refused(tmp_path):
     assert resumed.scheduler == {"type": "none", "grace_period": 3} and any("not used" in n for n in resumed.notes)
 
 
-def test_a_search_started_before_w_and_b_s_whole_brackets_resumes(tmp_path):
-    """A W&B sweep's min_iter with a fractional eta now gives ASHA W&B's brackets (whole_rungs). A search started
-    before keeps the rungs Ray restores, and resumes: the plan's scheduler differed from the saved one."""
+@pytest.mark.parametrize("hyperband, key", [("min_iter: 1, eta: 2.5", "whole_rungs"),
+                                            ("max_iter: 50, s: 3, eta: 3", "rungs")])
+def test_a_search_started_before_w_and_b_s_whole_brackets_resumes(tmp_path, hyperband, key):
+    """A W&B sweep's min_iter with a fractional eta, or a max_iter no multiple of eta^s, now gives ASHA W&B's
+    brackets (whole_rungs, rungs). A search started before keeps the rungs Ray restores, and resumes: the
+    plan's scheduler differed from the saved one."""
     from tune_gpt.search import _check_same_search, _search_info
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("method: random\nrun_cap: 2\nparameters:\n  lr: {values: [0.001, 0.002]}\n"
-                     "early_terminate: {type: hyperband, min_iter: 1, eta: 2.5}\n")
+                     f"early_terminate: {{type: hyperband, {hyperband}}}\n")
     began = plan_search(SearchOptions(space=str(sweep), storage_path=str(tmp_path / "r")))
-    assert began.scheduler["whole_rungs"] is True
-    began.scheduler.pop("whole_rungs")
+    assert began.scheduler[key]
+    began.scheduler.pop(key)
     resumed = plan_search(SearchOptions(space=str(sweep), storage_path=str(tmp_path / "r"), resume=True))
     _check_same_search(resumed, _search_info(began))
-    assert "whole_rungs" not in resumed.scheduler and any("not W&B's whole brackets" in n for n in resumed.notes)
+    assert key not in resumed.scheduler and any("not W&B's whole brackets" in n for n in resumed.notes)
 
 
 def test_search_flag_over_a_w_and_b_sweep_reads_its_values_as_that_method_would(tmp_path):

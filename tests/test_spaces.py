@@ -578,16 +578,22 @@ def test_hyperband_min_iter_with_a_fractional_eta_judges_at_w_and_b_s_whole_brac
     assert "whole_rungs" not in whole.scheduler  # min_iter * eta^k is whole already: Ray's rungs are W&B's
 
 
-@pytest.mark.parametrize("max_iter, s, eta, bands", [(27, 2, 3, [3, 9]), (81, 3, 3, [3, 9, 27]), (16, 2, 2, [4, 8])])
+@pytest.mark.parametrize("max_iter, s, eta, bands", [(27, 2, 3, [3, 9]), (81, 3, 3, [3, 9, 27]), (16, 2, 2, [4, 8]),
+                                                      (50, 3, 3, [1, 5, 16]), (20, 2, 2.5, [3, 8])])
 def test_hyperband_max_iter_maps_to_asha(tmp_path, max_iter, s, eta, bands):
     space = load_space(write(tmp_path, f"""
         method: random
         early_terminate: {{type: hyperband, max_iter: {max_iter}, s: {s}, eta: {eta}}}
         parameters: {{lr: {{min: 0.0001, max: 0.01}}}}
     """))
+    # max_iter a multiple of eta^s: Ray's rungs are W&B's brackets; else (50 / 3^k: 16, 5, 1 where Ray's would be
+    # 1, 3, 9) ASHA is given W&B's brackets
+    exact = max_iter % eta ** s == 0
     assert space.scheduler == {"type": "asha", "grace_period": bands[0], "max_t": bands[-1] + 1,
-                               "reduction_factor": eta, "brackets": 1, "stop_last_trials": False}
-    assert _asha_rungs(space.scheduler) == bands  # the decisions happen where W&B's did, and only there
+                               "reduction_factor": eta, "brackets": 1, "stop_last_trials": False,
+                               **({} if exact else {"rungs": bands})}
+    if exact:
+        assert _asha_rungs(space.scheduler) == bands  # the decisions happen where W&B's did, and only there
     # max_iter places W&B's brackets and stops no run: past the last rung a trial goes on to its end
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
@@ -602,6 +608,13 @@ def test_hyperband_max_iter_maps_to_asha(tmp_path, max_iter, s, eta, bands):
     for it in range(1, 5 * max_iter):  # always the best so far: never cut at a rung
         action = asha.on_trial_result(None, trial, {"training_iteration": it, "val/loss": 10.0 / it})
         assert action == TrialScheduler.CONTINUE, (it, action)
+    # each rung records the trial at the report it judges it (Ray's form, --stop-at-rungs; the promotion form,
+    # the default, pauses at the same ones)
+    assert sorted(it for _, recorded in asha._brackets[0]._rungs for it in
+                  [round(-10.0 / v) for v in recorded.values()]) == bands  # (stored negated for min)
+    promoting = _scheduler(SimpleNamespace(scheduler={**space.scheduler, "pause": True}, max_evals=5 * max_iter,
+                                           metric="val/loss", mode="min"))
+    assert promoting.rungs == bands
 
 
 # ============================================================ Ray / Optuna mapping

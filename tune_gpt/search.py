@@ -1636,10 +1636,11 @@ def _scheduler(plan: Plan):
                   "grace_period": int(min(s.get("grace_period", GRACE_PERIOD["asha"]), max_t)),
                   "reduction_factor": float(s.get("reduction_factor", 3)),
                   "stop_last_trials": bool(s.get("stop_last_trials", True))}  # False: W&B's max_iter
-        # a W&B sweep's min_iter with a fractional eta: its brackets int(min_iter * eta^k), not Ray's fractional
-        # rungs (which judge a trial at the report after each)
+        # a W&B sweep's brackets where Ray's rungs would not be them: min_iter with a fractional eta (its brackets
+        # int(min_iter * eta^k); Ray's fractional rungs judge a trial at the report after each), and max_iter
+        # where it is no multiple of eta^s (`rungs`, W&B's int(max_iter / eta^k))
         rungs = (hyperband_brackets(common["grace_period"], common["reduction_factor"], max_t)
-                 if s.get("whole_rungs") else None)
+                 if s.get("whole_rungs") else [r for r in s["rungs"] if r < max_t] if s.get("rungs") else None)
         if s.get("pause"):
             from tune_gpt._schedulers import PromotingASHA
 
@@ -1924,7 +1925,8 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
         if not plan.pause_given and plan.scheduler.get("type") == "asha":
             plan.scheduler["pause"] = was["pause"]  # not asked for: the form it was started with (Ray restores it)
             plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
-        if "whole_rungs" not in was and plan.scheduler.pop("whole_rungs", None):  # started before W&B's brackets
+        if not {"whole_rungs", "rungs"} & set(was) and (plan.scheduler.pop("whole_rungs", None)  # started before
+                                                            or plan.scheduler.pop("rungs", None)):  # W&B's brackets
             plan.notes.append("ASHA keeps the rungs the search was started with, grace_period * reduction_factor^k "
                               "(Ray restores its scheduler), not W&B's whole brackets")
     if plan.grid_cap is not None and "grid_cap" not in saved and saved.get("searcher") == "grid":

@@ -1411,10 +1411,10 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
     * ``max_iter`` + ``s``: W&B brackets at int(max_iter / eta^k), k = 1..s
       (those >= 1), and its runs go on to their own end: max_iter places the
       brackets, it stops no run. ASHA gets ``grace_period`` = the lowest bracket,
-      ``max_t`` = the highest + 1 (so its rungs, grace_period * eta^k < max_t, are
-      as many as W&B's brackets: the same ones when max_iter is a multiple of
-      eta^s, their nearest neighbours otherwise) and ``stop_last_trials: false``
-      (ASHA would otherwise end every trial at max_t, the best one too).
+      ``max_t`` = the highest + 1, its rungs (grace_period * eta^k < max_t: W&B's
+      brackets when max_iter is a multiple of eta^s; else ``rungs``, W&B's
+      brackets as they are) and ``stop_last_trials: false`` (ASHA would
+      otherwise end every trial at max_t, the best one too).
     """
     if min_iter is not None:
         whole = not float(eta).is_integer()  # else min_iter * eta^k is whole already: Ray's rungs are W&B's
@@ -1431,12 +1431,20 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
         if band < 1:
             break
         bands.append(int(band))
-    grace, last = min(bands), max(bands) + 1
+    grace, last, bands = min(bands), max(bands) + 1, sorted(set(bands))
+    ray_rungs, rung = [], float(grace)
+    while rung < last:
+        ray_rungs.append(rung)
+        rung *= eta
+    # Ray's rungs, grace_period * eta^k, are W&B's brackets where max_iter is a multiple of eta^s; else (max_iter
+    # 50, s 3, eta 3: W&B's 1, 5, 16 against 1, 3, 9) ASHA is given W&B's
+    exact = ray_rungs == [float(b) for b in bands]
     notes.append(f"early_terminate: hyperband max_iter={max_iter} s={s} eta={_fmt(eta)} (brackets at "
-                 f"{sorted(bands)}) -> ASHA grace_period={grace} reduction_factor={_fmt(eta)}, rungs below {last}; "
-                 "trials past the last rung run to their end, as W&B's do")
+                 f"{bands}) -> ASHA grace_period={grace} reduction_factor={_fmt(eta)}, "
+                 + (f"rungs below {last}" if exact else f"rungs at W&B's brackets {bands}")
+                 + "; trials past the last rung run to their end, as W&B's do")
     return {"type": "asha", "grace_period": grace, "max_t": last, "reduction_factor": eta, "brackets": 1,
-            "stop_last_trials": False}
+            "stop_last_trials": False, **({} if exact else {"rungs": bands})}
 
 
 def hyperband_brackets(min_iter: int, eta: float, below: int) -> list[int]:

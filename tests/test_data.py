@@ -430,3 +430,15 @@ def test_the_cache_keeps_to_the_umask(tmp_path, corpus_file):
         os.umask(before)
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.rglob("*")}
     assert all(int(m, 8) & 0o077 == 0 for m in modes.values()), modes
+
+
+@pytest.mark.parametrize("password", ["pa?ss", "pa#ss", "pa/ss"])
+def test_a_url_password_with_a_reserved_character_is_one_line_without_any_of_it(tmp_path, password):
+    """URLs must percent-encode / ? # in a password: unencoded, the host part ends inside it, and urllib's
+    'nonnumeric port: pa' printed the password's start."""
+    with pytest.raises(DataError) as exc:
+        load_corpus(f"https://alice:{password}@example.invalid/c.txt", cache_dir=tmp_path)
+    said = str(exc.value)
+    assert said == ("https://alice:***@example.invalid/c.txt: download failed (the password holds a character URLs "
+                    "reserve (/ ? #): write it percent-encoded (%2F %3F %23))"), said
+    assert "'pa'" not in said and password not in said

@@ -446,6 +446,12 @@ def _request_for(url: str) -> tuple[urllib.request.Request, str]:
     goes into an HTTP Basic ``Authorization`` header instead, the URL without it."""
     parts = urllib.parse.urlsplit(url)
     if "@" not in parts.netloc:
+        try:
+            parts.port
+        except ValueError:  # 'alice:pa?ss@host': the netloc ended at the password's '?', its start taken for a port
+            if "@" in url.partition(parts.netloc)[2]:  # (and urllib's 'nonnumeric port' line printed that start)
+                raise ValueError("the password holds a character URLs reserve (/ ? #): write it percent-encoded "
+                                 "(%2F %3F %23)") from None
         return urllib.request.Request(url), ""
     userinfo, host = parts.netloc.rsplit("@", 1)
     user, _, password = userinfo.partition(":")

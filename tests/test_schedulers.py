@@ -515,3 +515,15 @@ def test_a_trial_that_fails_as_it_pauses_is_decided_again_on_its_value_at_the_ru
     trials[2].status = Trial.RUNNING
     assert report(s, trials[2], 2, 0.5) == TrialScheduler.PAUSE  # ranked on 3.0: the slot stays t0's
     assert s._scores[0]["t2"] == -3.0 and s._next_up(0) == ["t0"]
+
+
+@pytest.mark.parametrize("why", ["diverged", "oom"])
+def test_a_trial_whose_last_report_says_it_failed_is_ranked_at_its_rung_but_not_paused(why):
+    """A trial that diverged (or ran out of memory) reports the worst value and ends. Paused at the rung that
+    report reached, it was promoted at the search's end and started again only to report its end again."""
+    s = asha()
+    a, b = FakeTrial("a"), FakeTrial("b")
+    assert report(s, a, 1, 2.0) == TrialScheduler.PAUSE
+    assert s.on_trial_result(None, b, {"it": 1, "loss": float("inf"), why: 1}) == TrialScheduler.CONTINUE
+    assert s._scores[0] == {"a": -2.0, "b": float("-inf")} and "b" not in s._waiting  # ranked, last; not waiting
+    assert s._next_up(0) == []  # two at the rung: no slot yet, and the failed trial holds none

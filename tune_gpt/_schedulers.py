@@ -45,6 +45,10 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 
+# The flags of a trial's last report when it diverged or ran out of memory (tune_gpt.search._report_failed).
+ENDED_BY_ITSELF = ("diverged", "oom")
+
+
 class PromotingASHA(FIFOScheduler):
     """ASHA that pauses trials at its rungs and promotes the best ones (see the module docstring)."""
 
@@ -116,6 +120,10 @@ class PromotingASHA(FIFOScheduler):
             self._scores[k][tid] = self._score(result)
             if tid in self._next_up(k):
                 self._promoted[k].add(tid)
+                return TrialScheduler.CONTINUE
+            if any(result.get(why) for why in ENDED_BY_ITSELF):
+                # its last report (it diverged, or ran out of memory): ranked at the rung, and left to end. Paused
+                # there, it was promoted at the search's end and started again only to report its end again
                 return TrialScheduler.CONTINUE
             return self._pause(tune_controller, tid, k)
         return TrialScheduler.CONTINUE

@@ -1158,3 +1158,20 @@ def test_a_search_its_budget_ended_is_not_taken_for_interrupted_by_a_late_signal
     assert not search._was_interrupted(stop, [], plan, None)
     monkeypatch.setattr(search, "_budget_markers", lambda plan: (False, 0))
     assert search._was_interrupted(stop, [], plan, None)
+
+
+def test_a_size_preset_from_the_command_line_brings_its_own_shape(tmp_path):
+    """`python -m tune_gpt.search --model_size small` (the README's example) trained the default space's
+    shrunken tiny shape: the file's model.n_layer etc. went on overriding the preset. A preset given on the
+    command line now leaves out the file's fixed shape values, and says so; shape flags still win."""
+    plan = plan_search(SearchOptions(storage_path=str(tmp_path), overrides={"model_size": "small"}))
+    assert not {k for k in plan.fixed if k.startswith("model.")} & {"model.n_layer", "model.n_head", "model.n_embd",
+                                                                   "model.block_size", "model.dropout"}
+    m = plan.base_cfg.model
+    assert (plan.base_cfg.model_size, m.n_layer, m.n_head, m.n_embd, m.block_size) == ("small", 6, 6, 384, 256)
+    assert any(n.startswith("model_size: 'small' from the command line, not the file's 'tiny', with its own shape: "
+                            "the file's model.n_layer 2, model.n_head 4") for n in plan.notes), plan.notes
+    mine = plan_search(SearchOptions(storage_path=str(tmp_path), overrides={"model_size": "small", "model.n_layer": 3}))
+    assert (mine.base_cfg.model.n_layer, mine.base_cfg.model.n_embd) == (3, 384)
+    same = plan_search(SearchOptions(storage_path=str(tmp_path), overrides={"model_size": "tiny"}))
+    assert (same.fixed["model.n_layer"], same.base_cfg.model.n_embd) == (2, 64)  # the file's own preset: its shape

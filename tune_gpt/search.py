@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from tune_gpt._redact import REDACTED, redact, redact_flat, refuse_credentials
 from tune_gpt.cli import OneLineParser, add_config_flags, flag_name, overrides_from_args, resume_command, run_main
-from tune_gpt.config import RUNTIME_KEYS, TrainConfig
+from tune_gpt.config import MODEL_PRESETS, RUNTIME_KEYS, TrainConfig
 from tune_gpt.errors import ConfigError, SearchInterrupted, TuneGPTError
 from tune_gpt.spaces import (Choice, Grid, SearchSpace, SpaceError, Uniform, check_domain_values, hyperband_brackets,
                              load_space, metric_name)
@@ -384,11 +384,20 @@ def plan_search(opts: SearchOptions) -> Plan:
     for key in list(fixed):
         if key in RUNTIME_KEYS and key not in ("compile",):
             notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
+    size, own_shape = opts.overrides.get("model_size"), ""
+    if size is not None and size != fixed.get("model_size"):
+        # a size preset given on the command line is that preset's shape: the file's own shape values (the default
+        # space's shrunken tiny model) went on overriding it, and `--model_size small` trained the shrunken model
+        shape = {k: fixed.pop(k) for k in [f"model.{f}" for f in MODEL_PRESETS.get(size, {})]
+                 if k in fixed and k not in opts.overrides}
+        own_shape = (", with its own shape: the file's " + ", ".join(f"{k} {v!r}" for k, v in shape.items())
+                     + " are left out (flags such as --n_layer set them)") if shape else ""
     for key, value in opts.overrides.items():  # the fixed values above are the file's: say what replaces them
         if key in fixed and fixed[key] != value:
-            notes.append(redact(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}"))
+            notes.append(redact(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}")
+                         + (own_shape if key == "model_size" else ""))
         elif key not in fixed and key not in unsearched and key not in RUNTIME_KEYS:
-            notes.append(redact(f"{key}: {value!r} from the command line"))
+            notes.append(redact(f"{key}: {value!r} from the command line") + (own_shape if key == "model_size" else ""))
     if opts.num_samples is not None and space.num_samples is not None and opts.num_samples != space.num_samples:
         notes.append(f"num_samples: {opts.num_samples} from the command line, not the file's {space.num_samples}")
     fixed.update(opts.overrides)

@@ -1343,7 +1343,7 @@ def _build(exp: _Experiment, experiment_arg: str) -> _Report:
     if imp.empty:
         note = "; ".join(str(w.message) for w in caught) or "importance: not computed"
     else:
-        note = f"{imp.attrs.get('evaluator', '')} over {imp.attrs.get('trials', '?')} finished trials"
+        note = f"{imp.attrs.get('evaluator', '')} over {imp.attrs.get('trials', '?')} trials (finished or stopped)"
     figs = {"heatmap": heatmap_figure(df, pivot), "lr_scatter": lr_scatter_figure(df),
             "curves": curves_figure(df, curves)}
     images, skipped = {}, {}

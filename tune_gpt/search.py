@@ -953,7 +953,8 @@ def _quiet_ray_analysis():
     """Ray's result analysis warns of trials that never started ("Failed to fetch metrics": the time
     budget ran out first) and, when no trial has a result, asks whether the metric name is right. The
     summary says what happened instead (`_no_best`); real errors still show. After Ctrl+C, Tune's own
-    "Resume experiment with: Tuner.restore(...)" is left out: the search's resume line says what to type."""
+    "Resume experiment with: Tuner.restore(...)" and "Trials did not complete" are left out: the search's
+    resume line says what to type."""
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -967,8 +968,21 @@ def _quiet_ray_analysis():
 
 
 class _NotRaysResumeHint(logging.Filter):
+    """Tune's lines that the search's own say better: its resume hint, and the ERROR listing the trials that
+    did not complete after Ctrl+C (the search's line names the --resume command; errored trials are counted in
+    its summary)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Resume experiment with:" not in record.getMessage()
+        message = record.getMessage()
+        return "Resume experiment with:" not in message and not message.startswith("Trials did not complete")
+
+
+class _NotTheDefaultTokenNotice(logging.Filter):
+    """Ray's warning, at every start of a local cluster, that token authentication is on by default (it is:
+    nothing to do; joining nodes is the README's Scaling out section). Its warning that it is off stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, float, Any]:
@@ -1341,7 +1355,13 @@ def _init_ray(opts: SearchOptions) -> bool:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            ray.init(**kwargs, **local)
+            notice, quiet = logging.getLogger("ray._private.authentication.authentication_token_setup"), \
+                _NotTheDefaultTokenNotice()
+            notice.addFilter(quiet)
+            try:
+                ray.init(**kwargs, **local)
+            finally:
+                notice.removeFilter(quiet)
     return bool(local)
 
 

@@ -393,3 +393,60 @@ def test_a_check_is_logged_and_named_as_a_check_and_the_sample_command_is_quoted
     assert err.splitlines() == ["tune_gpt.replay: error: --trial: empty; give a trial id (or its prefix), or leave "
                                 "--trial out for the best trial"], err
     assert len(logged) == 2
+
+
+def test_a_replay_that_ended_while_another_loaded_its_corpus_is_not_trained_over(tmp_path, corpus_file, monkeypatch):
+    """The folder was looked at before the corpus loaded: a replay that started and ended there meanwhile left
+    the lock free, and the second one trained over its finished run. The folder is looked at again once the
+    lock is this replay's."""
+    import pytest
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.data as data_mod
+    import tune_gpt.train as train_mod
+    from tune_gpt.errors import ConfigError
+    from tune_gpt.replay import replay
+
+    exp, out = standard_experiment(tmp_path), tmp_path / "final"
+
+    def fake_train(cfg, reporters=None, *, stop_after=None, corpus=None):
+        (Path(cfg.output_dir) / "model.pt").write_text(f"model of {cfg.max_steps}")
+        return train_mod.TrainResult(status="finished", steps=cfg.max_steps, tokens=0, output_dir=cfg.output_dir,
+                                     final_val_loss=1.0)
+
+    load = data_mod.load_corpus
+
+    def meanwhile(*a, **kw):  # another replay starts and ends in the same folder while this one loads
+        monkeypatch.setattr(data_mod, "load_corpus", load)
+        replay(exp, trial_id(0), output_dir=str(out), max_steps=5000, wandb=False, data=str(corpus_file))
+        return load(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    monkeypatch.setattr(data_mod, "load_corpus", meanwhile)
+    with pytest.raises(ConfigError, match="already holds a final run"):
+        replay(exp, trial_id(1), output_dir=str(out), max_steps=5, wandb=False, data=str(corpus_file))
+    assert (out / "model.pt").read_text() == "model of 5000"
+
+
+def test_a_folder_that_cannot_be_locked_warns_and_replays(tmp_path, corpus_file, monkeypatch):
+    """flock on NFS without lockd (ENOLCK), or a descriptor the file system will not lock: one warning, and
+    the replay runs (it was a traceback)."""
+    import errno
+    import fcntl
+
+    import pytest
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.replay import replay
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(train_mod, "train", lambda cfg, reporters=None, *, stop_after=None, corpus=None:
+                        train_mod.TrainResult(status="finished", steps=5, tokens=0, output_dir=cfg.output_dir))
+    with pytest.warns(UserWarning, match="cannot lock \\(No locks available\\)"):
+        summary = replay(standard_experiment(tmp_path), trial_id(0), output_dir=str(tmp_path / "final"),
+                         max_steps=5, wandb=False, data=str(corpus_file))
+    assert summary["status"] == "finished"

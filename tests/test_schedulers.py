@@ -527,3 +527,15 @@ def test_a_trial_whose_last_report_says_it_failed_is_ranked_at_its_rung_but_not_
     assert s.on_trial_result(None, b, {"it": 1, "loss": float("inf"), why: 1}) == TrialScheduler.CONTINUE
     assert s._scores[0] == {"a": -2.0, "b": float("-inf")} and "b" not in s._waiting  # ranked, last; not waiting
     assert s._next_up(0) == []  # two at the rung: no slot yet, and the failed trial holds none
+
+
+def test_a_trial_a_resumed_search_found_waiting_is_not_paused_again_by_its_failure():
+    """A resumed search pauses a trial it found waiting at a rung on its first result: where that result says
+    the trial diverged (or ran out of memory), it is ranked with it and left to end, as in the rung loop."""
+    s = asha()
+    restored(s, "a", Trial.TERMINATED, 1, 3.0)
+    restored(s, "c", Trial.TERMINATED, 1, 4.0)
+    b = restored(s, "b", Trial.PAUSED, 1, 1.0)  # the best at rung 1, waiting there (3 trials: 1 slot)
+    restored(s, "d", Trial.TERMINATED, 10, 0.5)  # went on from rung 1 (its slot)
+    assert s.on_trial_result(None, b, {"it": 2, "loss": float("inf"), "diverged": 1}) == TrialScheduler.CONTINUE
+    assert "b" not in s._waiting and s._scores[0]["b"] == float("-inf")

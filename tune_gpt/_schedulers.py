@@ -106,8 +106,12 @@ class PromotingASHA(FIFOScheduler):
         if t >= self._max_t:
             return TrialScheduler.STOP if self._stop_last else TrialScheduler.CONTINUE
         tid = trial.trial_id
+        ended = any(result.get(why) for why in ENDED_BY_ITSELF)
         k = self._restored.pop(tid, None)
         if k is not None and tid not in self._next_up(k):
+            if ended:  # its first result since the resume is its end: ranked last at the rung, not waiting
+                self._scores[k][tid] = self._score(result)
+                return TrialScheduler.CONTINUE
             return self._pause(tune_controller, tid, k)  # a resumed search found it waiting: it waits again
         if k is not None:
             self._promoted[k].add(tid)
@@ -121,7 +125,7 @@ class PromotingASHA(FIFOScheduler):
             if tid in self._next_up(k):
                 self._promoted[k].add(tid)
                 return TrialScheduler.CONTINUE
-            if any(result.get(why) for why in ENDED_BY_ITSELF):
+            if ended:
                 # its last report (it diverged, or ran out of memory): ranked at the rung, and left to end. Paused
                 # there, it was promoted at the search's end and started again only to report its end again
                 return TrialScheduler.CONTINUE

@@ -147,9 +147,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
     out = Path(cfg.output_dir).expanduser()
     with _OutputLock(out) as lock:
         lock.take(make=False)  # a replay writing here: said as such, before its mark reads as an interrupted one
-        held = _summary_in(out)
-        if not _replaceable(held, trial_id, check):
-            _check_output_dir_free(out, held)
+        _check_may_write(out, trial_id, check)
         trial_loss = _float(row.get("final_val_loss"))
         if check and trial_loss is None:
             raise ConfigError(f"--check: trial {trial_id} ({row.get('status')}) reported no val loss: there is "
@@ -162,7 +160,10 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         kind = "check" if check else "final"  # a check is no final run: W&B filters tell them apart
         reporters = default_reporters(cfg, job_type=kind, tags=[kind],
                                       extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
+        was_held = lock.held
         lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
+        if not was_held:  # another replay may have started and ended here since the folder was looked at
+            _check_may_write(out, trial_id, check)
         # marked as this replay's until its summary replaces the mark
         (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check,
                                                              "status": "running"}))
@@ -218,22 +219,42 @@ class _OutputLock:
             return
         if make:
             self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access to the file
+        try:  # NFS emulates flock with fcntl locks: an exclusive one needs a descriptor open for writing
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # a lock file another user left: flock needs no write access elsewhere
+            fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise ConfigError(f"replay: another replay is writing {self.out}; wait for it to end, or give another "
                               f"--output-dir") from None
+        except OSError as exc:  # ENOLCK (NFS without lockd), EBADF, EOPNOTSUPP...: no lock, not a traceback
+            os.close(fd)
+            self._fd = -1  # taken, as far as this replay can
+            warnings.warn(f"{path}: cannot lock ({exc.strerror or exc}); a second replay into this folder is not "
+                          f"refused")
+            return
         self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def __enter__(self) -> "_OutputLock":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
+        if self._fd is not None and self._fd >= 0:
             os.close(self._fd)  # closing it releases the lock
-            self._fd = None
+        self._fd = None
+
+
+def _check_may_write(out: Path, trial_id: str, check: bool) -> None:
+    """One line where `out` holds something this replay must not train over (`_replaceable`)."""
+    held = _summary_in(out)
+    if not _replaceable(held, trial_id, check):
+        _check_output_dir_free(out, held)
 
 
 def _summary_in(out: Path) -> dict[str, Any] | None:

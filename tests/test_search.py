@@ -756,7 +756,11 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     pruned = sorted(t.value for t in ours if t.state.name == "PRUNED")
     assert pruned == pytest.approx(sorted(df["final_val_loss"].dropna()))  # each at its last reported value
     assert f"{len(df)} trials in" in (printed := capsys.readouterr().out)  # also those stopped before their first report
-    assert f"({len(df)} out-of-time)" in printed
+    # trials Tune made that the budget ended before they started (no params.json): counted apart, as Ray's table
+    # has them and the report does not
+    never = sum(1 for d in (out.experiment_dir).glob("trial_*") if not (d / "params.json").is_file())
+    assert (f"({len(df)} out-of-time; {never} more never started, the time budget ran out first)" if never
+            else f"({len(df)} out-of-time)") in printed, printed
     assert json.loads((out.experiment_dir / STOPPED_FILE).read_text())["time_budget_s"] == 15  # the search's own
     # Ray saved the search as finished: --resume would start nothing, so it says so instead (before Ray starts)
     with pytest.raises(ConfigError, match=r"--resume: the search .*budget.* ran out .*--name NEW"):
@@ -1175,3 +1179,18 @@ def test_a_size_preset_from_the_command_line_brings_its_own_shape(tmp_path):
     assert (mine.base_cfg.model.n_layer, mine.base_cfg.model.n_embd) == (3, 384)
     same = plan_search(SearchOptions(storage_path=str(tmp_path), overrides={"model_size": "tiny"}))
     assert (same.fixed["model.n_layer"], same.base_cfg.model.n_embd) == (2, 64)  # the file's own preset: its shape
+
+
+def test_the_summary_counts_trials_that_never_started_apart(capsys):
+    """Ray's table counted a trial the time budget ended before it started (4/16 trials), the summary and the
+    report did not (3 trials): the summary now says it."""
+    import pandas as pd
+
+    from tune_gpt.search import _print_summary
+
+    plan = plan_search(SearchOptions(time_budget=20))
+    statuses = ["out-of-time"] * 3
+    _print_summary(plan, pd.DataFrame(), [], None, None, Path("/nonexistent"), None, None, 22.0, 3, 0, statuses,
+                   never_started=1)
+    assert "3 trials in 22 s (3 out-of-time; 1 more never started, the time budget ran out first)" in \
+        capsys.readouterr().out

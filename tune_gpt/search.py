@@ -2073,9 +2073,11 @@ def _summarise(plan: Plan, grid: Any, elapsed: float) -> SearchOutcome:
     # trials that ended before their first report count too (Tune's DataFrame leaves them out; the report
     # and the ResultGrid have them)
     n_trials = len(statuses) if statuses is not None else len(grid)
+    # trials Tune made but never started (the time budget ran out first): in Ray's table, not in the report's
+    never = max(len(grid) - n_trials, 0) if statuses is not None else 0
     if plan.opts.summary:
         _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
-                       statuses)
+                       statuses, never_started=never)
     return SearchOutcome(exp_dir, best_cfg, best_val, n_trials, n_err, trials_csv, replay)
 
 
@@ -2143,11 +2145,14 @@ def _best_from_tune(plan: Plan, grid: Any) -> tuple[dict | None, float | None, l
 
 
 def _print_summary(plan, df, top, best_cfg, best_val, exp_dir, trials_csv, replay, elapsed, n_trials, n_err,
-                   statuses=None) -> None:
+                   statuses=None, never_started: int = 0) -> None:
     metric = plan.metric
     searched = list(plan.space.domains)
     counts = _status_counts(exp_dir, statuses)
     ended = f"{counts}" if counts else f"{n_err} errored"
+    if never_started:
+        ended += f"; {never_started} more never started" + (", the time budget ran out first" if plan.opts.time_budget
+                                                            else "")
     print(f"\n{n_trials} trials in {elapsed:.0f} s ({ended}); results in {exp_dir}")
     cols = [c for c in [f"config/{k}" for k in searched] if c in df.columns]
     if top and "trial_id" in df.columns:  # the report's ranking: the best value each trial reported

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import glob
+import re
 from pathlib import Path
 
 import pytest
@@ -290,10 +291,12 @@ def test_the_progress_bar_stays_in_a_jupyter_kernel(monkeypatch):
     assert not _is_terminal(io.StringIO())
 
 
-def test_a_run_ended_by_an_exception_still_closes_its_logs(tiny_cfg, capsys):
+@pytest.mark.parametrize("error, status", [("CUDA out of memory. Tried to allocate 2.00 GiB", "oom"),
+                                           ("[Errno 28] No space left on device", "errored")])
+def test_a_run_ended_by_an_exception_still_closes_its_logs(tiny_cfg, capsys, error, status):
     """An out-of-memory error, a full disk or a bug mid-run: the exception goes on up, but first the W&B
     run is finished as failed (left open, a notebook's next train() started a second run beside it) and
-    TensorBoard writes its events out, with the status."""
+    TensorBoard writes its events out, with the status (out of memory: "oom", as trials and replays say)."""
     import wandb
 
     from tune_gpt.tracking import MultiReporter, Reporter
@@ -301,19 +304,19 @@ def test_a_run_ended_by_an_exception_still_closes_its_logs(tiny_cfg, capsys):
     class Boom(Reporter):
         def log(self, step, metrics):
             if step == 15:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise RuntimeError(error)
 
     cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=40, eval_interval=10, log_interval=5)
     reps = default_reporters(cfg)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(RuntimeError, match=re.escape(error)):
         train(cfg, MultiReporter([*reps.reporters, Boom()]))
     assert wandb.run is None
     (run,) = offline_runs(Path(cfg.output_dir))
-    assert run.exit_code == 1 and run.summary["status"] == "errored" and run.summary["steps"] == 15
+    assert run.exit_code == 1 and run.summary["status"] == status and run.summary["steps"] == 15
     assert [row["val/loss"] for row in run.history if "val/loss" in row]  # what it logged before is there
     acc = _scalars(Path(cfg.output_dir) / "logs")
     assert max(e.step for e in acc.Scalars("train/loss")) == 15
-    assert "errored: 15 steps" in capsys.readouterr().err
+    assert f"{status}: 15 steps" in capsys.readouterr().err
 
 
 def test_a_w_and_b_run_that_cannot_start_is_one_line_and_tensorboard_is_closed(tiny_cfg, monkeypatch):
@@ -370,3 +373,37 @@ def test_a_w_and_b_upload_that_does_not_end_gives_up_and_says_how_to_sync(tiny_c
     assert f"W&B: the upload did not end within {WANDB_FINISH_TIMEOUT_S:g} s" in err, err
     assert f"upload it with: wandb sync {run.path.parent}" in err, err
     assert wandb.run is None
+
+
+def test_every_reporter_closes_when_one_before_it_fails_and_the_bar_counts_the_steps_this_run_takes(tiny_cfg):
+    """TensorBoard's close failing (a full disk) skipped the W&B run's finish: left open, a notebook's next
+    train() started a second run beside it. And with stop_after (replay --check) the bar's total and ETA
+    counted the whole budget and closed at 25 %."""
+    import io
+
+    import wandb
+
+    from tune_gpt.tracking import ConsoleReporter, MultiReporter, Reporter
+
+    class FullDisk(Reporter):
+        def finish(self, result):
+            raise OSError(28, "No space left on device")
+
+    cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=40, eval_interval=10)
+    reps = default_reporters(cfg)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, MultiReporter([FullDisk(), *reps.reporters]))
+    assert wandb.run is None
+    (run,) = offline_runs(Path(cfg.output_dir))
+    assert run.exit_code is not None
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    console = ConsoleReporter(stream=out)
+    console.progress = True
+    train(tiny_cfg(max_steps=40, eval_interval=10), console, stop_after=10)
+    text = out.getvalue()
+    assert "10 steps of" in text and "10/10" in text and "/40" not in text, text[-500:]

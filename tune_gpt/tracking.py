@@ -83,8 +83,16 @@ class MultiReporter(Reporter):
             r.sample(text)
 
     def finish(self, result):
+        # each one closes even where one before it fails (TensorBoard's close on a full disk left the W&B run
+        # open, and a notebook's next train() started a second run beside it); the first failure goes on up
+        errors = []
         for r in self.reporters:
-            r.finish(result)
+            try:
+                r.finish(result)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def resume_checkpoint(self):
         for r in self.reporters:
@@ -113,7 +121,7 @@ class ConsoleReporter(Reporter):
     def start(self, cfg, info):
         self._print(
             f"model {cfg.model_size}: {info['n_params'] / 1e6:.2f}M parameters, "
-            f"{info['total_steps']} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
+            f"{info.get('end_step', info['total_steps'])} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
             f"corpus {info['corpus']}" + (f"; resuming at step {info['start_step']}" if info.get("start_step") else "")
         )
         if self.progress and not _is_terminal(self.stream):
@@ -122,7 +130,8 @@ class ConsoleReporter(Reporter):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=info["total_steps"], initial=info.get("start_step", 0), desc="train",
+                total=info.get("end_step", info["total_steps"]),  # (a --check replay stops at the trial's step)
+                initial=info.get("start_step", 0), desc="train",
                 unit="step", file=self.stream, dynamic_ncols=True, mininterval=0.5,
             )
             self.last_step = info.get("start_step", 0)

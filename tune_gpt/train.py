@@ -491,7 +491,7 @@ def _train(cfg: TrainConfig, reporter: Reporter | None, *, corpus: Corpus | None
     sysm = SystemMetrics(device)
     info = {
         "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "vocab_size": corpus.vocab_size,
-        "corpus": corpus.describe(), "corpus_sha256": corpus.sha256, "total_steps": total, "warmup_steps": warmup, "device": str(device),
+        "corpus": corpus.describe(), "corpus_sha256": corpus.sha256, "total_steps": total, "end_step": end, "warmup_steps": warmup, "device": str(device),
         "bf16_products": bf16_products, "start_step": step, "reporter_state": reporter_state,
     }
     result = TrainResult(status="running", steps=step, tokens=tokens, output_dir=str(out_dir), history=history,
@@ -802,7 +802,8 @@ def _close_after_error(reporter: Reporter, result: TrainResult, exc: BaseExcepti
     """A run ended by an exception still ends in its logs: W&B finishes the run as failed (left open, a
     notebook's next train() would start a second run beside it), TensorBoard writes its events out. The
     exception is what the caller must hear about: a failure to close is only warned of."""
-    result.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "errored"
+    result.status = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                     else "oom" if is_oom(exc) else "errored")  # as the trials and replay_summary.json say it
     result.message = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     result.wall_s = time.perf_counter() - t_start
     try:

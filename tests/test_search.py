@@ -492,6 +492,10 @@ def test_every_trial_has_tensorboard_events_and_an_offline_wandb_run(finished_se
     for run in runs:
         assert run.group == exp.name and set(run.tags) >= {"tiny", "single-gpu"}
         assert "learning_rate" in run.config and "batch_size" in run.config
+        # the whole training config, as a single run has it (Tune's holds the searched and fixed values only),
+        # without the keys the callback leaves out (they came back with every result)
+        assert {"weight_decay", "beta2", "warmup_steps", "min_lr", "seed", "model.dropout"} <= set(run.config)
+        assert not {"tensorboard", "progress", "checkpoint", "wandb.enabled"} & set(run.config), sorted(run.config)
         assert {"val/loss", "val/bpc", "train/loss", "step"} <= run.history_keys
         assert run.step_metrics["val/*"] == run.step_metrics["train/*"] == "step"  # the final run's x-axis too
         # how the trial ended, in the report's words (ASHA cuts some), and the run was finished

@@ -134,7 +134,11 @@ class _StatusLoggingActor(_WandbLoggingActor):
 
             define_step_axis(self._wandb.run)  # Ray logs at W&B step = evaluation count; plot against "step"
             self._axis_defined = True
-        return super()._handle_result(result)
+        log, config_update = super()._handle_result(result)
+        # Ray updates the run's config with the result's "config" whole: the keys the callback excludes
+        # (how a trial runs: tensorboard, progress, wandb.enabled...) came back with every result
+        return log, {k: v for k, v in config_update.items()
+                     if not any(k == e or k.startswith(e + "/") for e in self._exclude)}
 
     def _handle_checkpoint(self, checkpoint_path: Any) -> None:
         if not (isinstance(checkpoint_path, dict) and STATUS_KEY in checkpoint_path):
@@ -176,6 +180,8 @@ class TrialStatusWandb(WandbLoggerCallback):
         """Ray's, with the driver's items sent straight to the logging actor (`_Inbox`; module doc)."""
         if trial in self._trial_logging_futures:  # a restarted trial keeps its actor
             return
+        if wandb_init_kwargs.get("config"):
+            wandb_init_kwargs["config"] = _whole_config(wandb_init_kwargs["config"], self.excludes)
         if wandb_init_kwargs.get("resume") is False:  # Ray's: a new run under the same id, over the old
             wandb_init_kwargs["resume"] = "allow"
         # runs in the trial's folder (the actor starts there) even where WANDB_DIR is set: the search
@@ -262,3 +268,18 @@ def _error_text(trial: Any) -> str:
             return f.read()
     except (OSError, TypeError):
         return ""
+
+
+def _whole_config(config: dict[str, Any], excludes: list[str]) -> dict[str, Any]:
+    """The trial's whole training config, as a single run's W&B config has it: Tune's holds only the searched
+    and fixed values, so weight_decay, the betas, warmup, dropout, the seed... were missing. Defaults
+    resolved as the trial resolves them (`search.trainable` builds its config with TrainConfig.from_flat);
+    secrets left out (`to_record`); the trial's own values win."""
+    from tune_gpt.config import TrainConfig
+
+    try:
+        whole = TrainConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")}).to_record()
+    except Exception:  # noqa: BLE001 - a key TrainConfig does not know: the trial's config as Tune has it
+        return config
+    left_out = {"output_dir", "device", *excludes}  # where a trial runs, set per trial; and the callback's excludes
+    return {**{k: v for k, v in whole.items() if not k.startswith("wandb.") and k not in left_out}, **config}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 from wandb_offline import read_offline_run
 
@@ -395,10 +397,17 @@ def test_a_check_is_logged_and_named_as_a_check_and_the_sample_command_is_quoted
     assert len(logged) == 2
 
 
-def test_a_replay_that_ended_while_another_loaded_its_corpus_is_not_trained_over(tmp_path, corpus_file, monkeypatch):
+@pytest.mark.parametrize("lockable", [True, False])
+def test_a_replay_that_ended_while_another_loaded_its_corpus_is_not_trained_over(tmp_path, corpus_file, monkeypatch,
+                                                                                  lockable):
     """The folder was looked at before the corpus loaded: a replay that started and ended there meanwhile left
     the lock free, and the second one trained over its finished run. The folder is looked at again once the
-    lock is this replay's."""
+    lock is this replay's, and also where no lock can be taken (NFS without lockd), where nothing else keeps
+    the other replay out."""
+    import errno
+    import fcntl
+    import warnings
+
     import pytest
     from fake_experiment import standard_experiment, trial_id
 
@@ -423,7 +432,15 @@ def test_a_replay_that_ended_while_another_loaded_its_corpus_is_not_trained_over
 
     monkeypatch.setattr(train_mod, "train", fake_train)
     monkeypatch.setattr(data_mod, "load_corpus", meanwhile)
-    with pytest.raises(ConfigError, match="already holds a final run"):
+    if not lockable:
+        def no_locks(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        out.mkdir()
+        (out / ".replay.lock").touch()  # an earlier replay's lock file: the lock is tried before the corpus loads
+    with pytest.raises(ConfigError, match="already holds a final run"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (cannot lock: warned)
         replay(exp, trial_id(1), output_dir=str(out), max_steps=5, wandb=False, data=str(corpus_file))
     assert (out / "model.pt").read_text() == "model of 5000"
 

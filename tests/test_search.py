@@ -1198,3 +1198,20 @@ def test_the_summary_counts_trials_that_never_started_apart(capsys):
                    never_started=1)
     assert "3 trials in 22 s (3 out-of-time; 1 more never started, the time budget ran out first)" in \
         capsys.readouterr().out
+
+
+def test_a_size_preset_from_the_command_line_over_a_searched_or_unset_size(tmp_path):
+    """Over a file that searches model_size, the shape values it fixes go as well, and the note says so; over a
+    file that sets no size (tiny, the default), --model_size tiny keeps the file's shape values."""
+    searched = write_space(tmp_path / "searched.yaml", "name: s\nmethod: random\nnum_samples: 1\nfixed:\n"
+                           "  model.n_layer: 2\n  model.block_size: 32\nspace:\n  model_size: {grid: [tiny, small]}\n")
+    plan = plan_search(SearchOptions(space=str(searched), storage_path=str(tmp_path), overrides={"model_size": "small"}))
+    assert "model.n_layer" not in plan.fixed and plan.base_cfg.model.block_size == 256
+    assert any("model_size: 'small', with its own shape: the file's model.n_layer 2, model.block_size 32 are left out" in n
+               for n in plan.notes), plan.notes
+    unset = write_space(tmp_path / "unset.yaml", "name: u\nmethod: random\nnum_samples: 1\nfixed:\n"
+                        "  model.block_size: 32\nspace:\n  learning_rate: {choice: [0.001, 0.002]}\n")
+    plan = plan_search(SearchOptions(space=str(unset), storage_path=str(tmp_path), overrides={"model_size": "tiny"}))
+    assert plan.fixed["model.block_size"] == 32 and plan.base_cfg.model.block_size == 32
+    plan = plan_search(SearchOptions(space=str(unset), storage_path=str(tmp_path), overrides={"model_size": "small"}))
+    assert "model.block_size" not in plan.fixed and any("model.block_size 32 is left out" in n for n in plan.notes)

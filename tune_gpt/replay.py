@@ -160,10 +160,10 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         kind = "check" if check else "final"  # a check is no final run: W&B filters tell them apart
         reporters = default_reporters(cfg, job_type=kind, tags=[kind],
                                       extra_config={"replay_of": trial_id, "experiment": where["experiment_name"]})
-        was_held = lock.held
         lock.take(make=True)  # refusals above leave no folder behind; from here on it is this replay's
-        if not was_held:  # another replay may have started and ended here since the folder was looked at
-            _check_may_write(out, trial_id, check)
+        # another replay may have started and ended here since the folder was looked at (also where the lock
+        # could not be taken: then nothing else keeps it out)
+        _check_may_write(out, trial_id, check)
         # marked as this replay's until its summary replaces the mark
         (out / "replay_summary.json").write_text(json.dumps({"trial_id": trial_id, "check": check,
                                                              "status": "running"}))
@@ -236,10 +236,6 @@ class _OutputLock:
                           f"refused")
             return
         self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
     def __enter__(self) -> "_OutputLock":
         return self

@@ -385,13 +385,18 @@ def plan_search(opts: SearchOptions) -> Plan:
         if key in RUNTIME_KEYS and key not in ("compile",):
             notes.append(f"{key}: set per trial by the search; the file's value {fixed.pop(key)!r} is ignored")
     size, own_shape = opts.overrides.get("model_size"), ""
-    if size is not None and size != fixed.get("model_size"):
+    files_size = fixed.get("model_size", None if "model_size" in space.domains  # searched: no one size
+                           else TrainConfig.__dataclass_fields__["model_size"].default)  # left out: the default
+    if size is not None and size != files_size:
         # a size preset given on the command line is that preset's shape: the file's own shape values (the default
         # space's shrunken tiny model) went on overriding it, and `--model_size small` trained the shrunken model
         shape = {k: fixed.pop(k) for k in [f"model.{f}" for f in MODEL_PRESETS.get(size, {})]
                  if k in fixed and k not in opts.overrides}
         own_shape = (", with its own shape: the file's " + ", ".join(f"{k} {v!r}" for k, v in shape.items())
-                     + " are left out (flags such as --n_layer set them)") if shape else ""
+                     + (" is" if len(shape) == 1 else " are") + " left out (flags such as --n_layer set them)"
+                     ) if shape else ""
+        if own_shape and "model_size" in unsearched:  # its note ("fixed ... instead of searched") is written above
+            notes.append(f"model_size: {size!r}{own_shape}")
     for key, value in opts.overrides.items():  # the fixed values above are the file's: say what replaces them
         if key in fixed and fixed[key] != value:
             notes.append(redact(f"{key}: {value!r} from the command line, not the file's {fixed[key]!r}")
@@ -967,10 +972,21 @@ def _quiet_ray_analysis():
         tune_logger.removeFilter(hint)
 
 
+@contextlib.contextmanager
+def _filtered(logger: str, quiet: logging.Filter):
+    """`quiet` on the logger named while the block runs."""
+    log = logging.getLogger(logger)
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 class _NotRaysResumeHint(logging.Filter):
     """Tune's lines that the search's own say better: its resume hint, and the ERROR listing the trials that
-    did not complete after Ctrl+C (the search's line names the --resume command; errored trials are counted in
-    its summary)."""
+    did not complete (after Ctrl+C the search's line names the --resume command; trials that errored are
+    counted in its summary, with their error files in the trials table)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -1339,7 +1355,9 @@ def _init_ray(opts: SearchOptions) -> bool:
         ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     if opts.address:
         _check_address_answers(opts.address)
-    with _signals_held_during_ray_start(), _ray_daemons_in_their_own_session():  # (--address local starts one too)
+    with _signals_held_during_ray_start(), _ray_daemons_in_their_own_session(), \
+            _filtered("ray._private.authentication.authentication_token_setup", _NotTheDefaultTokenNotice()):
+        # (--address local starts a cluster too)
         if opts.address:
             auth_errors = tuple(filter(None, [getattr(ray.exceptions, "AuthenticationError", None)]))  # Ray >= 2.52
             try:
@@ -1355,13 +1373,7 @@ def _init_ray(opts: SearchOptions) -> bool:
                 raise ConfigError(f"--address {opts.address}: cannot join the Ray cluster ({_one_line(exc)}); "
                                   f"check the address, and for token authentication (Ray's default) {token}") from None
         else:
-            notice, quiet = logging.getLogger("ray._private.authentication.authentication_token_setup"), \
-                _NotTheDefaultTokenNotice()
-            notice.addFilter(quiet)
-            try:
-                ray.init(**kwargs, **local)
-            finally:
-                notice.removeFilter(quiet)
+            ray.init(**kwargs, **local)
     return bool(local)
 
 

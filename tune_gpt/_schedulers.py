@@ -44,6 +44,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from tune_gpt.spaces import asha_rungs
+
 
 # The flags of a trial's last report when it diverged or ran out of memory (tune_gpt.search._report_failed).
 ENDED_BY_ITSELF = ("diverged", "oom")
@@ -63,10 +65,8 @@ class PromotingASHA(FIFOScheduler):
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self._sign = 1.0 if mode == "max" else -1.0
         self._max_t, self._rf, self._stop_last = max_t, float(reduction_factor), stop_last_trials
-        # Ray's ASHA rungs for one bracket: grace_period * rf**k below max_t, unless given (a W&B sweep's brackets)
-        n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1) if max_t > grace_period else 0
-        self.rungs: list[float] = list(rungs) if rungs is not None else [
-            grace_period * reduction_factor ** k for k in range(n) if grace_period * reduction_factor ** k < max_t]
+        # Ray's ASHA rungs for one bracket, unless given (a W&B sweep's brackets)
+        self.rungs: list[float] = list(rungs) if rungs is not None else asha_rungs(grace_period, reduction_factor, max_t)
         self._scores: list[dict[str, float]] = [{} for _ in self.rungs]  # rung -> trial id -> score (higher wins)
         self._promoted: list[set[str]] = [set() for _ in self.rungs]  # rung -> the trials that went on from it
         self._waiting: dict[str, int] = {}  # trial id -> the rung it is paused at

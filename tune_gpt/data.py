@@ -160,6 +160,11 @@ def load_corpus(spec: str | None = None, *, use_chinese: bool = False, cache_dir
     return tokenize(name, text, sources, cache)
 
 
+def is_fetched(spec: str | None) -> bool:
+    """Whether the corpus spec is an http(s) URL, downloaded (a URL's scheme is case-insensitive, RFC 3986)."""
+    return bool(spec) and re.match(r"^https?://", spec, re.IGNORECASE) is not None
+
+
 def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | None = None) -> tuple[str, str, list[str]]:
     """Return (name, text, source list) for a corpus spec."""
     if spec is None or spec == "":
@@ -171,7 +176,7 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
     if spec == "chinese":
         text, sources = chinese_text()
         return spec, text, sources
-    if re.match(r"^https?://", spec, re.IGNORECASE):  # a URL's scheme is case-insensitive (RFC 3986)
+    if is_fetched(spec):
         path = fetch_url(spec, cache_dir or default_cache_dir())
         name = redact(spec)  # the name is written down (messages, the report): a token in the URL is not
         try:
@@ -257,8 +262,8 @@ def _walk_files(root: Path, *, follow_links: bool = False, hidden: bool = False)
 
 def _glob_files(pattern: str) -> list[Path]:
     """glob.glob(recursive=True) without its blow-up on symlink loops: a ``**`` pattern walks the tree with
-    `_walk_files` (each real folder once) and matches each path segment by segment, hidden names left out
-    unless the pattern's segment starts with a dot, as glob does."""
+    `_walk_files` (symlinked folders followed, a folder never inside itself) and matches each path segment by
+    segment, hidden names left out unless the pattern's segment starts with a dot, as glob does."""
     parts = Path(pattern).parts
     if "**" not in parts:
         return [Path(f) for f in globmod.glob(pattern, recursive=True)]  # no recursion: no loop to follow

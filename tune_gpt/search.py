@@ -933,7 +933,7 @@ def _dry_run_checks(plan: Plan) -> None:
     """What --dry-run can check without starting Ray, tokenizing or downloading: the corpus can be read
     (a local file, folder or glob; not a URL), the experiment folder is as --resume says, --address
     answers, and the GPUs asked for exist here."""
-    from tune_gpt.data import read_text, train_size
+    from tune_gpt.data import is_fetched, read_text, train_size
 
     try:
         _check_experiment_folder(plan)
@@ -944,7 +944,7 @@ def _dry_run_checks(plan: Plan) -> None:
     if plan.opts.resume:  # in the run's order: the search resumed first, then its corpus
         _check_same_search(plan, _check_resumable(plan))
     cfg = plan.base_cfg
-    if not (cfg.data and re.match(r"^https?://", cfg.data, re.IGNORECASE)):
+    if not is_fetched(cfg.data):
         _, text, _ = read_text(cfg.data, use_chinese=cfg.use_chinese)
         plan.max_evals = max_evaluations(plan, train_size(len(text)))  # the char tokenizer: a token a character
     if plan.opts.address:
@@ -963,13 +963,11 @@ def _quiet_ray_analysis():
     logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    tune_logger, hint = logging.getLogger("ray.tune.tune"), _NotRaysResumeHint()
-    tune_logger.addFilter(hint)
     try:
-        yield
+        with _filtered("ray.tune.tune", _NotRaysResumeHint()):
+            yield
     finally:
         logger.setLevel(level)
-        tune_logger.removeFilter(hint)
 
 
 @contextlib.contextmanager
@@ -1680,8 +1678,11 @@ def _scheduler(plan: Plan):
         # a W&B sweep's brackets where Ray's rungs would not be them: min_iter with a fractional eta (its brackets
         # int(min_iter * eta^k); Ray's fractional rungs judge a trial at the report after each), and max_iter
         # where it is no multiple of eta^s (`rungs`, W&B's int(max_iter / eta^k))
-        rungs = (hyperband_brackets(common["grace_period"], common["reduction_factor"], max_t)
-                 if s.get("whole_rungs") else [r for r in s["rungs"] if r < max_t] if s.get("rungs") else None)
+        rungs = None
+        if s.get("whole_rungs"):
+            rungs = hyperband_brackets(common["grace_period"], common["reduction_factor"], max_t)
+        elif s.get("rungs"):
+            rungs = [r for r in s["rungs"] if r < max_t]
         if s.get("pause"):
             from tune_gpt._schedulers import PromotingASHA
 
@@ -1966,8 +1967,9 @@ def _check_same_search(plan: Plan, saved: dict[str, Any]) -> None:
         if not plan.pause_given and plan.scheduler.get("type") == "asha":
             plan.scheduler["pause"] = was["pause"]  # not asked for: the form it was started with (Ray restores it)
             plan.notes[:] = [n for n in plan.notes if not n.startswith("ASHA stops trials at its rungs")]
-        if not {"whole_rungs", "rungs"} & set(was) and (plan.scheduler.pop("whole_rungs", None)  # started before
-                                                            or plan.scheduler.pop("rungs", None)):  # W&B's brackets
+        dropped = [plan.scheduler.pop(k) for k in ("whole_rungs", "rungs")
+                   if k in plan.scheduler and not {"whole_rungs", "rungs"} & set(was)]  # started before W&B's brackets
+        if dropped:
             plan.notes.append("ASHA keeps the rungs the search was started with, grace_period * reduction_factor^k "
                               "(Ray restores its scheduler), not W&B's whole brackets")
     if plan.grid_cap is not None and "grid_cap" not in saved and saved.get("searcher") == "grid":

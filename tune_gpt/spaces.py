@@ -86,7 +86,8 @@ from tune_gpt.errors import ConfigError, SpaceError
 
 __all__ = [
     "Choice", "Grid", "Uniform", "Normal", "Domain", "SearchSpace",
-    "load_space", "parse_space", "check_domain_values", "metric_name", "hyperband_brackets", "METRICS",
+    "load_space", "parse_space", "check_domain_values", "metric_name", "asha_rungs", "hyperband_brackets",
+    "METRICS",
 ]
 
 # Metrics every trial reports (DESIGN.md); an objective must be one of them.
@@ -1432,19 +1433,21 @@ def _hyperband_to_asha(eta: float, *, min_iter: int | None = None, max_iter: int
             break
         bands.append(int(band))
     grace, last, bands = min(bands), max(bands) + 1, sorted(set(bands))
-    ray_rungs, rung = [], float(grace)
-    while rung < last:
-        ray_rungs.append(rung)
-        rung *= eta
     # Ray's rungs, grace_period * eta^k, are W&B's brackets where max_iter is a multiple of eta^s; else (max_iter
     # 50, s 3, eta 3: W&B's 1, 5, 16 against 1, 3, 9) ASHA is given W&B's
-    exact = ray_rungs == [float(b) for b in bands]
+    exact = asha_rungs(grace, eta, last) == [float(b) for b in bands]
     notes.append(f"early_terminate: hyperband max_iter={max_iter} s={s} eta={_fmt(eta)} (brackets at "
                  f"{bands}) -> ASHA grace_period={grace} reduction_factor={_fmt(eta)}, "
                  + (f"rungs below {last}" if exact else f"rungs at W&B's brackets {bands}")
                  + "; trials past the last rung run to their end, as W&B's do")
     return {"type": "asha", "grace_period": grace, "max_t": last, "reduction_factor": eta, "brackets": 1,
             "stop_last_trials": False, **({} if exact else {"rungs": bands})}
+
+
+def asha_rungs(grace_period: float, reduction_factor: float, max_t: float) -> list[float]:
+    """Ray's ASHA rungs for one bracket (ray.tune.schedulers.async_hyperband): grace_period * rf^k below max_t."""
+    n = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1) if max_t > grace_period else 0
+    return [grace_period * reduction_factor ** k for k in range(n) if grace_period * reduction_factor ** k < max_t]
 
 
 def hyperband_brackets(min_iter: int, eta: float, below: int) -> list[int]:

@@ -119,9 +119,10 @@ class ConsoleReporter(Reporter):
         self._sample: str | None = None
 
     def start(self, cfg, info):
+        end = info.get("end_step", info["total_steps"])  # (a --check replay stops at the trial's step)
         self._print(
             f"model {cfg.model_size}: {info['n_params'] / 1e6:.2f}M parameters, "
-            f"{info.get('end_step', info['total_steps'])} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
+            f"{end} steps of {cfg.tokens_per_step:,} tokens on {info['device']}; "
             f"corpus {info['corpus']}" + (f"; resuming at step {info['start_step']}" if info.get("start_step") else "")
         )
         if self.progress and not _is_terminal(self.stream):
@@ -130,8 +131,7 @@ class ConsoleReporter(Reporter):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=info.get("end_step", info["total_steps"]),  # (a --check replay stops at the trial's step)
-                initial=info.get("start_step", 0), desc="train",
+                total=end, initial=info.get("start_step", 0), desc="train",
                 unit="step", file=self.stream, dynamic_ncols=True, mininterval=0.5,
             )
             self.last_step = info.get("start_step", 0)

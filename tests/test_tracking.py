@@ -407,3 +407,24 @@ def test_every_reporter_closes_when_one_before_it_fails_and_the_bar_counts_the_s
     train(tiny_cfg(max_steps=40, eval_interval=10), console, stop_after=10)
     text = out.getvalue()
     assert "10 steps of" in text and "10/10" in text and "/40" not in text, text[-500:]
+
+
+def test_a_second_run_in_the_same_second_is_the_one_tensorboard_shows(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order, events.out.tfevents.<second>.<host>.<pid>.<n> with n
+    counting the process's writers: two runs in one folder in the same second, n 9 then 10, sorted the new
+    run first, and TensorBoard showed the old run's curve (the suite caught it once, by the order its tests
+    ran in). The second run's writer now starts in a later second."""
+    from tensorboard.summary.writer import event_file_writer
+
+    from tune_gpt.tracking import TensorBoardReporter
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    cfg = TrainConfig.from_flat({"max_steps": 20})
+    for loss in (1.0, 2.0):  # the earlier run, then this one: well within a second
+        tb = TensorBoardReporter(tmp_path / "logs")
+        tb.start(cfg, {})
+        for step in (5, 10):
+            tb.log(step, {"train/loss": loss})
+        tb.writer.close()
+    assert sorted(p.name.rsplit(".", 1)[1] for p in (tmp_path / "logs").iterdir()) == ["10", "9"]  # n 9, then 10
+    assert [e.value for e in _scalars(tmp_path / "logs").Scalars("train/loss")] == [2.0, 2.0]

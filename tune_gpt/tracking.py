@@ -17,6 +17,7 @@ import contextlib
 import netrc
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -186,6 +187,18 @@ def _fmt(x: float | None) -> str:
 # --------------------------------------------------------------- tensorboard
 
 
+def _after_this_seconds_event_files(log_dir: Path) -> None:
+    """Wait for the next second where `log_dir` holds an event file written in this one.
+
+    TensorBoard reads a folder's event files in name order, ``events.out.tfevents.<second>.<host>.<pid>.<n>``
+    with `n` counting the process's writers: a writer made in the same second as the one before it, its
+    `n` 10 after 9 (or 100 after 99), sorted before it, and TensorBoard showed the earlier run's curves, the
+    new run's purged. A later second sorts after, whatever `n`."""
+    now = int(time.time())
+    if any(p.name.startswith(f"events.out.tfevents.{now:010d}.") for p in log_dir.glob("events.out.tfevents.*")):
+        time.sleep(max(0.0, now + 1 - time.time()) + 0.01)
+
+
 class TensorBoardReporter(Reporter):
     """Scalars (and the sample as text) in `log_dir`, for ``tensorboard --logdir``.
 
@@ -206,6 +219,7 @@ class TensorBoardReporter(Reporter):
             warnings.warn("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        _after_this_seconds_event_files(self.log_dir)
         start = int(info.get("start_step") or 0)  # a resumed run keeps the checkpoint's own step, which it logs no more
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start + 1 if start else 0)
         self.writer.add_text("config", _markdown_table(cfg.to_record()), 0)

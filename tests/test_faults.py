@@ -57,6 +57,13 @@ def rows(d: Path) -> list[dict]:
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 
 
+def _nonempty(f: Path) -> bool:
+    try:
+        return f.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def status(d: Path) -> dict:
     f = d / STATUS_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
@@ -602,14 +609,17 @@ def search_cmd(space: Path, storage: Path, corpus: Path, *extra: str) -> list[st
 def sigterm_once_reported(args: list[str], exp: Path, n: int, sig: int = signal.SIGTERM) -> tuple[subprocess.Popen, str]:
     """Start a search, send its driver `sig` once `n` trials have reported; the process and its stderr."""
     proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Tune copies each trial's result.json from its staging folder into storage by rewriting it: a reader
+    # may find it empty or half-written for a moment, so a trial counts as reported once it was seen so.
+    seen: set[str] = set()
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if exp.is_dir() and sum(bool(rows(d)) for d in trial_dirs(exp)) == n:
-                break
+        while time.time() < deadline and proc.poll() is None and len(seen) < n:
+            if exp.is_dir():
+                seen.update(d.name for d in trial_dirs(exp) if _nonempty(d / "result.json"))
             time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be interrupted"
-        assert sum(bool(rows(d)) for d in trial_dirs(exp)) == n, f"no {n} trials reported"
+        assert len(seen) == n, f"{len(seen)} trials reported, not {n}"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

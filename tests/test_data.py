@@ -210,6 +210,9 @@ def test_a_url_with_a_user_and_password_is_fetched_with_them_as_basic_auth(tmp_p
     with pytest.raises(DataError) as err:  # an unreachable host: its error names the URL without the password
         fetch_url("http://alice:PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
     assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
+    with pytest.raises(DataError) as err:  # a password that begins with digits and holds a '/' is no port
+        fetch_url("http://alice:123/PW0rd@127.0.0.1:9/c.txt", tmp_path, timeout=5)
+    assert "alice:***@127.0.0.1:9/c.txt: download failed" in str(err.value) and "PW0rd" not in str(err.value)
 
     # a redirect elsewhere does not take the password along (urllib copies a request's ordinary headers);
     # one on the same host (a moved file, a trailing slash) does (urllib dropped it there too)

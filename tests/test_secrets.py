@@ -161,6 +161,10 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
     assert redact("s3://AKIAFAKE:wJalr/K7MD+ENG@bucket/runs") == "s3://AKIAFAKE:***@bucket/runs"
     assert redact("https://@h/x") == "https://@h/x" and redact("https://h/c.txt?email=a@b.com") == "https://h/c.txt?email=a@b.com"
     assert redact("https://host:8080/c.txt?email=a@b.org") == "https://host:8080/c.txt?email=a@b.org"  # a port, a path
+    # digits then '/' are a password where an '@' follows before any '?' (an AWS secret key may begin so)
+    assert redact("s3://AKIAFAKE:1234/K7MD+ENG@bucket/runs") == "s3://AKIAFAKE:***@bucket/runs"
+    assert redact("postgresql://alice:123/abc@db/optuna") == "postgresql://alice:***@db/optuna"
+    assert redact("see https://host:8080/c.txt and x@y.org") == "see https://host:8080/c.txt and x@y.org"
     assert redact("https://h/c?JSESSIONID=x;jsessionid=y") == "https://h/c?JSESSIONID=***;jsessionid=***"
     # a name that only looks like one is no secret: --resume would ask for such a URL again
     assert redact("https://h/c.txt?author=bob&X-Auth=1") == "https://h/c.txt?author=bob&X-Auth=***"

@@ -21,8 +21,12 @@ _SECRET_WORDS = {"auth", "authorization", "session", "ticket"}
 _PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
 # scheme://user[:password]@host : the password may hold an unencoded '@', '?', '#' or '/' (SQLAlchemy takes
 # postgresql://alice:pa?ss@db/optuna; AWS secret keys hold '/'): it runs to the first '@' that a host and
-# then '/', '?', '#' or the end follow (not a port and a path: https://host:8080/c.txt?email=a@b.org)
-_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)(?::(?!\d+(?:[/?#]|$))(\S*?))?@"
+# then '/', '?', '#' or the end follow. Digits after the ':' are a port when a path without '@' follows
+# (https://host:8080/c.txt?email=a@b.org), a password when an '@' comes before any '?' or '#'
+# (s3://KEY:12/AbC@bucket, as SQLAlchemy and AWS read it): a leaked secret costs more than a URL that
+# --resume asks for again.
+_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)"
+                       r"(?::(?!\d+(?:[?#\s]|$|/[^@?#\s]*(?:[?#\s]|$)))(\S*?))?@"
                        r"(?=[^@/\s]*(?:[/?#\s]|$))")
 
 

@@ -263,6 +263,26 @@ def test_a_second_replay_into_a_folder_a_replay_is_writing_is_refused(tmp_path, 
     assert trained == [5] and not (fresh / "replay_summary.json").exists()
 
 
+def test_a_lock_that_cannot_be_opened_is_one_line_and_nothing_trained(tmp_path, corpus_file, monkeypatch, capsys):
+    """A folder named .replay.lock (or another user's 0600 lock file) gave a traceback: one line now."""
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.replay import LOCK_NAME, main
+
+    exp = standard_experiment(tmp_path)
+    out = tmp_path / "final"
+    (out / LOCK_NAME).mkdir(parents=True)
+    trained = []
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: trained.append(1))
+    assert main([str(exp), "--trial", trial_id(0), "--output-dir", str(out), "--no-wandb", "--data",
+                 str(corpus_file), "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"tune_gpt.replay: error: {out / LOCK_NAME}: cannot open the replay lock (Is a directory); "
+                                f"remove it if no replay is writing {out}, or give another --output-dir"], err
+    assert trained == [] and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
 def test_a_replay_out_of_memory_says_so_in_one_line_with_the_flags_that_fit(tmp_path, corpus_file, monkeypatch,
                                                                             capsys):
     """A CUDA OOM in a replay printed a traceback (`python -m tune_gpt.train` gives one line suggesting a

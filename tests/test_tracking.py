@@ -389,10 +389,17 @@ def test_every_reporter_closes_when_one_before_it_fails_and_the_bar_counts_the_s
         def finish(self, result):
             raise OSError(28, "No space left on device")
 
+    class Unreachable(Reporter):
+        def finish(self, result):
+            raise ConnectionError("https://alice:PW0rd@wandb.example/: refused")
+
     cfg = tiny_cfg(wandb_project="tune-gpt-tests", max_steps=40, eval_interval=10)
     reps = default_reporters(cfg)
-    with pytest.raises(OSError, match="No space left"):
-        train(cfg, MultiReporter([FullDisk(), *reps.reporters]))
+    with pytest.raises(OSError, match="No space left"), pytest.warns(UserWarning) as said:
+        train(cfg, MultiReporter([FullDisk(), *reps.reporters, Unreachable()]))
+    # the second failure is not lost behind the first, and its password stays out of the warning
+    assert [str(w.message) for w in said if "closing failed" in str(w.message)] == [
+        "Unreachable: closing failed as well (ConnectionError: https://alice:***@wandb.example/: refused)"]
     assert wandb.run is None
     (run,) = offline_runs(Path(cfg.output_dir))
     assert run.exit_code is not None

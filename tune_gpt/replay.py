@@ -219,10 +219,14 @@ class _OutputLock:
             return
         if make:
             self.out.mkdir(parents=True, exist_ok=True)
-        try:  # NFS emulates flock with fcntl locks: an exclusive one needs a descriptor open for writing
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:  # a lock file another user left: flock needs no write access elsewhere
-            fd = os.open(path, os.O_RDONLY)
+        try:
+            try:  # NFS emulates flock with fcntl locks: an exclusive one needs a descriptor open for writing
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # a lock file another user left: flock needs no write access elsewhere
+                fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:  # a folder of that name, a 0600 file of another user's: one line, nothing written
+            raise ConfigError(f"{path}: cannot open the replay lock ({exc.strerror or exc}); remove it if no replay "
+                              f"is writing {self.out}, or give another --output-dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -85,12 +85,16 @@ class MultiReporter(Reporter):
 
     def finish(self, result):
         # each one closes even where one before it fails (TensorBoard's close on a full disk left the W&B run
-        # open, and a notebook's next train() started a second run beside it); the first failure goes on up
+        # open, and a notebook's next train() started a second run beside it); the first failure goes on up,
+        # each later one is said in a warning (else a W&B sync error would hide behind TensorBoard's full disk)
         errors = []
         for r in self.reporters:
             try:
                 r.finish(result)
             except Exception as exc:  # noqa: BLE001 - raised below, after the others
+                if errors:
+                    warnings.warn(f"{type(r).__name__}: closing failed as well ({type(exc).__name__}: {redact(str(exc))})",
+                                  stacklevel=2)
                 errors.append(exc)
         if errors:
             raise errors[0]

@@ -139,6 +139,15 @@ def test_builtin_english_corpus_is_python_docs(tmp_path):
     assert "def" in c.tokenizer.decode(c.train[:20000])
 
 
+def test_a_local_file_named_like_a_built_in_corpus_is_said_to_be_shadowed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("python-docs").write_text("my own notes " * 2000)
+    shadowed = r"^data: 'python-docs' is the built-in corpus; .* \(give ./python-docs for it\)$"
+    with pytest.warns(UserWarning, match=shadowed):
+        assert load_corpus("python-docs", cache_dir=tmp_path / "cache").n_chars > 400_000
+    assert load_corpus("./python-docs", cache_dir=tmp_path / "cache").n_chars == len("my own notes " * 2000)
+
+
 @pytest.mark.slow
 def test_builtin_chinese_corpus_strips_pos_tags(tmp_path):
     c = load_corpus(None, use_chinese=True, cache_dir=tmp_path)

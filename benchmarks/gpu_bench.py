@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,8 +128,7 @@ def pack_worker(spec: dict) -> dict:
             self.stamps, self.mem, self.end = [], 0.0, None
 
         def start(self, cfg, info):  # model built: wait for the common start, so that all n train together
-            time.sleep(max(0.0, spec["start_at"] - time.time()))
-            self.end = max(time.time(), spec["start_at"]) + spec["seconds"]
+            self.end = _common_start(spec) + spec["seconds"]
 
         def log(self, step, m):
             self.stamps.append((time.time(), m["tokens"]))
@@ -148,6 +148,20 @@ def pack_worker(spec: dict) -> dict:
     except _Deadline:
         pass
     return {"stamps": rep.stamps, "mem": rep.mem}
+
+
+def _common_start(spec: dict) -> float:
+    """Wait for the n workers to be ready, then until the start they all compute alike: `start_at`, or half
+    a second after the last one got ready where that is later (imports on a loaded machine can outlast any
+    fixed lead). A worker that never gets ready (it crashed) holds the others `wait_s` at most."""
+    ready = Path(spec["barrier"])
+    (ready / f"ready-{os.getpid()}").touch()
+    give_up = time.time() + spec.get("wait_s", 120.0)
+    while len(stamps := [f.stat().st_mtime for f in ready.glob("ready-*")]) < spec["n"] and time.time() < give_up:
+        time.sleep(0.05)
+    start = max(spec["start_at"], max(stamps) + 0.5)
+    time.sleep(max(0.0, start - time.time()))
+    return max(time.time(), start)
 
 
 _WORKERS: list = []  # the packing processes running now
@@ -183,20 +197,23 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str, out: Path) 
     all n (a hung worker cannot hold the run for n times its own limit); a failed worker's stderr is kept
     in `out`/pack_<size>_<n>_<i>.log."""
     # a common start, late enough for every worker to have imported torch and built its model
-    spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data,
+    barrier = out / f"pack_{size}_{n}.ready"
+    shutil.rmtree(barrier, ignore_errors=True)
+    barrier.mkdir(parents=True)
+    spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data, "barrier": str(barrier),
             "start_at": time.time() + (8.0 if dry else 12.0)}
     procs = [subprocess.Popen([sys.executable, __file__, "--pack-worker", json.dumps(spec)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True) for _ in range(n)]
     _WORKERS[:] = procs  # gpu.sh's time limit (SIGTERM) kills them too: their sessions are their own
     outs = []
-    deadline = spec["start_at"] + seconds + 120
+    deadline = spec["start_at"] + 120 + seconds + 120  # (the wait for the others, its training, its end)
     try:
         for i, proc in enumerate(procs):
             try:
                 stdout, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                return {"size": size, "trials": n, "error": [f"worker {i} still running {seconds + 120:.0f} s after "
-                                                             "the common start: killed"]}
+                return {"size": size, "trials": n, "error": [f"worker {i} still running {seconds + 240:.0f} s after "
+                                                             "the planned start: killed"]}
             if proc.returncode:
                 log = out / f"pack_{size}_{n}_{i}.log"
                 log.write_text(err)
@@ -205,6 +222,7 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str, out: Path) 
             outs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:
         _kill(procs)
+        shutil.rmtree(barrier, ignore_errors=True)
     kept = [o["stamps"][len(o["stamps"]) // 5:] for o in outs]  # the first fifth: warm-up
     if any(len(k) < 2 for k in kept):
         return {"size": size, "trials": n, "error": ["too few logged steps to time"]}

@@ -732,7 +732,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     earlier = optuna.create_study(study_name="budget", storage=db, direction="minimize")  # an earlier search's
     earlier.ask().set_user_attr("tune_experiment", str(tmp_path / "elsewhere" / "budget"))
     opts = SearchOptions(space=str(tiny_space(tmp_path, n=4, steps=100_000, every=10)), name="budget",
-                         time_budget=15, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
+                         time_budget=25, scheduler="none", optuna_storage=db, storage_path=str(tmp_path / "r"),
                          overrides={"data": str(corpus_file)}, verbose=0)  # W&B offline
     with pytest.raises(ConfigError, match=r"study 'budget' already holds 1 trial.*another --name"):
         run_search(opts)  # its trials would steer TPE and be proposed again as this search's
@@ -765,7 +765,7 @@ def test_trials_the_time_budget_stops_are_out_of_time_everywhere(ray_session, tm
     never = sum(1 for d in (out.experiment_dir).glob("trial_*") if not (d / "params.json").is_file())
     assert (f"({len(df)} out-of-time; {never} more never started, the time budget ran out first)" if never
             else f"({len(df)} out-of-time)") in printed, printed
-    assert json.loads((out.experiment_dir / STOPPED_FILE).read_text())["time_budget_s"] == 15  # the search's own
+    assert json.loads((out.experiment_dir / STOPPED_FILE).read_text())["time_budget_s"] == 25  # the search's own
     # Ray saved the search as finished: --resume would start nothing, so it says so instead (before Ray starts)
     with pytest.raises(ConfigError, match=r"--resume: the search .*budget.* ran out .*--name NEW"):
         run_search(SearchOptions(space=str(tmp_path / "tiny.yaml"), name="budget", storage_path=str(tmp_path / "r"),

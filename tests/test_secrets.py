@@ -49,7 +49,10 @@ def leaks(root: Path, secret: str) -> list[str]:
     pats = needles(secret)
     for p in sorted(root.rglob("*")):
         if p.is_file() and not p.is_symlink():
-            data = p.read_bytes()
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:  # (a live Ray session's log or socket, gone since it was listed)
+                continue
             found += [f"{p.relative_to(root)} ({how})" for how, pat in pats.items() if pat in data]
     return found
 

@@ -850,10 +850,18 @@ def _save_trial_file(trial_dir: Path, name: str, text: str, storage: Any = None)
 
 
 def write_storage_file(fs: Any, folder: str, name: str, text: str) -> None:
-    """Write `text` as ``<folder>/<name>`` on a pyarrow filesystem (local, s3://, gs://), creating the folder."""
+    """Write `text` as ``<folder>/<name>`` on a pyarrow filesystem (local, s3://, gs://), creating the folder.
+
+    Whole or not at all: on a local disk through a temporary name and a rename (a trial's actor ended by Ray
+    while it wrote left an empty status file); an object store's upload is whole once it closes."""
     fs.create_dir(folder, recursive=True)
-    with fs.open_output_stream(f"{folder}/{name}") as out:
+    local = getattr(fs, "type_name", "") == "local"
+    path = f"{folder}/{name}"
+    tmp = f"{folder}/.{name}.{os.getpid()}.part" if local else path
+    with fs.open_output_stream(tmp) as out:
         out.write(text.encode("utf-8"))
+    if local:
+        fs.move(tmp, path)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -263,6 +263,19 @@ def test_a_second_replay_into_a_folder_a_replay_is_writing_is_refused(tmp_path, 
     assert trained == [5] and not (fresh / "replay_summary.json").exists()
 
 
+def test_where_flock_does_not_exist_a_replay_warns_and_goes_on(tmp_path, monkeypatch):
+    """Windows has no fcntl: the lock is skipped with a warning, not an ImportError."""
+    import sys
+
+    from tune_gpt.replay import LOCK_NAME, _OutputLock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError
+    with pytest.warns(UserWarning, match=r"cannot lock on this platform"), _OutputLock(tmp_path / "out") as lock:
+        lock.take(make=True)
+        lock.take(make=True)  # taken once: no second warning
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / LOCK_NAME).exists()
+
+
 def test_a_lock_that_cannot_be_opened_is_one_line_and_nothing_trained(tmp_path, corpus_file, monkeypatch, capsys):
     """A folder named .replay.lock (or another user's 0600 lock file) gave a traceback: one line now."""
     from fake_experiment import standard_experiment, trial_id

@@ -212,13 +212,17 @@ class _OutputLock:
     def take(self, *, make: bool) -> None:
         """Hold the lock (once); `make`: make the folder and the file where they are missing, else take the
         lock only where the file is already there."""
-        import fcntl
-
         path = self.out / LOCK_NAME
         if self._fd is not None or not (make or path.is_file()):
             return
         if make:
             self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the replay goes on as where the file system cannot lock
+            self._fd = -1
+            warnings.warn(f"{path}: cannot lock on this platform; a second replay into this folder is not refused")
+            return
         try:
             try:  # NFS emulates flock with fcntl locks: an exclusive one needs a descriptor open for writing
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -202,27 +202,40 @@ def packing(size: str, n: int, seconds: float, dry: bool, data: str, out: Path) 
     barrier.mkdir(parents=True)
     spec = {"size": size, "n": n, "seconds": seconds, "dry": dry, "data": data, "barrier": str(barrier),
             "start_at": time.time() + (8.0 if dry else 12.0)}
-    procs = [subprocess.Popen([sys.executable, __file__, "--pack-worker", json.dumps(spec)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True) for _ in range(n)]
+    logs = [(out / f"pack_{size}_{n}_{i}.out", out / f"pack_{size}_{n}_{i}.log") for i in range(n)]
+    procs = []
+    for stdout_path, stderr_path in logs:  # (files, not pipes: n workers polled at once cannot fill a pipe)
+        with open(stdout_path, "w") as o, open(stderr_path, "w") as e:
+            procs.append(subprocess.Popen([sys.executable, __file__, "--pack-worker", json.dumps(spec)], stdout=o,
+                                          stderr=e, text=True, cwd=REPO, start_new_session=True))
     _WORKERS[:] = procs  # gpu.sh's time limit (SIGTERM) kills them too: their sessions are their own
-    outs = []
     deadline = spec["start_at"] + 120 + seconds + 120  # (the wait for the others, its training, its end)
     try:
-        for i, proc in enumerate(procs):
-            try:
-                stdout, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                return {"size": size, "trials": n, "error": [f"worker {i} still running {seconds + 240:.0f} s after "
-                                                             "the planned start: killed"]}
-            if proc.returncode:
-                log = out / f"pack_{size}_{n}_{i}.log"
-                log.write_text(err)
-                return {"size": size, "trials": n,
-                        "error": [f"{(err.strip().splitlines() or ['?'])[-1]} (stderr: {log.name})"]}
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        # all n watched at once: the first to fail ends the row (the others would wait for it at the barrier)
+        while any(p.poll() is None for p in procs) and not any(p.returncode for p in procs) \
+                and time.time() < deadline:
+            time.sleep(0.2)
     finally:
         _kill(procs)
         shutil.rmtree(barrier, ignore_errors=True)
+    codes = [p.wait() for p in procs]  # (killed ones: negative)
+    try:
+        failed = [i for i, c in enumerate(codes) if c > 0]
+        if failed:
+            err = logs[failed[0]][1].read_text()
+            return {"size": size, "trials": n,
+                    "error": [f"{(err.strip().splitlines() or ['?'])[-1]} (stderr: {logs[failed[0]][1].name})"]}
+        if any(codes):
+            i = next(i for i, c in enumerate(codes) if c)
+            why = (f"still running {seconds + 240:.0f} s after the planned start: killed" if codes[i] == -9
+                   else f"ended by signal {-codes[i]}")
+            return {"size": size, "trials": n, "error": [f"worker {i} {why} (stderr: {logs[i][1].name})"]}
+        outs = [json.loads(o.read_text().strip().splitlines()[-1]) for o, _ in logs]
+        for _, e in logs:  # a worker's stderr is kept where it failed only
+            e.unlink(missing_ok=True)
+    finally:
+        for o, _ in logs:
+            o.unlink(missing_ok=True)
     kept = [o["stamps"][len(o["stamps"]) // 5:] for o in outs]  # the first fifth: warm-up
     if any(len(k) < 2 for k in kept):
         return {"size": size, "trials": n, "error": ["too few logged steps to time"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -136,3 +137,17 @@ def test_train_speed_pairs_each_round_with_its_own_reference_run():
             {"name": "nanogpt-loop", "median_ms": 63.0}, {"name": "tune_gpt", "median_ms": 70.0}]
     # best-of would pair 63 with 64 (0.98x); round by round it is 1.25x then 0.90x
     assert ts.paired_speedups(rows) == [1.25, 0.9]
+
+
+def test_a_packing_row_whose_workers_fail_says_why_and_keeps_their_stderr(tmp_path):
+    """A worker that fails (here: no such corpus) ends the row with its last stderr line, at once rather
+    than after the others' wait for it at the common start; its stderr is kept, nothing else is left."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_bench
+
+    row = gpu_bench.packing("tiny", 2, 2.0, True, str(tmp_path / "missing.txt"), tmp_path)
+    assert row["size"] == "tiny" and row["trials"] == 2 and "aggregate_tokens_per_s" not in row, row
+    [error] = row["error"]
+    assert "missing.txt" in error and re.search(r"\(stderr: pack_tiny_2_[01]\.log\)$", error), error
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left and set(left) <= {"pack_tiny_2_0.log", "pack_tiny_2_1.log"}, left

@@ -146,6 +146,11 @@ def test_a_local_file_named_like_a_built_in_corpus_is_said_to_be_shadowed(tmp_pa
     with pytest.warns(UserWarning, match=shadowed):
         assert load_corpus("python-docs", cache_dir=tmp_path / "cache").n_chars > 400_000
     assert load_corpus("./python-docs", cache_dir=tmp_path / "cache").n_chars == len("my own notes " * 2000)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default corpus (no --data) is not "named": no word about the file
+        assert load_corpus(None, cache_dir=tmp_path / "cache").name == "python-docs"
 
 
 @pytest.mark.slow

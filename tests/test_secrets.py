@@ -168,6 +168,13 @@ def test_passwords_in_urls_stay_out_of_the_experiment_file_and_a_resume_asks_for
     assert redact("s3://AKIAFAKE:1234/K7MD+ENG@bucket/runs") == "s3://AKIAFAKE:***@bucket/runs"
     assert redact("postgresql://alice:123/abc@db/optuna") == "postgresql://alice:***@db/optuna"
     assert redact("see https://host:8080/c.txt and x@y.org") == "see https://host:8080/c.txt and x@y.org"
+    # outside http(s) (SQLAlchemy's and AWS's URLs) digits are a port only where no '@' follows in the URL
+    assert redact("postgresql://alice:123?abc@db/optuna") == "postgresql://alice:***@db/optuna"
+    assert redact("postgresql://alice:123/a#b@db/optuna") == "postgresql://alice:***@db/optuna"
+    assert redact("redis://h:6379/0 and mail a@b.org") == "redis://h:6379/0 and mail a@b.org"
+    # a quote ends a URL; an IPv6 host is no userinfo
+    assert redact('"https://host:8080/c.txt","a@b.org"') == '"https://host:8080/c.txt","a@b.org"'
+    assert redact("http://[::1]:8080/c.txt?email=a@b.org") == "http://[::1]:8080/c.txt?email=a@b.org"
     assert redact("https://h/c?JSESSIONID=x;jsessionid=y") == "https://h/c?JSESSIONID=***;jsessionid=***"
     # a name that only looks like one is no secret: --resume would ask for such a URL again
     assert redact("https://h/c.txt?author=bob&X-Auth=1") == "https://h/c.txt?author=bob&X-Auth=***"

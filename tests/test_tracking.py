@@ -51,8 +51,9 @@ def test_single_run_writes_tensorboard_and_offline_wandb(tiny_cfg, tmp_path, cap
     assert {"train/loss", "val/loss", "val/bpc", "lr", "tokens_per_s", "epoch", "step"} <= run.history_keys
     vals = [row["val/loss"] for row in run.history if "val/loss" in row]
     assert vals[-1] == pytest.approx(res.final_val_loss, rel=1e-6)
-    assert run.summary["status"] == "finished" and run.summary["sample"] == res.sample
+    assert run.summary["status"] == "finished" and run.summary["sample_text"] == res.sample
     assert "sample/_type" in run.history_keys  # logged (as HTML) at the last step, before the last evaluation
+    assert run.summary["sample"]["_type"] == "html-file"  # what W&B's summary makes of it
     assert run.step_metrics["val/*"] == run.step_metrics["train/*"] == run.step_metrics["lr"] == "step"
 
 
@@ -64,7 +65,7 @@ def test_wandb_logs_the_sample_with_the_last_evaluation(tiny_cfg):
     (run,) = offline_runs(Path(cfg.output_dir))
     (row,) = [r for r in run.history if "sample/_type" in r]
     assert row["_step"] == 25 and row["val/loss"] == pytest.approx(res.final_val_loss, rel=1e-6), row
-    assert run.summary["sample"] == res.sample and res.sample
+    assert run.summary["sample_text"] == res.sample and res.sample
 
 
 def test_a_resumed_run_goes_on_in_the_wandb_run_it_began(tiny_cfg, capsys):
@@ -435,3 +436,27 @@ def test_a_second_run_in_the_same_second_is_the_one_tensorboard_shows(tmp_path, 
         tb.writer.close()
     assert sorted(p.name.rsplit(".", 1)[1] for p in (tmp_path / "logs").iterdir()) == ["10", "9"]  # n 9, then 10
     assert [e.value for e in _scalars(tmp_path / "logs").Scalars("train/loss")] == [2.0, 2.0]
+
+
+def test_where_warnings_are_errors_every_reporter_is_still_closed():
+    """The warning for a second failure is made after all reporters closed: under -W error it would
+    otherwise have left the ones after it open."""
+    import warnings
+
+    from tune_gpt.tracking import MultiReporter, Reporter
+
+    closed = []
+
+    class Fails(Reporter):
+        def finish(self, result):
+            raise OSError(28, "No space left on device")
+
+    class Closes(Reporter):
+        def finish(self, result):
+            closed.append(result)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(OSError, match="No space left"):
+            MultiReporter([Fails(), Fails(), Closes()]).finish("result")
+    assert closed == ["result"]

@@ -128,9 +128,14 @@ def _read_once(run_dir: str | Path) -> OfflineRun:
         elif kind == "exit":
             out.exit_code = rec.exit.exit_code
         elif kind == "summary":
-            for item in rec.summary.update:
-                key = item.key or "/".join(item.nested_key)
-                out.summary[key] = json.loads(item.value_json)
+            for item in rec.summary.update:  # as W&B applies them: a nested key makes (or replaces) a dict
+                *parents, leaf = [item.key] if item.key else list(item.nested_key)
+                node = out.summary
+                for k in parents:
+                    if not isinstance(node.get(k), dict):
+                        node[k] = {}
+                    node = node[k]
+                node[leaf] = json.loads(item.value_json)
     out.config = {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in out.config.items()}
     return out
 

@@ -21,13 +21,20 @@ _SECRET_WORDS = {"auth", "authorization", "session", "ticket"}
 _PARAM = re.compile(r"([?&;#])([^=&;#\s]*)=([^&;#\s]*)")
 # scheme://user[:password]@host : the password may hold an unencoded '@', '?', '#' or '/' (SQLAlchemy takes
 # postgresql://alice:pa?ss@db/optuna; AWS secret keys hold '/'): it runs to the first '@' that a host and
-# then '/', '?', '#' or the end follow. Digits after the ':' are a port when a path without '@' follows
-# (https://host:8080/c.txt?email=a@b.org), a password when an '@' comes before any '?' or '#'
-# (s3://KEY:12/AbC@bucket, as SQLAlchemy and AWS read it): a leaked secret costs more than a URL that
-# --resume asks for again.
-_USERINFO = re.compile(r"(?<![\w+.-])(\w[\w+.-]*://)([^/?#@\s:]*)"
-                       r"(?::(?!\d+(?:[?#\s]|$|/[^@?#\s]*(?:[?#\s]|$)))(\S*?))?@"
-                       r"(?=[^@/\s]*(?:[/?#\s]|$))")
+# then '/', '?', '#' or the end follow. Digits after the ':' may be a port instead (no userinfo then):
+# - in an http(s) URL, where a path without '@' follows (https://host:8080/c.txt?email=a@b.org; a quote or
+#   '<' '>' ends the URL, as in "https://host:8080/c.txt","a@b.org");
+# - in any other (postgresql://, s3://, redis://...), only where no '@' follows in the URL at all: SQLAlchemy
+#   and AWS read postgresql://alice:123?abc@db and s3://KEY:12/AbC@bucket as passwords.
+# Else they are a password: a leaked secret costs more than a URL that --resume asks for again.
+# (A userinfo holds no '[' or ']': http://[::1]:8080/... is a host.)
+_END = "\\s\"'<>`"  # what ends a URL in text (whitespace, quotes, angle brackets)
+_WEB_PORT = rf"\d+(?:[?#{_END}]|$|/[^@?#{_END}]*(?:[?#{_END}]|$))"
+_OTHER_PORT = rf"\d+(?=[^@{_END}]*(?:[{_END}]|$))"
+_USERINFO_TAIL = rf"([^/?#@\[\]\s:]*)(?::(?!{{port}})(\S*?))?@(?=[^@/\s]*(?:[/?#\s]|$))"
+_USERINFO_WEB = re.compile(r"(?<![\w+.-])((?i:https?)://)" + _USERINFO_TAIL.format(port=_WEB_PORT))
+_USERINFO_OTHER = re.compile(r"(?<![\w+.-])((?!(?i:https?)://)\w[\w+.-]*://)"
+                             + _USERINFO_TAIL.format(port=_OTHER_PORT))
 
 
 def redact(text: str) -> str:
@@ -48,7 +55,7 @@ def redact(text: str) -> str:
         secret = _SECRET_IN_NAME.search(name) or words & _SECRET_WORDS or name.lower() in _SECRET_WORDS
         return f"{m.group(1)}{name}={REDACTED}" if secret else m.group(0)
 
-    return _PARAM.sub(param, _USERINFO.sub(userinfo, text))
+    return _PARAM.sub(param, _USERINFO_WEB.sub(userinfo, _USERINFO_OTHER.sub(userinfo, text)))
 
 
 def redact_flat(flat: dict[str, Any]) -> dict[str, Any]:

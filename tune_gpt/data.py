@@ -171,11 +171,11 @@ def read_text(spec: str | None, *, use_chinese: bool = False, cache_dir: Path | 
         spec = "chinese" if use_chinese else "python-docs"
     elif use_chinese:
         raise DataError(f"data: --use_chinese selects the bundled Chinese corpus; it cannot be combined with data={redact(spec)!r}")
-    if spec in ("python-docs", "chinese") and os.path.lexists(spec):
+    elif spec in ("python-docs", "chinese") and os.path.lexists(spec):  # named, not the default
         import warnings
 
-        warnings.warn(f"data: {spec!r} is the built-in corpus; the {spec!r} here is not read (give ./{spec} for it)",
-                      stacklevel=2)
+        # (from this line: Python says it once, where the search reads the corpus twice)
+        warnings.warn(f"data: {spec!r} is the built-in corpus; the {spec!r} here is not read (give ./{spec} for it)")
     if spec == "python-docs":
         return spec, python_docs_text(), ["pydoc_data.topics"]
     if spec == "chinese":

@@ -226,8 +226,11 @@ class _OutputLock:
         try:
             try:  # NFS emulates flock with fcntl locks: an exclusive one needs a descriptor open for writing
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            except PermissionError:  # a lock file another user left: flock needs no write access elsewhere
-                fd = os.open(path, os.O_RDONLY)
+            except PermissionError as first:  # a lock file another user left: flock needs no write access elsewhere
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # no lock file, and a folder this user cannot write: say that
+                    raise first from None
         except OSError as exc:  # a folder of that name, a 0600 file of another user's: one line, nothing written
             raise ConfigError(f"{path}: cannot open the replay lock ({exc.strerror or exc}); remove it if no replay "
                               f"is writing {self.out}, or give another --output-dir") from None

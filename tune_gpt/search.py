@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -857,11 +858,17 @@ def write_storage_file(fs: Any, folder: str, name: str, text: str) -> None:
     fs.create_dir(folder, recursive=True)
     local = getattr(fs, "type_name", "") == "local"
     path = f"{folder}/{name}"
-    tmp = f"{folder}/.{name}.{os.getpid()}.part" if local else path
-    with fs.open_output_stream(tmp) as out:
-        out.write(text.encode("utf-8"))
-    if local:
-        fs.move(tmp, path)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.part" if local else path  # (threads and processes apart)
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(text.encode("utf-8"))
+        if local:
+            fs.move(tmp, path)
+    except BaseException:
+        if local:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+        raise
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -1842,13 +1849,13 @@ def _write_experiment_file(plan: Plan) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(info, indent=2, default=str)
-    if "://" in plan.opts.storage_path:
-        import pyarrow.fs as pafs
+    import pyarrow.fs as pafs
 
+    # (whole or not at all: a --resume rewrites it, and a search killed then must still resume)
+    if "://" in plan.opts.storage_path:
         write_storage_file(*pafs.FileSystem.from_uri(experiment_uri(plan)), EXPERIMENT_FILE, text)
     else:
-        plan.experiment_dir.mkdir(parents=True, exist_ok=True)
-        (plan.experiment_dir / EXPERIMENT_FILE).write_text(text)
+        write_storage_file(pafs.LocalFileSystem(), str(plan.experiment_dir), EXPERIMENT_FILE, text)
     plan.written = True
 
 

@@ -92,12 +92,14 @@ class MultiReporter(Reporter):
             try:
                 r.finish(result)
             except Exception as exc:  # noqa: BLE001 - raised below, after the others
-                if errors:
-                    warnings.warn(f"{type(r).__name__}: closing failed as well ({type(exc).__name__}: {redact(str(exc))})",
-                                  stacklevel=2)
-                errors.append(exc)
+                errors.append((r, exc))
         if errors:
-            raise errors[0]
+            try:  # (after the loop: where warnings are errors, -W error, every reporter is closed first)
+                for r, exc in errors[1:]:
+                    warnings.warn(f"{type(r).__name__}: closing failed as well ({type(exc).__name__}: "
+                                  f"{redact(str(exc))})", stacklevel=2)
+            finally:
+                raise errors[0][1]
 
     def resume_checkpoint(self):
         for r in self.reporters:
@@ -508,7 +510,9 @@ class WandbReporter(Reporter):
         if self.run is not None:
             import wandb
 
-            self.run.summary["sample"] = text
+            # the text in the summary (the runs table, search) under a key of its own: the Html logged as
+            # "sample" (the media panel) makes W&B's summary "sample" that media file once its row is written
+            self.run.summary["sample_text"] = text
             # Logged with the last evaluation, at its step: logged now without a step, it moved W&B past that
             # step and the evaluation was dropped as out of order.
             self._sample = wandb.Html("<pre>" + _html_escape(text) + "</pre>")

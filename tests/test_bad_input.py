@@ -141,6 +141,8 @@ FLAG_CASES = [
     ("time_budget_nan", ["--time-budget", "nan"], ["--time-budget", "nan"]),
     ("max_failures_negative", ["--max-failures", "-1"], ["--max-failures", "-1"]),
     ("max_failures_text", ["--max-failures", "x"], ["--max-failures", "'x'"]),
+    ("seed_negative", ["--seed", "-1"], ["--seed", "-1"]),
+    ("seed_too_big", ["--seed", str(2**32)], ["--seed", str(2**32)]),
     ("grace_period_zero", ["--grace-period", "0"], ["--grace-period", "0"]),
     ("reduction_factor_one", ["--reduction-factor", "1"], ["--reduction-factor", "1"]),
     ("reduction_factor_half", ["--reduction-factor", "0.5"], ["--reduction-factor", "0.5"]),
@@ -299,3 +301,24 @@ def test_a_checkpoint_that_loads_but_is_not_a_model_is_one_line(tmp_path):
     torch.save(torch.zeros(3), plain)
     line = one_line_error(run(["--checkpoint", str(plain)], cwd=tmp_path, module="tune_gpt.generate"))
     assert str(plain) in line and "not a tune_gpt checkpoint" in line, line
+
+
+def test_resume_refuses_an_experiment_file_it_cannot_read(tmp_path, capsys):
+    """Read as missing, a damaged experiment file let --resume go on with the default space and corpus, and
+    the interrupted trials ended errored on their checkpoints' other corpus. Now one line, nothing touched."""
+    from tune_gpt.search import EXPERIMENT_FILE, main
+
+    exp = tmp_path / "r" / "x"
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"saved by Ray")
+    for text, why in (("garbage{", "JSONDecodeError"), ("[1, 2]", "a JSON list, not an object"),
+                      (b"\xff\xfe", "UnicodeDecodeError")):
+        if isinstance(text, bytes):
+            (exp / EXPERIMENT_FILE).write_bytes(text)
+        else:
+            (exp / EXPERIMENT_FILE).write_text(text)
+        assert main(["--storage-path", str(tmp_path / "r"), "--name", "x", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{exp / EXPERIMENT_FILE}: cannot be read ({why}" in err, err
+        assert "--name NEW" in err
+    assert sorted(p.name for p in exp.iterdir()) == [EXPERIMENT_FILE, "tuner.pkl"]

@@ -278,6 +278,8 @@ def plan_search(opts: SearchOptions) -> Plan:
         _check_number("--time-budget", opts.time_budget, low=0, strict=True)
     if opts.max_failures is None or opts.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {opts.max_failures}")
+    if not 0 <= opts.seed < 2**32:  # what numpy (Optuna's samplers, Ray's random search) takes
+        raise ConfigError(f"--seed: {opts.seed} is outside [0, 2**32)")
     _check_storage_path(opts.storage_path)
 
     searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
@@ -1923,15 +1925,27 @@ def _read_experiment_file(plan: Plan) -> dict[str, Any]:
 
 
 def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
+    """The experiment file's content; {} where there is none (or storage cannot be reached: said later).
+    One that is there but cannot be read is refused: read as missing, --resume went on with the default
+    space and corpus, and every interrupted trial ended errored on its checkpoint's other corpus."""
     import pyarrow.fs as pafs
 
+    where = f"{redact(_experiment_location(storage_path, name))}/{EXPERIMENT_FILE}"
     try:
         fs, path = pafs.FileSystem.from_uri(_experiment_location(storage_path, name))
         with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
-            info = json.loads(f.read().decode("utf-8"))
+            raw = f.read()
     except (OSError, ValueError):
         return {}
-    return info if isinstance(info, dict) else {}
+    try:
+        info = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # (UnicodeDecodeError too)
+        info = exc
+    if not isinstance(info, dict):
+        why = _one_line(info) if isinstance(info, Exception) else f"a JSON {type(info).__name__}, not an object"
+        raise ConfigError(f"{where}: cannot be read ({why}); it records how the search was started: put it back "
+                          "(from a backup), or start another search with --name NEW")
+    return info
 
 
 def _as_started_by_its_own_method(plan: Plan, saved: dict[str, Any]) -> None:

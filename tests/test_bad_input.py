@@ -322,3 +322,28 @@ def test_resume_refuses_an_experiment_file_it_cannot_read(tmp_path, capsys):
         assert err.count("\n") == 1 and f"{exp / EXPERIMENT_FILE}: cannot be read ({why}" in err, err
         assert "--name NEW" in err
     assert sorted(p.name for p in exp.iterdir()) == [EXPERIMENT_FILE, "tuner.pkl"]
+
+
+def test_train_refuses_a_search_folder_and_resume_with_overwrite(tmp_path, capsys):
+    """A run into a trial's folder overwrote its sample.txt and left a model.pt that `generate --checkpoint`
+    then sampled; into the experiment folder its files mixed with the trials'. Both refused, whatever the
+    flags; --resume with --overwrite_output_dir (opposites) too. Nothing is written."""
+    from tune_gpt.cli import train_main
+
+    exp = tmp_path / "exp"
+    trial = exp / "trial_0001"
+    trial.mkdir(parents=True)
+    (exp / "tune_gpt_experiment.json").write_text("{}")
+    (trial / "params.json").write_text("{}")
+    (trial / "result.json").write_text("")
+    (trial / "sample.txt").write_text("the trial's sample")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, said in ((trial, "is a search trial's folder"), (exp, "is a search's experiment folder")):
+        for extra in ([], ["--overwrite_output_dir"]):
+            assert train_main(["--output_dir", str(out), "--max_steps", "1", *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"--output_dir {out}: {said}" in err, err
+    assert train_main(["--output_dir", str(tmp_path / "run"), "--resume", "--overwrite_output_dir"]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (trial / "sample.txt").read_text() == "the trial's sample"

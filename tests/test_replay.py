@@ -263,6 +263,26 @@ def test_a_second_replay_into_a_folder_a_replay_is_writing_is_refused(tmp_path, 
     assert trained == [5] and not (fresh / "replay_summary.json").exists()
 
 
+def test_a_corpus_too_short_for_the_trial_is_refused_before_the_folder_is_marked(tmp_path, monkeypatch, capsys):
+    """The context check ran inside train(), after the replay had marked its folder "running": the refused
+    replay left a folder saying a replay was under way. Now refused first: no folder."""
+    from fake_experiment import standard_experiment, trial_id
+
+    import tune_gpt.train as train_mod
+    from tune_gpt.replay import main
+
+    exp = standard_experiment(tmp_path)
+    short = tmp_path / "short.txt"
+    short.write_text("too short for any context\n")
+    out = tmp_path / "final"
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: pytest.fail("trained"))
+    assert main([str(exp), "--trial", trial_id(0), "--output-dir", str(out), "--no-wandb", "--data", str(short),
+                 "--max-steps", "5"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"tune_gpt.replay: error: {short}: corpus") and "too short" in last, last
+    assert not out.exists()
+
+
 def test_where_flock_does_not_exist_a_replay_warns_and_goes_on(tmp_path, monkeypatch):
     """Windows has no fcntl: the lock is skipped with a warning, not an ImportError."""
     import sys

@@ -149,6 +149,13 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
     for sub in ("checkpoint", "logs"):  # the folders a run makes in it
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{flag} {out}: {out / sub} is a file; a run keeps its {sub} folder there")
+    # a search's own folders, whatever else is asked: a run there overwrote a trial's sample.txt, and its
+    # model.pt made `generate --checkpoint <trial>` sample another model (the files report.py names)
+    if (out / "tune_gpt_experiment.json").is_file() or (out / "tuner.pkl").is_file():
+        raise ConfigError(f"{flag} {out}: is a search's experiment folder; give a folder of its own (a replay "
+                          f"makes {out}/replay-<trial>)")
+    if (out / "params.json").is_file() and any((out / f).is_file() for f in ("tune_gpt_status.json", "result.json")):
+        raise ConfigError(f"{flag} {out}: is a search trial's folder; give a folder of its own")
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -188,6 +195,8 @@ def train_main(argv: list[str] | None = None) -> int:
         out = Path(cfg.output_dir).expanduser()
         check_output_dir(out)
         ckpt = out / "checkpoint" / CKPT_NAME
+        if cfg.resume and args.overwrite_output_dir:
+            raise ConfigError("--resume continues the run in --output_dir, --overwrite_output_dir replaces it: give one")
         if cfg.resume and not ckpt.is_file():
             raise ConfigError(f"resume: no checkpoint in {out / 'checkpoint'}")
         earlier = earlier_run(out)

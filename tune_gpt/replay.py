@@ -155,6 +155,7 @@ def replay(experiment: str | Path, trial: str | None = None, *, check: bool = Fa
         device = resolve_device(cfg)
         corpus = load_corpus(cfg.data, use_chinese=cfg.use_chinese, cache_dir=cfg.cache_dir)
         _check_same_corpus(trial_id, where.get("corpus_sha256"), corpus, check)
+        corpus.check_context(cfg.model.block_size, source=cfg.data or corpus.name)  # (train() would, after the mark)
         trial_steps = _int(row.get("steps"))
         stop_after = trial_steps if check and trial_steps else None
         kind = "check" if check else "final"  # a check is no final run: W&B filters tell them apart
@@ -380,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                              help="the W&B run's mode (not the search's); default: WANDB_MODE, else online when an "
                              "API key is found, else offline")
     p.add_argument("--data", help="the corpus, where the trial's was a URL with a token (the experiment keeps it "
-                   "without); its text must be the trial's (sha256 compared)")
+                   "without), or where it moved; its text is compared with the trial's (sha256): other text is "
+                   "refused for a --check and warned about for a final run")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int,
                    help="the micro-batch, where the trial's does not fit in memory: the accumulation steps keep the "
                    "trial's effective batch (batch size × accumulation steps)")

@@ -41,10 +41,10 @@ def by_id(df, i: int):
     return df.set_index("trial_id").loc[trial_id(i)]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "tune_gpt.report", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=env, timeout=120, cwd=cwd)
 
 
 # ----------------------------------------------------------------- reading
@@ -604,6 +604,10 @@ def test_cli_writes_report(standard, tmp_path):
     assert p.returncode == 0, p.stderr
     assert str(tmp_path / "r") in p.stdout
     assert (tmp_path / "r" / "report.html").is_file()
+    empty = run_cli(str(standard), "--out", "", cwd=tmp_path)  # Path("") was the working folder
+    assert empty.returncode == 2 and empty.stderr.strip() == (
+        "tune_gpt.report: error: --out: empty; give the folder the report goes to (default: <experiment>/report)")
+    assert not (tmp_path / "report.html").exists()
 
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

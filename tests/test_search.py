@@ -449,6 +449,20 @@ def test_search_runs_every_trial_and_finds_a_best(finished_search):
         assert [r["step"] for r in rows] == [5 * (i + 1) for i in range(len(rows))]
 
 
+def test_resume_with_a_cut_tuner_pkl_is_one_line(finished_search, tmp_path, corpus_file):
+    """Ray's saved Tuner cut short (a full disk, a partial copy): --resume said so in a traceback."""
+    exp = finished_search.experiment_dir
+    copy = tmp_path / "results" / exp.name
+    shutil.copytree(exp, copy)
+    with open(copy / "tuner.pkl", "r+b") as f:
+        f.truncate(100)
+    opts = SearchOptions(space=str(exp.parent.parent / "tiny.yaml"), storage_path=str(tmp_path / "results"),
+                         resume=True, overrides={"data": str(corpus_file)}, verbose=0)
+    with pytest.raises(ConfigError, match=rf"^--resume: {re.escape(str(copy))}/tuner.pkl cannot be read \(Unpickling"
+                                          r"Error: pickle data was truncated\): .* --name NEW$"):
+        run_search(opts)
+
+
 def test_baseline_point_is_evaluated_first(finished_search):
     from tune_gpt.report import saved_trial_states
 

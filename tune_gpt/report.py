@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from tune_gpt._redact import REDACTED, is_redacted, refuse_credentials
 from tune_gpt.config import RUNTIME_KEYS
-from tune_gpt.errors import DataError
+from tune_gpt.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -1577,6 +1577,8 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
         shown = str(path) if Path(path).resolve() == exp.dir.resolve() else str(exp.dir)
         default_out = exp.dir / "report"
     r = _build(exp, shown)
+    if out_dir is not None and not str(out_dir).strip():  # Path("") is the working folder: not what was meant
+        raise ConfigError("--out: empty; give the folder the report goes to (default: <experiment>/report)")
     out = Path(out_dir) if out_dir is not None else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)

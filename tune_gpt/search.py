@@ -1082,10 +1082,17 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
             {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
         )
         if restore:
-            tuner = tune.Tuner.restore(
-                str(plan.experiment_dir) if not remote else experiment_uri(plan),
-                trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
-            )
+            import pickle
+
+            try:
+                tuner = tune.Tuner.restore(
+                    str(plan.experiment_dir) if not remote else experiment_uri(plan),
+                    trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
+                )
+            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:  # a cut or foreign tuner.pkl
+                raise ConfigError(f"--resume: {redact(experiment_id(plan))}/tuner.pkl cannot be read "
+                                  f"({redact(_one_line(exc))}): Ray cannot reopen the search; start another with "
+                                  f"--name NEW") from None
             _renew_callbacks(tuner, plan)
         else:
             if opts.resume:

@@ -312,8 +312,11 @@ def test_resume_refuses_an_experiment_file_it_cannot_read(tmp_path, capsys):
     exp.mkdir(parents=True)
     (exp / "tuner.pkl").write_bytes(b"saved by Ray")
     for text, why in (("garbage{", "JSONDecodeError"), ("[1, 2]", "a JSON list, not an object"),
-                      (b"\xff\xfe", "UnicodeDecodeError")):
-        if isinstance(text, bytes):
+                      (b"\xff\xfe", "UnicodeDecodeError"), (None, "")):
+        if text is None:  # a folder of that name: there, but not readable as a file
+            (exp / EXPERIMENT_FILE).unlink()
+            (exp / EXPERIMENT_FILE).mkdir()
+        elif isinstance(text, bytes):
             (exp / EXPERIMENT_FILE).write_bytes(text)
         else:
             (exp / EXPERIMENT_FILE).write_text(text)

@@ -606,7 +606,7 @@ def test_cli_writes_report(standard, tmp_path):
     assert (tmp_path / "r" / "report.html").is_file()
     empty = run_cli(str(standard), "--out", "", cwd=tmp_path)  # Path("") was the working folder
     assert empty.returncode == 2 and empty.stderr.strip() == (
-        "tune_gpt.report: error: --out: empty; give the folder the report goes to (default: <experiment>/report)")
+        "tune_gpt.report: error: --out: empty; give the folder the report goes to, or leave --out out")
     assert not (tmp_path / "report.html").exists()
 
 

@@ -1569,6 +1569,8 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
     ``s3://bucket/prefix/name`` (read through a temporary copy), ``./tune_reports/<name>/``. ``trial_dir`` in trials.csv is relative to
     the experiment folder, so the report stays right when the folder moves.
     """
+    if out_dir is not None and not str(out_dir).strip():  # Path("") is the working folder: not what was meant
+        raise ConfigError("--out: empty; give the folder the report goes to, or leave --out out")
     exp = _read_experiment(path)
     if exp.uri:
         shown = exp.location  # with its query: the replay command must reach the same storage
@@ -1577,8 +1579,6 @@ def write_report(path: str | Path, out_dir: str | Path | None = None) -> Path:
         shown = str(path) if Path(path).resolve() == exp.dir.resolve() else str(exp.dir)
         default_out = exp.dir / "report"
     r = _build(exp, shown)
-    if out_dir is not None and not str(out_dir).strip():  # Path("") is the working folder: not what was meant
-        raise ConfigError("--out: empty; give the folder the report goes to (default: <experiment>/report)")
     out = Path(out_dir) if out_dir is not None else default_out
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -278,8 +278,8 @@ def plan_search(opts: SearchOptions) -> Plan:
         _check_number("--time-budget", opts.time_budget, low=0, strict=True)
     if opts.max_failures is None or opts.max_failures < 0:
         raise ConfigError(f"--max-failures: must be >= 0, got {opts.max_failures}")
-    if not 0 <= opts.seed < 2**32:  # what numpy (Optuna's samplers, Ray's random search) takes
-        raise ConfigError(f"--seed: {opts.seed} is outside [0, 2**32)")
+    if opts.seed is not None and (not isinstance(opts.seed, int) or not 0 <= opts.seed < 2**32):
+        raise ConfigError(f"--seed: {opts.seed!r} is not an integer in [0, 2**32)")  # numpy's (Optuna, Ray) range
     _check_storage_path(opts.storage_path)
 
     searcher = opts.search or {"grid": "grid", "random": "random"}.get(space.method or "", "optuna")
@@ -1089,9 +1089,14 @@ def _run_tune(plan: Plan, trainable: Callable[..., None] | None) -> tuple[Any, f
                     str(plan.experiment_dir) if not remote else experiment_uri(plan),
                     trainable=trainable_fn, resume_unfinished=True, resume_errored=opts.retry_errored,
                 )
-            except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:  # a cut or foreign tuner.pkl
-                raise ConfigError(f"--resume: {redact(experiment_id(plan))}/tuner.pkl cannot be read "
+            except (pickle.UnpicklingError, EOFError) as exc:  # cut short (a full disk, a partial copy)
+                raise ConfigError(f"--resume: {_in_experiment(plan, 'tuner.pkl')} cannot be read "
                                   f"({redact(_one_line(exc))}): Ray cannot reopen the search; start another with "
+                                  f"--name NEW") from None
+            except (ImportError, AttributeError) as exc:  # a class it pickled is not here as it was
+                raise ConfigError(f"--resume: {_in_experiment(plan, 'tuner.pkl')} cannot be restored here "
+                                  f"({redact(_one_line(exc))}): it may have been saved by another version of "
+                                  f"tune_gpt, Ray or Optuna; resume with those, or start another search with "
                                   f"--name NEW") from None
             _renew_callbacks(tuner, plan)
         else:
@@ -1937,22 +1942,35 @@ def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     space and corpus, and every interrupted trial ended errored on its checkpoint's other corpus."""
     import pyarrow.fs as pafs
 
-    where = f"{redact(_experiment_location(storage_path, name))}/{EXPERIMENT_FILE}"
+    location = _experiment_location(storage_path, name)
+    where = redact(_file_in(location, EXPERIMENT_FILE))
     try:
-        fs, path = pafs.FileSystem.from_uri(_experiment_location(storage_path, name))
-        with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
-            raw = f.read()
+        fs, path = pafs.FileSystem.from_uri(location)
+        info = fs.get_file_info(f"{path}/{EXPERIMENT_FILE}")
     except (OSError, ValueError):
         return {}
+    if info.type == pafs.FileType.NotFound:
+        return {}
     try:
-        info = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:  # (UnicodeDecodeError too)
-        info = exc
-    if not isinstance(info, dict):
-        why = _one_line(info) if isinstance(info, Exception) else f"a JSON {type(info).__name__}, not an object"
+        with fs.open_input_stream(f"{path}/{EXPERIMENT_FILE}") as f:
+            saved: Any = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # (a folder of that name, no permission; UnicodeDecodeError too)
+        saved = exc
+    if not isinstance(saved, dict):
+        why = _one_line(saved) if isinstance(saved, Exception) else f"a JSON {type(saved).__name__}, not an object"
         raise ConfigError(f"{where}: cannot be read ({why}); it records how the search was started: put it back "
                           "(from a backup), or start another search with --name NEW")
-    return info
+    return saved
+
+
+def _file_in(location: str, name: str) -> str:
+    """``<experiment>/<name>``, for a URI before its ``?query`` (as the file is named on its storage)."""
+    base, sep, query = location.partition("?") if "://" in location else (location, "", "")
+    return f"{base.rstrip('/')}/{name}{sep}{query}"
+
+
+def _in_experiment(plan: Plan, name: str) -> str:
+    return redact(_file_in(experiment_id(plan), name))
 
 
 def _as_started_by_its_own_method(plan: Plan, saved: dict[str, Any]) -> None:

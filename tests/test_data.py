@@ -459,3 +459,25 @@ def test_a_url_password_with_a_reserved_character_is_one_line_without_any_of_it(
     assert said == ("https://alice:***@example.invalid/c.txt: download failed (the password holds a character URLs "
                     "reserve (/ ? #): write it percent-encoded (%2F %3F %23))"), said
     assert "'pa'" not in said and password not in said
+
+
+def test_part_files_a_killed_download_left_are_removed_once_a_day_old(tmp_path):
+    """A SIGKILL mid-download leaves its part file (nothing runs to remove it): the next download removes
+    those a day old, never a fresh one (another run's download in progress)."""
+    import os
+    import time
+
+    from tune_gpt.data import fetch_url
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    old = [downloads / "0123abcd.x1.part", downloads / "0123abcd.x1.json-part"]
+    fresh = downloads / "4567ef.y2.part"
+    for p in [*old, fresh]:
+        p.write_bytes(b"half a corpus")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for p in old:
+        os.utime(p, (two_days_ago, two_days_ago))
+    with pytest.raises(DataError, match="download failed"):
+        fetch_url("http://127.0.0.1:9/c.txt", tmp_path, timeout=5)
+    assert sorted(p.name for p in downloads.iterdir()) == [fresh.name]

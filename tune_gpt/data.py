@@ -17,6 +17,7 @@ The last 10% of the tokens are the validation split, as in nanoGPT.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import glob as globmod
 import hashlib
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -393,6 +395,7 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         return dest
     # changed or cut short since it was fetched (or another run is writing it): fetched again and put in
     # place atomically, never deleted first (a concurrent run may be about to read it)
+    _remove_stale_parts(dest_dir)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=dest_dir, prefix=f"{key}.", suffix=".part")  # O_EXCL: no shared name
@@ -428,6 +431,19 @@ def fetch_url(url: str, cache_dir: Path, timeout: float = 60.0) -> Path:
         meta_tmp.unlink(missing_ok=True)
         raise DataError(f"{dest_dir}: cannot write the download cache ({exc.strerror or exc})") from None
     return dest
+
+
+STALE_PART_S = 24 * 3600  # a download's part file untouched this long belongs to a killed run
+
+
+def _remove_stale_parts(dest_dir: Path) -> None:
+    """Part files that a killed run (SIGKILL, a power cut) left in the download cache, removed once they
+    are a day old: a download in progress writes to its own every second or so, so it is never one."""
+    now = time.time()
+    for part in [*dest_dir.glob("*.part"), *dest_dir.glob("*.json-part")]:
+        with contextlib.suppress(OSError):  # (gone meanwhile, another user's: left)
+            if now - part.stat().st_mtime > STALE_PART_S:
+                part.unlink()
 
 
 class _SameHostAuth(urllib.request.HTTPRedirectHandler):

@@ -292,8 +292,11 @@ def test_pivot_values_by_hand(df):
 def test_lr_bins():
     assert report.lr_bin_label(2e-3) == "1e-3..3e-3"
     assert report.lr_bin_label(1e-3) == "1e-3..3e-3"  # lower edge included
-    assert report.lr_bin_label(3e-3) == "1e-3..3e-3"  # 3e-3 < 10**-2.5 = 3.16e-3
+    assert report.lr_bin_label(2.99e-3) == "1e-3..3e-3"
+    assert report.lr_bin_label(3e-3) == "3e-3..1e-2"  # the edges are those the labels name
+    assert report.lr_bin_label(3.05e-3) == "3e-3..1e-2"  # (at 10**-2.5 = 3.16e-3 it sat under "1e-3..3e-3")
     assert report.lr_bin_label(3.2e-3) == "3e-3..1e-2"
+    assert report.lr_bin_label(1e-2) == "1e-2..3e-2" and report.lr_bin_label(9.99e-3) == "3e-3..1e-2"
     assert report.lr_bin_label(9.99e-5) == "3e-5..1e-4"
     assert report.lr_bin_label(0.5) == "3e-1..1e0"
 
@@ -405,6 +408,11 @@ def test_edge_warnings():
     linear = {"learning_rate": {"type": "uniform", "low": 0.0, "high": 1.0}}
     assert "lowest 10%" in report.warnings_for(small_df([(0.05, 8, 1.0), (0.5, 8, 2.0), (0.7, 8, 3.0)], linear))[0]
     assert not report.warnings_for(small_df([(0.15, 8, 1.0), (0.5, 8, 2.0), (0.7, 8, 3.0)], linear))
+    # a seed grid: the best trial at the largest seed asks for no larger seeds
+    seeded = small_df([(1e-3, 16, 1.0), (1e-3, 16, 2.0), (1e-3, 16, 3.0)],
+                      {**LOG_SPACE, "seed": {"type": "grid", "values": [1, 2, 3]}})
+    seeded["seed"] = [3, 2, 1]
+    assert not [w for w in report.warnings_for(seeded) if "seed" in w]
 
 
 def test_too_few_and_failed_warnings(df):

@@ -69,6 +69,8 @@ STATUS_FILE = "tune_gpt_status.json"  # written by search.py's trainable in each
 EXPERIMENT_FILE = "tune_gpt_experiment.json"  # written by search.py in the experiment folder
 STOPPED_FILE = "tune_gpt_stopped.json"  # written by the search in a trial folder when --time-budget stopped it
 FAILURES_FILE = "tune_gpt_failures.json"  # the search's driver: the Unix time of each failure of a trial (Ray's)
+# searched, but no knob to turn further: a best trial at the largest seed asks for no larger seeds
+NOT_TUNED = frozenset({"seed"})
 STATUSES = ("finished", "early-stopped", "out-of-time", "running", "diverged", "oom", "errored")
 FAILED = ("errored", "diverged", "oom")
 COMPLETED = ("finished", "early-stopped", "out-of-time")
@@ -713,7 +715,10 @@ def lr_is_continuous(df: "pd.DataFrame", lr: str = LR) -> bool:
 
 
 def _half_decade(x: float) -> int:
-    return math.floor(2 * math.log10(x) + 1e-9)
+    """2d for [1e<d>, 3e<d>), 2d+1 for [3e<d>, 1e<d+1>): the edges the labels name (at 10**0.5 = 3.16, a
+    3.05e-4 sat in the column labelled 1e-4..3e-4)."""
+    d = math.floor(math.log10(x) + 1e-9)
+    return 2 * d + (1 if x / 10.0**d >= 3 * (1 - 1e-9) else 0)
 
 
 def _decade_text(k: int) -> str:
@@ -722,7 +727,7 @@ def _decade_text(k: int) -> str:
 
 
 def lr_bin_label(x: float) -> str:
-    """The half-decade bin of a learning rate, e.g. 2e-3 -> ``1e-3..3e-3`` (3.16e-3 is the edge)."""
+    """The half-decade bin of a learning rate, e.g. 2e-3 -> ``1e-3..3e-3`` (its lower edge in, its upper out)."""
     k = _half_decade(float(x))
     return f"{_decade_text(k)}..{_decade_text(k + 1)}"
 
@@ -1005,7 +1010,7 @@ def warnings_for(df: "pd.DataFrame", space: Mapping[str, Any] | None = None) -> 
     if not ranked.empty:
         best = ranked.loc[ranked[col].idxmin() if mode == "min" else ranked[col].idxmax()]
         for key, spec in space.items():
-            if key not in df.columns or not isinstance(spec, Mapping):
+            if key not in df.columns or not isinstance(spec, Mapping) or key in NOT_TUNED:
                 continue
             msg = _edge(key, best[key], spec)
             if msg:
@@ -1533,7 +1538,7 @@ def _html(r: _Report) -> str:
                       if a["mode"] == "min" else "Best value per batch size and learning rate"))
     parts.append(_img(r, "lr_scatter", "Each trial's best value against its learning rate, by batch size"))
     parts.append("<h2>Learning curves</h2>")
-    parts.append(_img(r, "curves", "Validation loss of the five best trials"))
+    parts.append(_img(r, "curves", "Validation loss of the best-ranked trials (up to five; the title says how many)"))
     parts.append("<h2>Parameter importance</h2>")
     if r.importance.empty:
         parts.append(f"<p><em>{e(r.importance_note)}</em></p>")

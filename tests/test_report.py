@@ -116,6 +116,19 @@ def test_load_curves(standard):
     assert list(t0["step"]) == [10, 20, 30] and list(t0["val/loss"]) == [2.5, 2.0, 1.6]
 
 
+def test_the_curves_draw_the_searchs_objective_where_trials_reported_it(standard):
+    df, curves = report.load_results(standard), report.load_curves(standard)
+    assert report.curve_metric(df, curves) == "val/loss"
+    df.attrs["metric"] = "train/loss"  # a search that ranked by another metric, reported at each evaluation
+    assert report.curve_metric(df, curves) == "train/loss"
+    fig = report.curves_figure(df, curves, metric=report.curve_metric(df, curves))
+    assert fig.axes[0].get_ylabel() == "train/loss" and fig.axes[0].get_title().startswith("train/loss of the")
+    df.attrs["metric"] = "gpu/util"  # not in the curves: val/loss, as before
+    assert report.curve_metric(df, curves) == "val/loss"
+    # a table cell of such an objective (tokens_per_s) reads as the number, not to 4 decimals
+    assert report._cell("best", 9167.9078) == "9168" and report._cell("mean", 1.23456) == "1.2346"
+
+
 def test_load_curves_keeps_latest_of_a_re_reported_step(tmp_path):
     exp = make_experiment(tmp_path, [FakeTrial(1e-3, 8, "finished", [2.0, 1.8, 1.6])])
     rj = next(exp.glob("trainable_*/result.json"))

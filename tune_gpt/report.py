@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "load_results", "load_curves", "find_experiment", "experiment_info", "lr_batch_pivot",
-    "lr_bin_label", "best_lr_per_batch", "importance", "warnings_for", "heatmap_figure",
+    "lr_bin_label", "best_lr_per_batch", "curve_metric", "importance", "warnings_for", "heatmap_figure",
     "lr_scatter_figure", "curves_figure", "figure_png", "markdown_table", "write_report",
     "replay_command", "no_replay_reason", "skip_reason", "error_line", "lr_is_continuous", "main", "STATUSES",
     "FAILED", "batch_column",
@@ -1181,6 +1181,13 @@ def lr_scatter_figure(df: "pd.DataFrame", metric: str | None = None) -> "Figure 
     return fig
 
 
+def curve_metric(df: "pd.DataFrame", curves: "pd.DataFrame | None") -> str:
+    """The metric the learning curves draw: the search's objective where the trials reported it at each
+    evaluation (tokens_per_s, val/bpc...), else val/loss."""
+    metric = str(df.attrs.get("metric") or "val/loss")
+    return metric if curves is not None and metric in curves.columns else "val/loss"
+
+
 def curves_figure(df: "pd.DataFrame", curves: "pd.DataFrame", top: int = 5,
                   metric: str = "val/loss") -> "Figure | None":
     """`metric` against step for the `top` best-ranked trials."""
@@ -1232,8 +1239,8 @@ def _cell(col: str, v: Any) -> str:
     if isinstance(v, float):
         if math.isinf(v):
             return "inf" if v > 0 else "-inf"
-        if _LOSS_LIKE.search(str(col)) or str(col) in ("mean", "std", "best"):
-            return f"{v:.4f}"
+        if (_LOSS_LIKE.search(str(col)) or str(col) in ("mean", "std", "best")) and abs(v) < 1000:
+            return f"{v:.4f}"  # (a loss; an objective such as tokens_per_s is shown as the numbers below)
         if str(col) == "importance":
             return f"{v:.3f}"
         if v.is_integer() and abs(v) < 1e15:
@@ -1350,7 +1357,7 @@ def _build(exp: _Experiment, experiment_arg: str) -> _Report:
     else:
         note = f"{imp.attrs.get('evaluator', '')} over {imp.attrs.get('trials', '?')} trials (finished or stopped)"
     figs = {"heatmap": heatmap_figure(df, pivot), "lr_scatter": lr_scatter_figure(df),
-            "curves": curves_figure(df, curves)}
+            "curves": curves_figure(df, curves, metric=curve_metric(df, curves))}
     images, skipped = {}, {}
     for name, fig in figs.items():
         if fig is None:
@@ -1538,7 +1545,8 @@ def _html(r: _Report) -> str:
                       if a["mode"] == "min" else "Best value per batch size and learning rate"))
     parts.append(_img(r, "lr_scatter", "Each trial's best value against its learning rate, by batch size"))
     parts.append("<h2>Learning curves</h2>")
-    parts.append(_img(r, "curves", "Validation loss of the best-ranked trials (up to five; the title says how many)"))
+    parts.append(_img(r, "curves", f"{curve_metric(r.df, r.curves)} against step for the best-ranked trials "
+                                   "(up to five; the title says how many)"))
     parts.append("<h2>Parameter importance</h2>")
     if r.importance.empty:
         parts.append(f"<p><em>{e(r.importance_note)}</em></p>")

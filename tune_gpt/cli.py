@@ -150,11 +150,13 @@ def check_output_dir(out: Path, flag: str = "--output_dir") -> None:
         if (out / sub).exists() and not (out / sub).is_dir():
             raise ConfigError(f"{flag} {out}: {out / sub} is a file; a run keeps its {sub} folder there")
     # a search's own folders, whatever else is asked: a run there overwrote a trial's sample.txt, and its
-    # model.pt made `generate --checkpoint <trial>` sample another model (the files report.py names)
-    if (out / "tune_gpt_experiment.json").is_file() or (out / "tuner.pkl").is_file():
+    # model.pt made `generate --checkpoint <trial>` sample another model
+    from tune_gpt.report import EXPERIMENT_FILE, STATUS_FILE  # (light: pandas and Ray are imported on use)
+
+    if (out / EXPERIMENT_FILE).is_file() or (out / "tuner.pkl").is_file():
         raise ConfigError(f"{flag} {out}: is a search's experiment folder; give a folder of its own (a replay "
                           f"makes {out}/replay-<trial>)")
-    if (out / "params.json").is_file() and any((out / f).is_file() for f in ("tune_gpt_status.json", "result.json")):
+    if (out / "params.json").is_file() and any((out / f).is_file() for f in (STATUS_FILE, "result.json")):
         raise ConfigError(f"{flag} {out}: is a search trial's folder; give a folder of its own")
 
 

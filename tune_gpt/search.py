@@ -1311,15 +1311,21 @@ def _can_restore(plan: Plan) -> bool:
     import pyarrow.fs as pafs
 
     try:
-        if "://" in plan.opts.storage_path:
-            fs, path = pafs.FileSystem.from_uri(experiment_uri(plan))
-        else:
-            fs, path = pafs.LocalFileSystem(), str(plan.experiment_dir)
+        fs, path = _experiment_fs(plan)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except (OSError, ValueError):
         return False
     names = {Path(i.path).name for i in infos}
     return "tuner.pkl" in names and any(n.startswith("experiment_state") and n.endswith(".json") for n in names)
+
+
+def _experiment_fs(plan: Plan) -> tuple[Any, str]:
+    """The pyarrow filesystem and path of `plan`'s experiment folder: the storage URI's, or the local disk's."""
+    import pyarrow.fs as pafs
+
+    if "://" in plan.opts.storage_path:
+        return pafs.FileSystem.from_uri(experiment_uri(plan))
+    return pafs.LocalFileSystem(), str(plan.experiment_dir)
 
 
 def _check_searcher_space(plan: Plan, param_space: dict[str, Any]) -> None:
@@ -1863,13 +1869,8 @@ def _write_experiment_file(plan: Plan) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     text = json.dumps(info, indent=2, default=str)
-    import pyarrow.fs as pafs
-
     # (whole or not at all: a --resume rewrites it, and a search killed then must still resume)
-    if "://" in plan.opts.storage_path:
-        write_storage_file(*pafs.FileSystem.from_uri(experiment_uri(plan)), EXPERIMENT_FILE, text)
-    else:
-        write_storage_file(pafs.LocalFileSystem(), str(plan.experiment_dir), EXPERIMENT_FILE, text)
+    write_storage_file(*_experiment_fs(plan), EXPERIMENT_FILE, text)
     plan.written = True
 
 
@@ -1943,7 +1944,6 @@ def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
     location = _experiment_location(storage_path, name)
-    where = redact(_file_in(location, EXPERIMENT_FILE))
     try:
         fs, path = pafs.FileSystem.from_uri(location)
         info = fs.get_file_info(f"{path}/{EXPERIMENT_FILE}")
@@ -1958,15 +1958,14 @@ def _read_experiment_file_at(storage_path: str, name: str) -> dict[str, Any]:
         saved = exc
     if not isinstance(saved, dict):
         why = _one_line(saved) if isinstance(saved, Exception) else f"a JSON {type(saved).__name__}, not an object"
-        raise ConfigError(f"{where}: cannot be read ({why}); it records how the search was started: put it back "
-                          "(from a backup), or start another search with --name NEW")
+        raise ConfigError(f"{redact(_file_in(location, EXPERIMENT_FILE))}: cannot be read ({why}); it records how "
+                          "the search was started: put it back (from a backup), or start another search with --name NEW")
     return saved
 
 
 def _file_in(location: str, name: str) -> str:
     """``<experiment>/<name>``, for a URI before its ``?query`` (as the file is named on its storage)."""
-    base, sep, query = location.partition("?") if "://" in location else (location, "", "")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
+    return _uri_join(location, name) if "://" in location else str(Path(location) / name)
 
 
 def _in_experiment(plan: Plan, name: str) -> str:
